@@ -1,0 +1,1 @@
+"""Upstream side: per-gateway runtime state, health sources, limits and the balancer."""
