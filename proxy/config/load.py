@@ -218,7 +218,7 @@ def _parse(name: str, data: bytes, issues: list[ConfigIssue]) -> _Doc | None:
         return None
     try:
         node = yaml.compose(text, Loader=_Loader)
-        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        value = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1

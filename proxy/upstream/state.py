@@ -49,7 +49,13 @@ class Outcome(enum.Enum):
 
 
 _FAILURES = frozenset(
-    {Outcome.CONNECT_FAILURE, Outcome.TIMEOUT, Outcome.RESET, Outcome.BAD_RESPONSE, Outcome.SERVER_ERROR}
+    {
+        Outcome.CONNECT_FAILURE,
+        Outcome.TIMEOUT,
+        Outcome.RESET,
+        Outcome.BAD_RESPONSE,
+        Outcome.SERVER_ERROR,
+    }
 )
 
 
@@ -67,11 +73,11 @@ class GatewayState:
     __slots__ = (
         "_listeners",
         "ewma_latency",
+        "failures",
         "flags",
         "gateway",
         "in_flight",
         "requests",
-        "failures",
         "score",
         "throttled_until",
         "weight_factor",
@@ -158,7 +164,9 @@ class StateRegistry:
     def values(self) -> list[GatewayState]:
         return list(self._states.values())
 
-    def reconcile(self, gateways: Mapping[str, Gateway]) -> tuple[list[GatewayState], list[GatewayState]]:
+    def reconcile(
+        self, gateways: Mapping[str, Gateway]
+    ) -> tuple[list[GatewayState], list[GatewayState]]:
         """Keep states whose identity is unchanged (refreshing their config), create new
         ones, drop removed ones. Returns (created, removed) so callers start/stop tasks."""
         created: list[GatewayState] = []
