@@ -1,0 +1,129 @@
+"""Concrete choice: which gateway takes the next attempt of a request.
+
+Owns: `Balancer.pick`, synchronous and free of I/O: region order first, then smooth
+weighted round robin (nginx's algorithm) or power-of-two-choices over peak-EWMA latency
+within a region, over gateways that are eligible, allowed and not yet tried.
+Must not: change health flags or send anything. SWRR positions are kept per
+(route, region, gateway) and survive reloads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.config.model import Gateway
+from proxy.routing import RoutePlan
+from proxy.upstream.state import Flag, GatewayState, StateRegistry
+
+Admit = Callable[[GatewayState], str | None]
+
+
+@dataclass(slots=True)
+class Skip:
+    gateway: str
+    reason: str
+
+
+class Balancer:
+    def __init__(self, states: StateRegistry, *, rng: random.Random | None = None) -> None:
+        self.states = states
+        self._current: dict[tuple[str, str], dict[str, float]] = {}
+        self._rng = rng or random.Random()
+
+    def pick(
+        self,
+        plan: RoutePlan,
+        region: str,
+        admit: Admit,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        allow: Callable[[Gateway], bool] | None = None,
+        skipped: list[Skip] | None = None,
+    ) -> GatewayState | None:
+        """The gateway for the next attempt, or None when nothing is eligible anywhere.
+
+        `skipped` collects each gateway that was passed over and why, for the error body.
+        """
+        order = plan.region_order.get(region) or plan.region_order[plan.route.region.default]
+        for reg in order:
+            eligible: list[GatewayState] = []
+            for gw in plan.by_region[reg]:
+                if gw.name in exclude:
+                    continue
+                st = self.states.get(gw.name)
+                if st is None:
+                    continue
+                if allow is not None and not allow(gw):
+                    if skipped is not None:
+                        skipped.append(Skip(gw.name, "other-provider"))
+                    continue
+                reason = admit(st)
+                if reason is not None:
+                    if skipped is not None:
+                        skipped.append(Skip(gw.name, reason))
+                    continue
+                eligible.append(st)
+            if eligible:
+                if len(eligible) == 1:
+                    return eligible[0]
+                if plan.route.balancing == "least-latency":
+                    return self._p2c(eligible)
+                return self._swrr(plan.name, reg, eligible)
+        if plan.route.panic:
+            return self._panic(plan, order, exclude, allow)
+        return None
+
+    def _swrr(self, route: str, region: str, eligible: list[GatewayState]) -> GatewayState:
+        current = self._current.get((route, region))
+        if current is None:
+            current = self._current[(route, region)] = {}
+        total = 0.0
+        best: GatewayState | None = None
+        best_cw = 0.0
+        for st in eligible:
+            w = st.effective_weight()
+            total += w
+            cw = current.get(st.name, 0.0) + w
+            current[st.name] = cw
+            if best is None or cw > best_cw:
+                best, best_cw = st, cw
+        assert best is not None
+        current[best.name] = best_cw - total
+        return best
+
+    def _p2c(self, eligible: list[GatewayState]) -> GatewayState:
+        a, b = self._rng.sample(eligible, 2)
+        return a if _load(a) <= _load(b) else b
+
+    def _panic(
+        self,
+        plan: RoutePlan,
+        order: tuple[str, ...],
+        exclude: frozenset[str] | set[str],
+        allow: Callable[[Gateway], bool] | None,
+    ) -> GatewayState | None:
+        """Opted-in last resort: any gateway not drained, tried or disallowed."""
+        for reg in order:
+            pool = [
+                st
+                for gw in plan.by_region[reg]
+                if gw.name not in exclude
+                and (allow is None or allow(gw))
+                and (st := self.states.get(gw.name)) is not None
+                and not st.flags & Flag.DRAINING
+            ]
+            if pool:
+                return self._rng.choice(pool)
+        return None
+
+    def forget(self, route: str) -> None:
+        """Drop SWRR positions of a route that no longer exists."""
+        for key in [k for k in self._current if k[0] == route]:
+            del self._current[key]
+
+
+def _load(st: GatewayState) -> float:
+    """Peak-EWMA cost: expected latency times queue depth, shared out by weight."""
+    latency = st.ewma_latency or 0.001
+    return latency * (st.in_flight + 1) / max(st.effective_weight(), 1e-6)
