@@ -1,0 +1,127 @@
+"""The transaction log behind `GET /admin/transactions/{id}`.
+
+Owns: `TransactionStore` (put a whole record, get it back by transaction id) and its two
+implementations: bounded and expiring in memory, and JSON strings with a TTL in Redis.
+Must not: interpret records beyond their `transaction_id` (states, attempts and their
+meaning belong to the request path), or keep anything forever.
+
+A record is a JSON object; `put` replaces the whole record for its id, so the writer sends
+the full current state each time (PENDING, then SUCCESS / FAILURE / UNKNOWN). Both stores
+hand out a fresh copy, so a caller can never change what another caller reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.idempotency.store import check_ttl
+
+logger = logging.getLogger(__name__)
+
+
+class TransactionStore(Protocol):
+    async def put(self, record: Mapping[str, Any]) -> None:
+        """Store `record` (it must carry a non-empty string `transaction_id`) for the TTL."""
+        ...
+
+    async def get(self, transaction_id: str) -> dict[str, Any] | None:
+        """The last record put for `transaction_id`, or None when unknown or expired."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _encode(record: Mapping[str, Any]) -> tuple[str, str]:
+    """(transaction id, JSON text) of `record`, or ValueError/TypeError saying why not."""
+    transaction_id = record.get("transaction_id")
+    if not isinstance(transaction_id, str) or not transaction_id:
+        raise ValueError("a transaction record needs a non-empty string 'transaction_id'")
+    return transaction_id, json.dumps(record, allow_nan=False, separators=(",", ":"))
+
+
+def _decode(text: str | bytes) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("stored transaction record is not a JSON object")
+    return value
+
+
+class MemoryTransactionStore:
+    """The newest `max_records` records, each forgotten `ttl` seconds after its last put."""
+
+    def __init__(
+        self, *, clock: Clock = SYSTEM_CLOCK, ttl: float = 86400.0, max_records: int = 100_000
+    ) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        self._clock = clock
+        self._ttl = check_ttl("ttl", ttl)
+        self._max = max_records
+        # Ordered by last put; with one TTL for all, that is also expiry order.
+        self._records: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def put(self, record: Mapping[str, Any]) -> None:
+        transaction_id, text = _encode(record)
+        now = self._clock.now()
+        self._purge(now)
+        self._records[transaction_id] = (now + self._ttl, text)
+        self._records.move_to_end(transaction_id)
+        while len(self._records) > self._max:
+            self._records.popitem(last=False)
+
+    async def get(self, transaction_id: str) -> dict[str, Any] | None:
+        now = self._clock.now()
+        self._purge(now)
+        found = self._records.get(transaction_id)
+        return None if found is None else _decode(found[1])
+
+    async def close(self) -> None:
+        self._records.clear()
+
+    def _purge(self, now: float) -> None:
+        while self._records:
+            expires_at, _ = next(iter(self._records.values()))
+            if expires_at > now:
+                return
+            self._records.popitem(last=False)
+
+
+class RedisTransactionStore:
+    """Records as JSON strings at `<prefix>txn:<id>`, expired by Redis after `ttl`."""
+
+    def __init__(
+        self, client: Redis, *, prefix: str, ttl: float = 86400.0, owns_client: bool = False
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._ttl_ms = max(1, math.ceil(check_ttl("ttl", ttl) * 1000))
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, *, ttl: float = 86400.0) -> RedisTransactionStore:
+        """A store with its own connection pool to `url`, closed by `close()`."""
+        client = Redis.from_url(url, decode_responses=False)
+        return cls(client, prefix=prefix, ttl=ttl, owns_client=True)
+
+    async def put(self, record: Mapping[str, Any]) -> None:
+        transaction_id, text = _encode(record)
+        await self._client.set(f"{self._prefix}txn:{transaction_id}", text, px=self._ttl_ms)
+
+    async def get(self, transaction_id: str) -> dict[str, Any] | None:
+        text = await self._client.get(f"{self._prefix}txn:{transaction_id}")
+        return None if text is None else _decode(text)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
