@@ -1,1 +1,154 @@
-"""CLI placeholder."""
+"""The `payswitch` command: `run`, `validate` and `sim`.
+
+Owns: argument parsing, logging set-up, the event loop choice (uvloop when installed) and
+exit codes.
+Must not: build runtime parts itself; `proxy.app` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from proxy.config.load import ConfigError, load_rules
+from proxy.settings import from_sources
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="payswitch", description="Declarative routing sidecar for payment traffic."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve traffic with the rules in a directory")
+    run.add_argument(
+        "--rules",
+        action="append",
+        help="rules directory or file (repeatable; env PAYSWITCH_RULES; default rules)",
+    )
+    run.add_argument(
+        "--listen", help="HOST:PORT for traffic (env PAYSWITCH_LISTEN; default 0.0.0.0:8080)"
+    )
+    run.add_argument(
+        "--admin", help="HOST:PORT for the admin API (env PAYSWITCH_ADMIN; default 127.0.0.1:9901)"
+    )
+    run.add_argument(
+        "--admin-token",
+        dest="admin_token",
+        help="token for mutating admin calls (env PAYSWITCH_ADMIN_TOKEN)",
+    )
+    run.add_argument(
+        "--access-log",
+        dest="access_log",
+        choices=["on", "off"],
+        help="one JSON line per request (default on)",
+    )
+    run.add_argument(
+        "--events", help="stdout, off, or a file path for the event stream (default stdout)"
+    )
+    run.add_argument(
+        "--events-min-severity",
+        dest="events_min_severity",
+        choices=["debug", "info", "warning", "error", "critical"],
+    )
+    run.add_argument(
+        "--webhook-url",
+        dest="webhook_url",
+        help="POST events at or above --webhook-min-severity here",
+    )
+    run.add_argument(
+        "--webhook-min-severity",
+        dest="webhook_min_severity",
+        choices=["info", "warning", "error", "critical"],
+    )
+    run.add_argument(
+        "--idempotency-store",
+        dest="idempotency_store",
+        help="memory (default) or redis://HOST:PORT/DB",
+    )
+    run.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_const",
+        const=False,
+        help="do not watch the rules for changes",
+    )
+    run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
+    val.add_argument("paths", nargs="+", help="rules files or directories")
+    sim = sub.add_parser(
+        "sim", help="start simulated gateways for every loopback gateway URL in the rules"
+    )
+    sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "validate":
+        return validate(args.paths)
+    if args.command == "sim":
+        from proxy.sim import run_from_rules
+
+        _setup_logging("info")
+        return _run_loop(run_from_rules(args.rules or ["rules"]))
+    return run(vars(args))
+
+
+def validate(paths: Sequence[str]) -> int:
+    try:
+        rules = load_rules(paths)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{len(exc.issues)} problem(s) found", file=sys.stderr)
+        return 1
+    print(
+        f"ok: {len(rules.files)} file(s), {len(rules.gateways)} gateway(s), {len(rules.routes)} route(s)"
+    )
+    return 0
+
+
+def run(flags: dict[str, object]) -> int:
+    if flags.get("access_log") is not None:
+        flags["access_log"] = flags["access_log"] == "on"
+    try:
+        settings = from_sources(flags)
+    except (ValueError, TypeError) as exc:
+        print(f"payswitch: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    from proxy.app import serve
+
+    try:
+        return _run_loop(serve(settings))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print("payswitch: the rules are not valid; nothing was started", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"payswitch: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: int = uvloop.run(coro)
+    return result
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format='{"log":"%(levelname)s","ts":"%(asctime)s","logger":"%(name)s","msg":"%(message)s"}',
+    )

@@ -70,7 +70,8 @@ def _validator() -> jsonschema.protocols.Validator:
     schema = json.loads((schema_dir() / "rules.schema.json").read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cast(jsonschema.protocols.Validator, cls(schema))
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
 
 
 def _pointer(parts: Iterable[object]) -> str:
@@ -117,10 +118,13 @@ class _Lines:
                         nxt = value
                         best = key.start_mark.line + 1
                         break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if 0 <= part < len(node.value):
-                    nxt = node.value[part]
-                    best = nxt.start_mark.line + 1
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(part, int)
+                and 0 <= part < len(node.value)
+            ):
+                nxt = node.value[part]
+                best = nxt.start_mark.line + 1
             if nxt is None:
                 break
             node = nxt
@@ -243,14 +247,15 @@ def _parse(name: str, data: bytes, issues: list[ConfigIssue]) -> _Doc | None:
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-        allowed = set(err.schema.get("properties", {}))
+        schema = err.schema if isinstance(err.schema, dict) else {}
+        allowed = set(schema.get("properties", {}))
         extra = sorted(k for k in err.instance if k not in allowed)
         if extra and allowed:
             return f"unknown field(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}"
     if err.validator == "oneOf" and err.context:
         best = jsonschema.exceptions.best_match(err.context)
-        return best.message
-    return err.message
+        return str(best.message)
+    return str(err.message)
 
 
 class _Builder:
@@ -294,25 +299,25 @@ class _Builder:
                 )
         for doc in self.docs:
             for i, spec in enumerate(doc.data.get("routes", [])):
-                where: list[object] = ["routes", i]
+                r_where: list[object] = ["routes", i]
                 name = spec["name"]
                 if name in route_names:
                     self.issues.append(
                         doc.issue(
-                            [*where, "name"],
+                            [*r_where, "name"],
                             f"route {name!r} is already defined in {route_names[name]}",
                         )
                     )
                     continue
                 route_names[name] = doc.file
-                route = self._route(doc, where, spec, gateways)
+                route = self._route(doc, r_where, spec, gateways)
                 if route is not None:
                     routes.append(route)
         if not routes and not self.issues:
-            first = self.docs[0] if self.docs else None
+            first_doc = self.docs[0] if self.docs else None
             self.issues.append(
                 ConfigIssue(
-                    first.file if first else "-",
+                    first_doc.file if first_doc else "-",
                     1,
                     "/routes",
                     "no routes are defined in any rules file",

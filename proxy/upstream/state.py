@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from proxy.config.model import Gateway
@@ -158,7 +158,7 @@ class StateRegistry:
     def get(self, name: str) -> GatewayState | None:
         return self._states.get(name)
 
-    def __iter__(self) -> Iterable[GatewayState]:  # type: ignore[misc]
+    def __iter__(self) -> Iterator[GatewayState]:
         return iter(list(self._states.values()))
 
     def values(self) -> list[GatewayState]:

@@ -1,0 +1,240 @@
+"""Composition root: builds every long-lived part once, wires them, serves, shuts down.
+
+Owns: `Runtime` (the one place state objects are created and connected), the proxy and
+admin applications, signal handling (SIGHUP reloads, SIGTERM drains) and the graceful
+shutdown sequence.
+Must not: contain request logic; that lives in handler, retry, forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.accesslog import AccessLog
+from proxy.aio import cancel_and_wait, spawn
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.config.store import ConfigStore, Snapshot
+from proxy.events import EventBus, Severity, Sink, StreamSink
+from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
+from proxy.handler import ProxyHandler
+from proxy.metrics import Metrics
+from proxy.retry import Attempt, Dispatch
+from proxy.routing import Router, compile_router
+from proxy.settings import Settings
+from proxy.upstream.balancer import Balancer
+from proxy.upstream.health import Health
+from proxy.upstream.state import StateRegistry
+
+logger = logging.getLogger(__name__)
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
+
+
+class Runtime:
+    """Everything that lives as long as the process, built once and wired here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.events = EventBus(_sinks(settings), clock=clock, registry=self.registry)
+        self.states = StateRegistry()
+        self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
+        self.balancer = Balancer(self.states)
+        self.store: ConfigStore[Router] = ConfigStore(
+            settings.rules,
+            compile_router,
+            listeners=[self._on_swap],
+            events=self.events,
+            clock=clock,
+            registry=self.registry,
+        )
+        self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
+        self.session: aiohttp.ClientSession | None = None
+        self.forwarder: Forwarder
+        self.shutting_down = False  # readiness fails; requests are still served
+        self.stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
+        created, removed = self.states.reconcile(new.rules.gateways)
+        self.health.reconcile(created, removed)
+        if old is not None:
+            for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
+                self.balancer.forget(route)
+
+    async def reload(self, trigger: str) -> None:
+        await self.store.reload(trigger)
+
+    # -- late answers of abandoned attempts ------------------------------------------------
+
+    def late_result(self, dispatch: Dispatch, att: Attempt, result: Reply | AttemptFailed) -> None:
+        """An attempt abandoned on its per-try timer answered after its request settled."""
+        if not isinstance(result, Reply) or result.status >= 300:
+            return
+        route = dispatch.plan.name
+        winner = dispatch.winner
+        if dispatch.client_outcome == "success" and winner is not None:
+            self.metrics.late_results.labels(route, "duplicate_suspected").inc()
+            self.events.emit(
+                "payment.duplicate_suspected",
+                Severity.CRITICAL,
+                transaction_id=dispatch.transaction_id,
+                route=route,
+                attempts=[
+                    {
+                        "attempt_id": winner.attempt_id,
+                        "gateway": winner.gateway.name,
+                        "status": _status_of(winner),
+                    },
+                    {
+                        "attempt_id": att.attempt_id,
+                        "gateway": att.gateway.name,
+                        "status": result.status,
+                    },
+                ],
+            )
+        else:
+            self.metrics.late_results.labels(route, "late_success").inc()
+            self.events.emit(
+                "payment.late_success",
+                Severity.CRITICAL,
+                transaction_id=dispatch.transaction_id,
+                route=route,
+                attempt_id=att.attempt_id,
+                gateway=att.gateway.name,
+                status=result.status,
+            )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sink in self.events.sinks:
+            await sink.start()
+        self.store.load_initial()
+        self.session = new_session()
+        self.forwarder = Forwarder(self.session)
+        await self.health.start()
+        if self.access_log is not None:
+            await self.access_log.start()
+        if self.settings.watch:
+            self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
+
+    async def close(self) -> None:
+        self.stopping.set()
+        await cancel_and_wait(*self._tasks)
+        await self.health.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.access_log is not None:
+            await self.access_log.close()
+        for sink in self.events.sinks:
+            await sink.close(2.0)
+
+
+def _status_of(att: Attempt) -> int | None:
+    task = att.task
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result().status
+
+
+def _sinks(settings: Settings) -> list[Sink]:
+    sinks: list[Sink] = []
+    min_sev = Severity[settings.events_min_severity.upper()]
+    if settings.events == "stdout":
+        sinks.append(StreamSink(min_severity=min_sev))
+    elif settings.events != "off":
+        sinks.append(StreamSink(settings.events, name="file", min_severity=min_sev))
+    if settings.webhook_url:
+        from proxy.notify import WebhookSink
+
+        sinks.append(
+            WebhookSink(
+                settings.webhook_url, min_severity=Severity[settings.webhook_min_severity.upper()]
+            )
+        )
+    return sinks
+
+
+def build_proxy_app(rt: Runtime) -> web.Application:
+    app = web.Application(client_max_size=1024**3, handler_args={"max_field_size": 16384})
+    app[RUNTIME] = rt
+    app.router.add_route("*", "/{tail:.*}", ProxyHandler(rt))
+    return app
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    from proxy.admin import build_admin_app
+
+    rt = Runtime(settings)
+    await rt.start()
+    loop = asyncio.get_running_loop()
+    proxy_runner = web.AppRunner(
+        build_proxy_app(rt),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_deadline,
+    )
+    admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    await web.TCPSite(
+        proxy_runner, settings.listen[0], settings.listen[1], backlog=1024, reuse_address=True
+    ).start()
+    await web.TCPSite(
+        admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
+    ).start()
+    logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
+    stop = asyncio.Event()
+
+    def on_term() -> None:
+        if not stop.is_set():
+            logger.info("shutdown requested: readiness fails now, draining")
+            rt.shutting_down = True
+            stop.set()
+
+    def on_hup() -> None:
+        spawn(rt.reload("signal"), name="reload-on-sighup")
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        loop.add_signal_handler(signal.SIGINT, on_term)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    # Kubernetes keeps sending for a moment after readiness fails: keep serving that long.
+    await asyncio.sleep(settings.shutdown_grace)
+    await proxy_runner.cleanup()  # stops accepting, waits for in-flight up to the deadline
+    await admin_runner.cleanup()
+    await rt.close()
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Runtime]:
+    """A started Runtime for tests and tools; closed on exit."""
+    rt = Runtime(settings, **kwargs)
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.close()
