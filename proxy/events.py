@@ -1,13 +1,36 @@
 """Typed events with a stable JSON shape (schemas/event.schema.json).
 
-Owns: `Severity`, the `Emitter` protocol every producer depends on, and the event bus.
-Must not: block request handling; a slow or failing sink drops, never waits.
+Owns: `Severity`, the `Emitter` protocol every producer depends on, the `KINDS` table (what
+each event kind must carry), `Event`, `EventBus`, the queued-sink machinery and `StreamSink`
+(JSON lines on stdout or a file).
+Must not: block request handling or raise into a producer; a slow or failing sink drops and
+counts, never waits. Delivery happens in background tasks started by `EventBus.start`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from typing import Protocol
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.aio import cancel_and_wait, spawn
+from proxy.clock import SYSTEM_CLOCK, Clock
+
+logger = logging.getLogger(__name__)
 
 
 class Severity(enum.IntEnum):
@@ -20,7 +43,11 @@ class Severity(enum.IntEnum):
 
 class Emitter(Protocol):
     def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
-        """Record an event; never raises, never blocks."""
+        """Record an event; never raises, never blocks.
+
+        Field values must be JSON-like (str, numbers, bool, None, lists, dicts) and must not
+        be mutated afterwards: they are serialised later, off the caller's path.
+        """
         ...
 
 
@@ -29,3 +56,410 @@ class NullEmitter:
 
     def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
         return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KindSpec:
+    """What one event kind is: its usual severity and the fields it must carry."""
+
+    severity: Severity
+    required: tuple[str, ...]
+
+
+_TRANSACTION = (
+    "transaction_id",
+    "route",
+    "region",
+    "gateway",
+    "attempt_id",
+    "attempts",
+    "status",
+    "duration_ms",
+)
+
+#: Every event kind the proxy emits. schemas/event.schema.json says the same thing for
+#: consumers; a unit test keeps the two in step.
+KINDS: Mapping[str, KindSpec] = MappingProxyType(
+    {
+        "config.loaded": KindSpec(
+            severity=Severity.INFO,
+            required=("generation", "hash", "files", "gateways", "routes"),
+        ),
+        "config.rejected": KindSpec(severity=Severity.ERROR, required=("issues", "trigger")),
+        "gateway.ejected": KindSpec(
+            severity=Severity.CRITICAL, required=("gateway", "source", "reason", "duration_s")
+        ),
+        "gateway.restored": KindSpec(
+            severity=Severity.INFO, required=("gateway", "source", "reason")
+        ),
+        "gateway.degraded": KindSpec(
+            severity=Severity.WARNING, required=("gateway", "score", "reason")
+        ),
+        "gateway.recovered": KindSpec(severity=Severity.INFO, required=("gateway", "score")),
+        "gateway.all_down": KindSpec(
+            severity=Severity.CRITICAL, required=("route", "region", "reasons")
+        ),
+        "gateway.throttled": KindSpec(
+            severity=Severity.WARNING, required=("gateway", "retry_after_s")
+        ),
+        "gateway.drained": KindSpec(severity=Severity.INFO, required=("gateway",)),
+        "gateway.undrained": KindSpec(severity=Severity.INFO, required=("gateway",)),
+        "transaction.pending": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
+        "transaction.succeeded": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
+        "transaction.failed": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
+        "transaction.unknown": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
+        "payment.duplicate_suspected": KindSpec(
+            severity=Severity.CRITICAL, required=("transaction_id", "route", "attempts")
+        ),
+        "payment.late_success": KindSpec(
+            severity=Severity.CRITICAL,
+            required=("transaction_id", "route", "attempt_id", "gateway", "status"),
+        ),
+    }
+)
+
+
+def problems(kind: str, fields: Mapping[str, object]) -> tuple[str, ...]:
+    """What is wrong with emitting `kind` with `fields`; empty when nothing is."""
+    spec = KINDS.get(kind)
+    if spec is None:
+        return (f"unknown event kind {kind!r}",)
+    missing = [f for f in spec.required if f not in fields]
+    if missing:
+        return (f"{kind} is missing {', '.join(missing)}",)
+    return ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    kind: str
+    severity: Severity
+    time: str  # ISO-8601 UTC, for people
+    ts: float  # unix seconds, for machines
+    id: str  # uuid4 hex; lets a receiver dedupe a retried delivery
+    fields: Mapping[str, object]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "severity": self.severity.name.lower(),
+            "time": self.time,
+            "ts": self.ts,
+            "id": self.id,
+            "fields": dict(self.fields),
+        }
+
+
+def make_event(kind: str, severity: Severity, wall: float, fields: Mapping[str, object]) -> Event:
+    stamp = datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+    return Event(
+        kind=kind,
+        severity=severity,
+        time=stamp.replace("+00:00", "Z"),
+        ts=wall,
+        id=uuid.uuid4().hex,
+        fields=fields,
+    )
+
+
+def _fallback(value: object) -> object:
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    as_dict = getattr(value, "as_dict", None)
+    if callable(as_dict):
+        return as_dict()
+    return str(value)
+
+
+try:
+    import orjson
+
+    def encode(event: Event) -> bytes:
+        """The event as one line of JSON (no trailing newline)."""
+        return orjson.dumps(event.as_dict(), default=_fallback, option=orjson.OPT_NON_STR_KEYS)
+
+except ImportError:  # pragma: no cover - orjson is optional
+
+    def encode(event: Event) -> bytes:
+        """The event as one line of JSON (no trailing newline)."""
+        return json.dumps(
+            event.as_dict(), default=_fallback, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+
+class Sink(Protocol):
+    name: str
+    min_severity: Severity
+
+    @property
+    def dropped(self) -> int:
+        """Events this sink accepted responsibility for and then lost."""
+        ...
+
+    def offer(self, event: Event) -> bool:
+        """Queue `event` without waiting; False when it had to be dropped."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self, grace: float) -> None:
+        """Deliver what is queued within `grace` seconds, then drop the rest."""
+        ...
+
+
+class QueuedSink:
+    """A bounded queue drained by one named background task; subclasses say how to deliver.
+
+    `deliver` gets batches of at most `batch_max` events; an exception from it drops the
+    batch (counted), it never stops the writer.
+    """
+
+    batch_max = 256
+
+    def __init__(self, *, name: str, min_severity: Severity, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.name = name
+        self.min_severity = min_severity
+        self.delivered = 0
+        self._dropped = 0
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(capacity)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._busy = 0  # events taken off the queue and not yet delivered
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def drop(self, count: int, why: str) -> None:
+        if count <= 0:
+            return
+        # Logged at debug only: a sink that is down would otherwise log once per event.
+        logger.debug("event sink %s dropped %d event(s): %s", self.name, count, why)
+        self._dropped += count
+
+    def offer(self, event: Event) -> bool:
+        if self._closed:
+            self.drop(1, "sink closed")
+            return False
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.drop(1, "queue full")
+            return False
+        return True
+
+    async def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = spawn(self._run(), name=f"events.sink.{self.name}")
+
+    async def deliver(self, batch: Sequence[Event]) -> None:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._busy = len(batch)
+            try:
+                await self.deliver(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("event sink %s failed: %s", self.name, exc)
+                self.drop(len(batch), f"delivery failed: {exc}")
+            self._busy = 0
+            for _ in batch:
+                self._queue.task_done()
+
+    async def close(self, grace: float) -> None:
+        self._closed = True
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._queue.join()
+            except TimeoutError:
+                logger.warning(
+                    "event sink %s did not flush within %.1fs; dropping the rest",
+                    self.name,
+                    grace,
+                )
+            await cancel_and_wait(self._task)
+            self._task = None
+        self.drop(self._busy + self._queue.qsize(), "closed before delivery")
+        self._busy = 0
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        await self.aclose_resources()
+
+    async def aclose_resources(self) -> None:
+        """Release what `start` acquired; called once the writer has stopped."""
+
+
+class StreamSink(QueuedSink):
+    """JSON lines on stdout (the default) or any binary stream or file path.
+
+    Writes happen in a worker thread so a stalled pipe on stdout stalls only this sink,
+    never the event loop.
+    """
+
+    def __init__(
+        self,
+        target: IO[bytes] | str | os.PathLike[str] | None = None,
+        *,
+        name: str = "stdout",
+        min_severity: Severity = Severity.INFO,
+        capacity: int = 10_000,
+    ) -> None:
+        super().__init__(name=name, min_severity=min_severity, capacity=capacity)
+        self._target = target
+        self._stream: IO[bytes] | None = None
+        self._owned = False
+
+    async def start(self) -> None:
+        if self._stream is None:
+            target = self._target
+            if target is None:
+                self._stream = sys.stdout.buffer
+            elif isinstance(target, str | os.PathLike):
+                self._stream = await asyncio.to_thread(Path(target).open, "ab")
+                self._owned = True
+            else:
+                self._stream = target
+        await super().start()
+
+    async def deliver(self, batch: Sequence[Event]) -> None:
+        data = b"".join(encode(e) + b"\n" for e in batch)
+        stream = self._stream
+        assert stream is not None, "deliver runs only after start"
+        await asyncio.to_thread(_write, stream, data)
+        self.delivered += len(batch)
+
+    async def aclose_resources(self) -> None:
+        if self._owned and self._stream is not None:
+            self._stream.close()
+        self._stream = None
+        self._owned = False
+
+
+def _write(stream: IO[bytes], data: bytes) -> None:
+    stream.write(data)
+    stream.flush()
+
+
+class _DroppedCollector(Collector):
+    """Reads each sink's own drop count at scrape time, so there is one source of truth."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self._sinks = sinks
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "payswitch_events_dropped",
+            "Events a sink lost: queue full, delivery given up, or closed before delivery.",
+            labels=["sink"],
+        )
+        for sink in self._sinks:
+            family.add_metric([sink.name], float(sink.dropped))
+        yield family
+
+
+class EventBus:
+    """The `Emitter` the app hands to every producer: stamps events and fans them out."""
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        names = [s.name for s in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"event sink names must be unique: {names}")
+        self.sinks = tuple(sinks)
+        self.clock = clock
+        self._reported: set[str] = set()
+        self._min = min((s.min_severity for s in self.sinks), default=Severity.CRITICAL + 1)
+        self._total: Counter | None = None
+        if registry is not None:
+            self._total = Counter(
+                "payswitch_events",
+                "Events emitted, by kind.",
+                ["kind"],
+                registry=registry,
+            )
+            registry.register(_DroppedCollector(self.sinks))
+
+    def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
+        try:
+            self._emit(kind, severity, fields)
+        except Exception:  # a bug here must not fail the payment that emitted the event
+            self._report_once(f"emit {kind}", "event emission failed", exc_info=True)
+
+    def _emit(self, kind: str, severity: Severity, fields: dict[str, object]) -> None:
+        for problem in problems(kind, fields):
+            self._report_once(problem, "bad event: %s", problem)
+        if self._total is not None:
+            self._total.labels(kind).inc()
+        if severity < self._min:
+            return
+        event = make_event(kind, severity, self.clock.wall(), MappingProxyType(fields))
+        for sink in self.sinks:
+            if severity >= sink.min_severity:
+                sink.offer(event)
+
+    def _report_once(self, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        logger.error(msg, *args, exc_info=exc_info)
+
+    @property
+    def dropped(self) -> Mapping[str, int]:
+        return {s.name: s.dropped for s in self.sinks}
+
+    async def start(self) -> None:
+        for sink in self.sinks:
+            await sink.start()
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Flush every sink, all within one `grace` deadline."""
+        results = await asyncio.gather(
+            *(s.close(grace) for s in self.sinks), return_exceptions=True
+        )
+        for sink, result in zip(self.sinks, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.error("closing event sink %s failed", sink.name, exc_info=result)
+
+
+class RecordingEmitter:
+    """An `Emitter` for tests: keeps events and raises on an unknown kind or missing field.
+
+    Production emitters log such mistakes once and carry on; tests should fail on them.
+    """
+
+    def __init__(self, *, strict: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.strict = strict
+        self.clock = clock
+        self.events: list[Event] = []
+
+    def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
+        found = problems(kind, fields)
+        if found and self.strict:
+            raise AssertionError("; ".join(found))
+        self.events.append(make_event(kind, severity, self.clock.wall(), fields))
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    def of(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+
+def severity_of(kind: str) -> Severity:
+    """The usual severity of `kind` (INFO for a kind the table does not know)."""
+    spec = KINDS.get(kind)
+    return spec.severity if spec is not None else Severity.INFO
