@@ -1,0 +1,197 @@
+"""Processes the bench starts: pinned to a core, in their own process group, always reaped.
+
+Owns: starting a command under `taskset`, its log file, stopping its whole group, free
+loopback ports, waiting for an HTTP endpoint, and RSS read from /proc.
+Must not: know what the processes are; targets and the load generator decide that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+logger = logging.getLogger(__name__)
+
+# Bench traffic is loopback only; an http_proxy in the environment must not divert it.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class BenchError(Exception):
+    """A target could not be started or did not serve; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class Started:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Processes:
+    """Every process started through here is stopped on `close`, also on Ctrl-C or error."""
+
+    def __init__(self, logdir: Path) -> None:
+        self._logdir = logdir
+        self._running: list[Started] = []
+
+    def start(self, name: str, argv: Sequence[str], *, core: int) -> Started:
+        log = self._logdir / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                ["taskset", "-c", str(core), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Own group, so a stop reaches workers too and a terminal Ctrl-C reaches only
+                # us: we decide the order things stop in.
+                start_new_session=True,
+            )
+        started = Started(name, popen, log)
+        self._running.append(started)
+        return started
+
+    def stop(self, started: Started, *, grace: float = 10.0) -> None:
+        if started in self._running:
+            self._running.remove(started)
+        _signal_group(started.pid, signal.SIGTERM)
+        try:
+            started.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs; killing it", started.name, grace)
+        # Also reaps group members that outlived the leader (an nginx worker, say).
+        _signal_group(started.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            started.popen.wait(timeout=5)
+
+    def close(self) -> None:
+        try:
+            for started in reversed(list(self._running)):
+                self.stop(started)
+        finally:
+            # A second Ctrl-C during the graceful stops must still leave nothing behind.
+            for started in self._running:
+                _signal_group(started.pid, signal.SIGKILL)
+            self._running.clear()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 2.0) -> Response:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with _OPENER.open(request, timeout=timeout) as resp:
+            return Response(resp.status, resp.read())
+    except urllib.error.HTTPError as err:
+        return Response(err.code, err.read())
+
+
+def wait_ok(started: Started | None, url: str, *, timeout: float) -> None:
+    """Poll GET `url` until it answers 200; fail early if the process has exited."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if started is not None and started.popen.poll() is not None:
+            raise BenchError(
+                f"{started.name} exited with status {started.popen.returncode} before it was "
+                f"ready; last log lines:\n{started.log_tail()}"
+            )
+        try:
+            resp = http("GET", url, timeout=1.0)
+        except (OSError, urllib.error.URLError) as err:
+            last = str(err)
+        else:
+            if resp.status == 200:
+                return
+            last = f"status {resp.status}"
+        time.sleep(0.1)
+    tail = f"; last log lines:\n{started.log_tail()}" if started is not None else ""
+    raise BenchError(f"GET {url} not 200 after {timeout:.0f}s ({last}){tail}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; fields resume after the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def tree_rss_mib(pid: int, *, include_root: bool = True) -> float | None:
+    """RSS of `pid` and its descendants (without `pid` itself for an nginx master)."""
+    pids = [pid] if include_root else []
+    frontier = [pid]
+    while frontier:
+        kids = children(frontier.pop())
+        pids.extend(kids)
+        frontier.extend(kids)
+    sizes = [size for size in (rss_mib(p) for p in pids) if size is not None]
+    return sum(sizes) if sizes else None

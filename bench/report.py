@@ -1,0 +1,122 @@
+"""Turning wrk runs into the figures the anchors are stated in, and the ratios we aim at.
+
+Owns: the per-target summary (median of runs), whether a target served, the ratios, the
+printed table and the JSON file.
+Must not: run anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.wrk import WrkResult
+
+# Share of failed requests above which a target is reported as not serving.
+MAX_FAILED_SHARE = 0.5
+
+# (name, numerator, denominator, goal); the goal is None where the ratio is context only.
+RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    ("payswitch / floor", "payswitch", "floor", 0.8),
+    ("payswitch / nginx proxy", "payswitch", "nginx", None),
+    ("payswitch / direct", "payswitch", "direct", None),
+    ("floor / direct", "floor", "direct", None),
+)
+
+
+@dataclass(slots=True, kw_only=True)
+class TargetResult:
+    name: str
+    title: str
+    runs: list[WrkResult] = field(default_factory=list)
+    rss_mib: float | None = None
+    error: str | None = None
+
+    def failure(self) -> str | None:
+        """Why this target did not serve, or None if it did."""
+        if self.error is not None:
+            return self.error
+        if not self.runs:
+            return "no measured run"
+        for run in self.runs:
+            if run.requests == 0:
+                return "no request completed"
+            failed = max(run.non_2xx, run.socket_errors)
+            if failed > run.requests * MAX_FAILED_SHARE:
+                return (
+                    f"{run.non_2xx} non-2xx/3xx and {run.socket_errors} socket errors "
+                    f"out of {run.requests} requests"
+                )
+        return None
+
+    def median(self, attr: str) -> float | None:
+        if not self.runs:
+            return None
+        return float(statistics.median(float(getattr(run, attr)) for run in self.runs))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "ok": self.failure() is None,
+            "error": self.failure(),
+            "rps": self.median("rps"),
+            "p50_ms": self.median("p50_ms"),
+            "p99_ms": self.median("p99_ms"),
+            "non_2xx": sum(run.non_2xx for run in self.runs),
+            "socket_errors": sum(run.socket_errors for run in self.runs),
+            "requests": sum(run.requests for run in self.runs),
+            "rss_mib": self.rss_mib,
+            "runs": [run.as_dict() for run in self.runs],
+        }
+
+
+def ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, num, den, _goal in RATIOS:
+        a, b = results.get(num), results.get(den)
+        ok = a is not None and b is not None and a.failure() is None and b.failure() is None
+        top = a.median("rps") if a is not None and ok else None
+        bottom = b.median("rps") if b is not None and ok else None
+        out[name] = top / bottom if top is not None and bottom else None
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: dict[str, TargetResult]) -> str:
+    head = f"{'target':<20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'RSS MiB':>8}"
+    lines = [head, "-" * len(head)]
+    for result in results.values():
+        d = result.as_dict()
+        lines.append(
+            f"{result.title:<20} {_fmt(d['rps'], ',.0f'):>9} {_fmt(d['p50_ms'], '.2f'):>8} "
+            f"{_fmt(d['p99_ms'], '.2f'):>8} {d['non_2xx']:>8} {d['socket_errors']:>8} "
+            f"{_fmt(result.rss_mib, '.1f'):>8}"
+        )
+        if result.failure() is not None:
+            lines.append(f"  FAILED: {result.failure()}")
+    lines.append("")
+    got = ratios(results)
+    for name, _num, _den, goal in RATIOS:
+        value = got[name]
+        verdict = ""
+        if goal is not None and value is not None:
+            verdict = f"  (goal >= {goal}: {'met' if value >= goal else 'NOT met'})"
+        lines.append(f"{name:<24} {_fmt(value, '.2f'):>6}{verdict}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, meta: dict[str, Any], results: dict[str, TargetResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        **meta,
+        "targets": {name: result.as_dict() for name, result in results.items()},
+        "ratios": ratios(results),
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,171 @@
+"""Throughput per proxy core: payswitch side by side with its anchors (shared/ANCHORS.md).
+
+Owns: the order of a bench run: tools, the upstream, each target in turn (start, smoke
+check, warm-up, measured runs, memory, stop), the report, and the exit status (non-zero
+when a target did not serve).
+Must not: leave a process behind, whatever happens: every start goes through
+`procs.Processes`, closed in a finally, and SIGTERM/SIGHUP unwind like Ctrl-C.
+
+Usage: .venv/bin/python bench/run.py [--quick] [--duration S] [--runs N] [--only NAME...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script: make `bench` importable as a package, and stop bench/ itself from
+    # shadowing top-level modules.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import nginx, report, targets, tools, wrk
+from bench.procs import BenchError, Processes, http, tree_rss_mib
+from bench.report import TargetResult
+from bench.targets import LOAD_CORE, Context, Target
+
+OUT_DIR = targets.BENCH_DIR / "out"
+SETTLE = 0.5  # seconds between runs, so one run's closing connections do not skew the next
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    names = [t.name for t in targets.TARGETS]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (10)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per target; median kept (3)")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds (2; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="1 run of 5 s per target")
+    parser.add_argument("--only", nargs="+", choices=names, help="a subset of targets")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.runs = 5.0, 1
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 2.0
+    if args.duration < 1 or args.runs < 1 or args.warmup < 0:
+        parser.error("--duration must be >= 1, --runs >= 1, --warmup >= 0")
+    args.only = args.only or names
+    return args
+
+
+def smoke(url: str, body: bytes) -> None:
+    """One POST before the load: a target that answers, but wrongly, is not measured."""
+    resp = http("POST", url, body, timeout=5.0)
+    if resp.status != 200 or b"pay_123" not in resp.body:
+        raise BenchError(f"POST {url} answered {resp.status}: {resp.body[:200]!r}")
+
+
+def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes) -> TargetResult:
+    result = TargetResult(name=target.name, title=target.title)
+    print(f"bench: {target.title}: starting", file=sys.stderr, flush=True)
+    try:
+        running = target.start(ctx)
+        try:
+            smoke(running.url, body)
+            if args.warmup > 0:
+                wrk.run(running.url, args.warmup, core=LOAD_CORE)
+            for i in range(args.runs):
+                time.sleep(SETTLE)
+                run = wrk.run(running.url, args.duration, core=LOAD_CORE)
+                print(
+                    f"bench: {target.title}: run {i + 1}/{args.runs}: {run.rps:,.0f} req/s "
+                    f"p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                result.runs.append(run)
+            if running.started is not None:
+                result.rss_mib = tree_rss_mib(running.started.pid, include_root=running.rss_root)
+        finally:
+            if running.started is not None:
+                ctx.procs.stop(running.started)
+    except (BenchError, wrk.WrkOutputError, OSError, subprocess.SubprocessError) as err:
+        result.error = str(err)
+        print(f"bench: {target.title}: FAILED: {err}", file=sys.stderr, flush=True)
+    return result
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else ""
+
+
+def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, Any]:
+    return {
+        "started_at": started_at.isoformat(),
+        "duration_s": args.duration,
+        "runs": args.runs,
+        "warmup_s": args.warmup,
+        "wrk": {"threads": wrk.THREADS, "connections": wrk.CONNECTIONS, "core": LOAD_CORE},
+        "proxy_core": targets.PROXY_CORE,
+        "body_bytes": len(wrk.post_body()),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "versions": {
+            "python": platform.python_version(),
+            "nginx": _version([nginx.binary() or "nginx", "-v"]),
+            "wrk": _version([wrk.binary() or "wrk", "-v"]),
+            "git": _version(["git", "-C", str(targets.REPO), "rev-parse", "--short", "HEAD"]),
+        },
+    }
+
+
+def _unwind(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _unwind)
+    tools.ensure()
+    body = wrk.post_body()
+    started_at = datetime.datetime.now(datetime.UTC)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    # Process logs outlive the temp dir: they are what explains a target that failed.
+    logs = OUT_DIR / f"logs-{stamp}"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, TargetResult] = {}
+    with tempfile.TemporaryDirectory(prefix="payswitch-bench-") as tmp, Processes(logs) as procs:
+        try:
+            _, upstream_url = targets.start_upstream(procs, Path(tmp))
+        except BenchError as err:
+            print(f"bench: upstream: FAILED: {err}", file=sys.stderr)
+            return 2
+        ctx = Context(procs=procs, workdir=Path(tmp), upstream_url=upstream_url)
+        for target in targets.TARGETS:
+            if target.name in args.only:
+                results[target.name] = measure(target, ctx, args, body)
+    out = OUT_DIR / f"results-{stamp}.json"
+    report.write_json(out, meta(args, started_at), results)
+    print()
+    print(
+        f"{args.runs} run(s) x {args.duration:g} s per target, median; "
+        f"wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS}, {len(body)}-byte POST {targets.PATH}"
+    )
+    print(report.table(results))
+    print(f"\nresults: {out}\nlogs: {logs}")
+    failed = [name for name, result in results.items() if result.failure() is not None]
+    if failed:
+        print(f"bench: did not serve: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; every started process was stopped", file=sys.stderr)
+        sys.exit(130)

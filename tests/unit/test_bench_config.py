@@ -1,0 +1,169 @@
+"""The throughput bench's inputs and bookkeeping: body, rules, nginx configs, wrk parsing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import nginx, report, tools, wrk
+from bench.report import TargetResult
+from bench.targets import bench_rules, write_rules
+from proxy.config.load import load_rules
+
+WRK_CLEAN = """\
+Running 5s test @ http://127.0.0.1:41235/v1/deposits
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   540.12us  120.33us   5.12ms   90.12%
+    Req/Sec    72.12k     3.21k   78.00k    80.00%
+  Latency Distribution
+     50%  520.00us
+     75%  600.00us
+     90%  700.00us
+     99%    1.20ms
+  361234 requests in 5.01s, 60.12MB read
+Requests/sec:  72100.12
+Transfer/sec:     12.00MB
+"""
+
+WRK_ERRORS = """\
+Running 10s test @ http://127.0.0.1:41236/v1/deposits
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.10s   300.00ms   1.99s    70.00%
+    Req/Sec    40.00     10.00    60.00     75.00%
+  Latency Distribution
+     50%    1.05s
+     75%    1.30s
+     90%    1.70s
+     99%    1.98s
+  400 requests in 10.02s, 60.00KB read
+  Socket errors: connect 0, read 3, write 1, timeout 12
+  Non-2xx or 3xx responses: 250
+Requests/sec:     39.92
+Transfer/sec:      5.99KB
+"""
+
+
+def result(name: str, rps: float, *, requests: int = 1000, non_2xx: int = 0) -> TargetResult:
+    run = wrk.WrkResult(
+        requests=requests,
+        seconds=1.0,
+        rps=rps,
+        p50_ms=1.0,
+        p99_ms=2.0,
+        non_2xx=non_2xx,
+        socket_errors=0,
+    )
+    return TargetResult(name=name, title=name, runs=[run])
+
+
+def test_post_body_is_the_212_byte_json_of_the_anchors() -> None:
+    body = wrk.post_body()
+    assert len(body) == 212
+    assert isinstance(json.loads(body), dict)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (WRK_CLEAN, (361234, 72100.12, 0.52, 1.2, 0, 0)),
+        (WRK_ERRORS, (400, 39.92, 1050.0, 1980.0, 250, 16)),
+    ],
+    ids=["microseconds-no-errors", "seconds-with-errors"],
+)
+def test_wrk_report_parsed_in_milliseconds(
+    text: str, expected: tuple[int, float, float, float, int, int]
+) -> None:
+    got = wrk.parse(text)
+    requests, rps, p50_ms, p99_ms, non_2xx, socket_errors = expected
+    assert (got.requests, got.rps, got.non_2xx, got.socket_errors) == (
+        requests,
+        rps,
+        non_2xx,
+        socket_errors,
+    )
+    assert got.p50_ms == pytest.approx(p50_ms)
+    assert got.p99_ms == pytest.approx(p99_ms)
+
+
+def test_wrk_report_without_latency_distribution_is_rejected() -> None:
+    text = WRK_CLEAN.replace("     99%    1.20ms\n", "")
+    with pytest.raises(wrk.WrkOutputError):
+        wrk.parse(text)
+
+
+def test_bench_rules_point_every_gateway_at_the_running_upstream(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:45678"
+    assert "18080" not in bench_rules(url)
+    rules = load_rules([write_rules(url, tmp_path / "rules")])
+    assert [g.port for g in rules.gateways.values()] == [45678]
+    route = rules.routes[0]
+    assert route.match.path_prefix == "/v1/deposits"
+    assert route.gateways == ("upstream",)
+
+
+@pytest.mark.skipif(nginx.binary() is None, reason="nginx not installed")
+@pytest.mark.parametrize("kind", ["upstream", "proxy"])
+def test_nginx_configs_pass_nginx_t(tmp_path: Path, kind: str) -> None:
+    conf = (
+        nginx.upstream_conf(tmp_path, 41000)
+        if kind == "upstream"
+        else nginx.proxy_conf(tmp_path, 41001, 41000)
+    )
+    argv = [str(nginx.binary()), *nginx.prepare(tmp_path, conf), "-t"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("non_2xx", "served"),
+    [(0, True), (500, True), (501, False), (1000, False)],
+    ids=["clean", "half-failed", "most-failed", "all-failed"],
+)
+def test_target_serves_unless_most_requests_fail(non_2xx: int, served: bool) -> None:
+    assert (result("t", 100.0, non_2xx=non_2xx).failure() is None) is served
+
+
+def test_ratios_skip_failed_targets() -> None:
+    results = {
+        "direct": result("direct", 80_000.0),
+        "nginx": result("nginx", 50_000.0),
+        "floor": result("floor", 10_000.0),
+        "payswitch": result("payswitch", 9_000.0, non_2xx=900),
+    }
+    got = report.ratios(results)
+    assert got["floor / direct"] == pytest.approx(0.125)
+    assert got["payswitch / floor"] is None
+    results["payswitch"] = result("payswitch", 9_000.0)
+    assert report.ratios(results)["payswitch / floor"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("present_after", "calls"),
+    [(0, 1), (2, 3), (3, 4), (99, 4)],
+    ids=["first-install", "after-update", "plain-nginx", "never"],
+)
+def test_missing_tools_installed_through_apt_in_order(
+    monkeypatch: pytest.MonkeyPatch, present_after: int, calls: int
+) -> None:
+    ran: list[Sequence[str]] = []
+    monkeypatch.setattr(tools, "missing", lambda: [] if len(ran) > present_after else ["wrk"])
+
+    def fake_apt(argv: Sequence[str]) -> int:
+        ran.append(argv)
+        return 0
+
+    if present_after == 99:
+        with pytest.raises(tools.ToolError):
+            tools.ensure(run=fake_apt)
+    else:
+        tools.ensure(run=fake_apt)
+    assert ran == list(tools.INSTALLS[:calls])
