@@ -99,8 +99,9 @@ def table(results: dict[str, TargetResult]) -> str:
             f"{_fmt(d['p99_ms'], '.2f'):>8} {d['non_2xx']:>8} {d['socket_errors']:>8} "
             f"{_fmt(result.rss_mib, '.1f'):>8}"
         )
-        if result.failure() is not None:
-            lines.append(f"  FAILED: {result.failure()}")
+        failure = result.failure()
+        if failure is not None:
+            lines.append(f"  FAILED: {failure.splitlines()[0]}")
     lines.append("")
     got = ratios(results)
     for name, _num, _den, goal in RATIOS:

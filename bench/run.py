@@ -7,6 +7,7 @@ Must not: leave a process behind, whatever happens: every start goes through
 `procs.Processes`, closed in a finally, and SIGTERM/SIGHUP unwind like Ctrl-C.
 
 Usage: .venv/bin/python bench/run.py [--quick] [--duration S] [--runs N] [--only NAME...]
+       [--access-log on|off]
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per target; median kept (3)")
     parser.add_argument("--warmup", type=float, default=None, help="seconds (2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="1 run of 5 s per target")
+    parser.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="off",
+        help="payswitch's per-request log; off like nginx and the floor (off)",
+    )
     parser.add_argument("--only", nargs="+", choices=names, help="a subset of targets")
     args = parser.parse_args(argv)
     if args.quick:
@@ -108,6 +115,7 @@ def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, A
         "duration_s": args.duration,
         "runs": args.runs,
         "warmup_s": args.warmup,
+        "payswitch_access_log": args.access_log,
         "wrk": {"threads": wrk.THREADS, "connections": wrk.CONNECTIONS, "core": LOAD_CORE},
         "proxy_core": targets.PROXY_CORE,
         "body_bytes": len(wrk.post_body()),
@@ -143,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as err:
             print(f"bench: upstream: FAILED: {err}", file=sys.stderr)
             return 2
-        ctx = Context(procs=procs, workdir=Path(tmp), upstream_url=upstream_url)
+        ctx = Context(
+            procs=procs,
+            workdir=Path(tmp),
+            upstream_url=upstream_url,
+            payswitch_args=("--access-log", args.access_log),
+        )
         for target in targets.TARGETS:
             if target.name in args.only:
                 results[target.name] = measure(target, ctx, args, body)

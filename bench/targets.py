@@ -31,6 +31,7 @@ class Context:
     procs: Processes
     workdir: Path
     upstream_url: str  # http://127.0.0.1:PORT, no trailing slash
+    payswitch_args: tuple[str, ...] = ()  # extra `payswitch run` options
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,7 @@ def _payswitch(ctx: Context) -> Running:
         f"127.0.0.1:{port}",
         "--admin",
         f"127.0.0.1:{admin}",
+        *ctx.payswitch_args,
     ]
     started = ctx.procs.start("payswitch", argv, core=PROXY_CORE)
     wait_ok(started, f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT)
