@@ -1,0 +1,56 @@
+"""Proxy-side idempotency keys and the transaction log (DESIGN.md §5.4-5.7).
+
+Owns: re-exporting the public API of `keys`, `store`, `memory`, `redis_store` and
+`transactions`, so the request path imports from one place.
+Must not: hold state or choose a store; the composition root builds the store it wants.
+"""
+
+from proxy.idempotency.keys import (
+    MAX_KEY_LENGTH,
+    InvalidIdempotencyKey,
+    fingerprint,
+    scoped_key,
+    validate_key,
+)
+from proxy.idempotency.memory import MemoryIdempotencyStore
+from proxy.idempotency.redis_store import RedisIdempotencyStore
+from proxy.idempotency.store import (
+    Claimed,
+    ClaimResult,
+    Completed,
+    IdempotencyStore,
+    InFlight,
+    Mismatch,
+    StoredResponse,
+    Unresolved,
+    UnresolvedCause,
+    end_to_end_headers,
+)
+from proxy.idempotency.transactions import (
+    MemoryTransactionStore,
+    RedisTransactionStore,
+    TransactionStore,
+)
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "ClaimResult",
+    "Claimed",
+    "Completed",
+    "IdempotencyStore",
+    "InFlight",
+    "InvalidIdempotencyKey",
+    "MemoryIdempotencyStore",
+    "MemoryTransactionStore",
+    "Mismatch",
+    "RedisIdempotencyStore",
+    "RedisTransactionStore",
+    "StoredResponse",
+    "TransactionStore",
+    "Unresolved",
+    "UnresolvedCause",
+    "end_to_end_headers",
+    "fingerprint",
+    "scoped_key",
+    "validate_key",
+]
