@@ -3,12 +3,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from health_support import Recorder, gateway
 
 from proxy.config.model import Limits
 from proxy.events import Severity
 from proxy.upstream.limits import MAX_RETRY_AFTER, GatewayLimiter, TokenBucket
 from proxy.upstream.state import Flag, GatewayState
+from tests.unit.upstream.health_support import Recorder, gateway
 
 T0 = 1000.0
 

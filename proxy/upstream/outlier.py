@@ -1,0 +1,270 @@
+"""Passive outlier detection of one gateway from the outcomes of real requests.
+
+Owns: `OutlierDetector`, which owns the EJECTED flag and the slow-start ramp
+(`GatewayState.weight_factor`). A gateway is ejected after `consecutive_failures` failures
+in a row, or when failures reach `failure_percentage` of at least `min_requests` requests
+in the sliding `window` — a per-gateway rule, so it works with the 2-4 gateways a payment
+route has (Envoy's success-rate outlier needs five hosts to compare). Ejection lasts
+`base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
+period in between; then the gateway is half-open and exactly one request decides.
+Must not: read the clock (every method takes `now`), decide the share of gateways that may
+be out at once (the caller's `may_eject` does, it sees every gateway) or count 429s and
+cancelled attempts as failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.config.model import OutlierDetection
+from proxy.events import Emitter, Severity
+from proxy.upstream.state import Flag, GatewayState, Outcome
+
+logger = logging.getLogger(__name__)
+
+#: Weight share a gateway restarts with after coming back; it ramps linearly to 1.
+SLOW_START_FLOOR = 0.1
+#: A half-open probe that never reports back (a caller lost it) frees the slot after this,
+#: so one lost request cannot keep a gateway out for good.
+PROBE_STALE_AFTER = 60.0
+
+
+def ejection_time(policy: OutlierDetection, n: int) -> float:
+    """How long the n-th ejection in a row lasts (n >= 1)."""
+    return float(min(policy.base_ejection * 2 ** max(n - 1, 0), policy.max_ejection))
+
+
+def slow_start_factor(policy: OutlierDetection, since: float | None, now: float) -> float:
+    """Weight factor `now` for a gateway that came back at `since` (None: never left)."""
+    if since is None or policy.slow_start <= 0:
+        return 1.0
+    ramp = (now - since) / policy.slow_start
+    return min(1.0, SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * max(ramp, 0.0))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierStatus:
+    """A snapshot of one gateway's passive-health state for the admin API."""
+
+    ejected: bool
+    ejected_for_s: float
+    half_open: bool
+    probe_in_flight: bool
+    ejections: int
+    consecutive_failures: int
+    window_requests: int
+    window_failures: int
+    slow_start_factor: float
+
+
+class OutlierDetector:
+    """Ejection state of one gateway; `policy` is read from `st.gateway` on every call."""
+
+    __slots__ = (
+        "_calm_since",
+        "_consecutive",
+        "_ejected",
+        "_ejected_at",
+        "_ejected_until",
+        "_ejections",
+        "_events",
+        "_held",
+        "_may_eject",
+        "_probe_started",
+        "_ramp_since",
+        "_window",
+        "_window_failures",
+        "st",
+    )
+
+    def __init__(
+        self,
+        st: GatewayState,
+        events: Emitter,
+        may_eject: Callable[[GatewayState], bool],
+        now: float,
+    ) -> None:
+        self.st = st
+        self._events = events
+        self._may_eject = may_eject
+        self._consecutive = 0
+        self._window: deque[tuple[float, bool]] = deque()
+        self._window_failures = 0
+        self._ejected = False
+        self._ejections = 0
+        self._ejected_at = 0.0
+        self._ejected_until = 0.0
+        self._calm_since = now
+        self._probe_started: float | None = None
+        self._ramp_since: float | None = None
+        self._held = False  # an ejection is being held back by the cap (logged once)
+
+    @property
+    def policy(self) -> OutlierDetection:
+        return self.st.gateway.outlier
+
+    # -- admission -------------------------------------------------------------------
+
+    def admit(self, now: float) -> str | None:
+        """None when passive health lets a request through now, else why not."""
+        self.refresh_weight(now)
+        if not self._ejected:
+            return None
+        if now < self._ejected_until:
+            return "ejected"
+        if self._probe_started is not None and now - self._probe_started < PROBE_STALE_AFTER:
+            return "half-open"
+        return None
+
+    def started(self, now: float) -> None:
+        """A request was sent; when half-open with a free slot, it becomes the probe."""
+        if not self._ejected or now < self._ejected_until:
+            return
+        if self._probe_started is None or now - self._probe_started >= PROBE_STALE_AFTER:
+            self._probe_started = now
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def _is_probe(self, latency: float, now: float) -> bool:
+        # Requests sent before the ejection can still finish while the probe is out. They
+        # began at least one ejection time before the probe, so the request's start
+        # (now - latency) tells them apart, with half that gap as slack for callers whose
+        # latency does not cover exactly the span between started() and finished().
+        assert self._probe_started is not None
+        slack = 0.5 * (self._probe_started - self._ejected_at)
+        return now - max(latency, 0.0) >= self._probe_started - slack
+
+    def finished(self, outcome: Outcome, latency: float, now: float) -> None:
+        if self._ejected:
+            self._finished_while_ejected(outcome, latency, now)
+            return
+        if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
+            return
+        failed = outcome.is_failure
+        self._consecutive = self._consecutive + 1 if failed else 0
+        self._window.append((now, failed))
+        self._window_failures += failed
+        self._prune(now)
+        reason = self._verdict()
+        if reason is None:
+            self._held = False
+            return
+        if not self._may_eject(self.st):
+            if not self._held:
+                logger.warning(
+                    "%s: %s, but ejecting it would exceed the ejection cap", self.st.name, reason
+                )
+            self._held = True
+            return
+        self._held = False
+        self._eject(now, reason, self._decayed_ejections(now) + 1)
+
+    def _finished_while_ejected(self, outcome: Outcome, latency: float, now: float) -> None:
+        if self._probe_started is None or not self._is_probe(latency, now):
+            return  # sent before the ejection: it says nothing new
+        self._probe_started = None
+        if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
+            return  # no verdict; the next request after this one probes again
+        if outcome.is_failure:
+            self._eject(now, f"half-open probe failed ({outcome.value})", self._ejections + 1)
+        else:
+            self._restore(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.policy.window
+        while self._window and self._window[0][0] <= horizon:
+            _, failed = self._window.popleft()
+            self._window_failures -= failed
+
+    def _verdict(self) -> str | None:
+        policy = self.policy
+        if 0 < policy.consecutive_failures <= self._consecutive:
+            return f"{self._consecutive} consecutive failures"
+        seen = len(self._window)
+        if 0 < policy.failure_percentage <= 100 and seen and seen >= policy.min_requests:
+            pct = 100.0 * self._window_failures / seen
+            if pct >= policy.failure_percentage:
+                return f"{pct:.0f}% of {seen} requests failed"
+        return None
+
+    # -- transitions -----------------------------------------------------------------
+
+    def _decayed_ejections(self, now: float) -> int:
+        """Ejections in a row, less one for each calm period served since the last return.
+
+        A calm period is as long as the ejection it would otherwise earn (at least one
+        window), so a gateway that flaps keeps doubling and one that settled starts over.
+        """
+        n = self._ejections
+        calm = now - self._calm_since
+        while n > 0:
+            step = max(self.policy.window, ejection_time(self.policy, n))
+            if calm < step:
+                break
+            calm -= step
+            n -= 1
+        return n
+
+    def _eject(self, now: float, reason: str, n: int) -> None:
+        duration = ejection_time(self.policy, n)
+        self._ejected = True
+        self._ejections = n
+        self._ejected_at = now
+        self._ejected_until = now + duration
+        self._probe_started = None
+        self._consecutive = 0
+        self._window.clear()
+        self._window_failures = 0
+        logger.warning("%s ejected for %.1fs: %s", self.st.name, duration, reason)
+        self.st.set_flag(Flag.EJECTED, reason)
+        self._events.emit(
+            "gateway.ejected",
+            Severity.CRITICAL,
+            gateway=self.st.name,
+            source="passive",
+            reason=reason,
+            duration_s=duration,
+        )
+
+    def _restore(self, now: float) -> None:
+        reason = "half-open probe succeeded"
+        self._ejected = False
+        self._calm_since = now
+        self.start_slow_start(now)
+        logger.info("%s restored: %s", self.st.name, reason)
+        self.st.clear_flag(Flag.EJECTED, reason)
+        self._events.emit(
+            "gateway.restored", Severity.INFO, gateway=self.st.name, source="passive", reason=reason
+        )
+
+    # -- slow start ------------------------------------------------------------------
+
+    def start_slow_start(self, now: float) -> None:
+        """Ramp the gateway's weight up from `SLOW_START_FLOOR` after it came back."""
+        self._ramp_since = now
+        self.refresh_weight(now)
+
+    def refresh_weight(self, now: float) -> float:
+        """Bring `weight_factor` up to date with the clock; the ramp has no timer."""
+        factor = slow_start_factor(self.policy, self._ramp_since, now)
+        if factor >= 1.0:
+            self._ramp_since = None
+        self.st.weight_factor = factor
+        return factor
+
+    def status(self, now: float) -> OutlierStatus:
+        self._prune(now)
+        return OutlierStatus(
+            ejected=self._ejected,
+            ejected_for_s=max(0.0, self._ejected_until - now) if self._ejected else 0.0,
+            half_open=self._ejected and now >= self._ejected_until,
+            probe_in_flight=self._ejected and self._probe_started is not None,
+            ejections=self._decayed_ejections(now) if not self._ejected else self._ejections,
+            consecutive_failures=self._consecutive,
+            window_requests=len(self._window),
+            window_failures=self._window_failures,
+            slow_start_factor=slow_start_factor(self.policy, self._ramp_since, now),
+        )
