@@ -48,12 +48,15 @@ class Runtime:
         *,
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
+        sinks: list[Sink] | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.events = EventBus(_sinks(settings), clock=clock, registry=self.registry)
+        self.events = EventBus(
+            [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
+        )
         self.states = StateRegistry()
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
         self.balancer = Balancer(self.states)
@@ -152,9 +155,10 @@ class Runtime:
 
 def _status_of(att: Attempt) -> int | None:
     task = att.task
-    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+    if task is None or not task.done() or task.cancelled():
         return None
-    return task.result().status
+    result = task.result()
+    return result.status if isinstance(result, Reply) else None
 
 
 def _sinks(settings: Settings) -> list[Sink]:
@@ -178,7 +182,7 @@ def _sinks(settings: Settings) -> list[Sink]:
 def build_proxy_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=1024**3, handler_args={"max_field_size": 16384})
     app[RUNTIME] = rt
-    app.router.add_route("*", "/{tail:.*}", ProxyHandler(rt))
+    app.router.add_route("*", "/{tail:.*}", ProxyHandler(rt).handle)
     return app
 
 

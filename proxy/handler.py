@@ -32,7 +32,7 @@ class ProxyHandler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.rt
         started = time.monotonic()
         snapshot = rt.store.current

@@ -51,7 +51,9 @@ class Metrics:
             ("route", "reason"),
             registry=registry,
         )
-        self.in_flight = Gauge("payswitch_requests_in_flight", "Requests being handled.", registry=registry)
+        self.in_flight = Gauge(
+            "payswitch_requests_in_flight", "Requests being handled.", registry=registry
+        )
         self.late_results = Counter(
             "payswitch_payment_late_results",
             "Abandoned attempts that answered after their request was settled, by kind.",

@@ -36,6 +36,7 @@ from proxy.upstream.state import GatewayState, Outcome
 logger = logging.getLogger(__name__)
 
 ClientOutcome = Literal["success", "failure", "unknown"]
+Result = Reply | AttemptFailed
 
 #: How many abandoned attempts may be kept open across the process before new ones are
 #: cancelled instead (their outcome then stays unknown and is reported as such).
@@ -47,10 +48,11 @@ class Attempt:
     attempt_id: str
     state: GatewayState
     started: float
-    task: asyncio.Task[Reply] | None = None
+    task: asyncio.Task[Result] | None = None
     abandoned: bool = False
     reported: bool = False
     sent_unresolved: bool = False  # may have reached the gateway; outcome not yet known
+    did_nothing: bool = False  # provably not processed: refused connection, 429, not_processed
 
     @property
     def gateway(self) -> Gateway:
@@ -108,7 +110,7 @@ class Dispatch:
         clock = self.clock
         now = clock.now()
         deadline = now + timeouts.total
-        live: dict[asyncio.Task[Reply], Attempt] = {}
+        live: dict[asyncio.Task[Result], Attempt] = {}
         current: Attempt | None = None
         per_try_end = deadline
         next_at = now
@@ -122,7 +124,10 @@ class Dispatch:
                 now = clock.now()
                 if want_new and now >= next_at:
                     want_new = False
-                    if len(self.attempts) < retry.attempts:
+                    # `attempts` bounds what gateways may have processed; an attempt that
+                    # provably did nothing does not use it up (each gateway is tried once).
+                    used = sum(1 for a in self.attempts if not a.did_nothing)
+                    if used < retry.attempts:
                         st = self._pick(exclude, provider_lock)
                         if st is not None:
                             current = self._start(st, now)
@@ -173,6 +178,7 @@ class Dispatch:
                     )
                     if reply is not None:
                         kept_reply = self._keep(kept_reply, reply, att)
+                    att.did_nothing = safe
                     if safe or self._may_retry(outcome, status, sent=sent):
                         if not safe:
                             provider_lock = self._lock_after_ambiguous(att, provider_lock)
@@ -226,7 +232,7 @@ class Dispatch:
         )
         return att
 
-    async def _send(self, att: Attempt, cap: float) -> Reply:
+    async def _send(self, att: Attempt, cap: float) -> Result:
         headers = self.headers.copy()
         headers[self.attempt_header] = att.attempt_id
         timeouts = self.plan.route.timeouts
@@ -241,17 +247,22 @@ class Dispatch:
                     connect_timeout=timeouts.connect,
                 )
         except TimeoutError:
-            raise AttemptFailed(Outcome.TIMEOUT, f"no answer within {cap:g}s", sent=True) from None
+            return AttemptFailed(Outcome.TIMEOUT, f"no answer within {cap:g}s", sent=True)
+        except AttemptFailed as failure:
+            return failure
+        except Exception as exc:  # a bug, not a gateway failure: ambiguous, and loud
+            logger.exception("attempt %s crashed", att.attempt_id)
+            return AttemptFailed(Outcome.BAD_RESPONSE, f"internal error: {exc!r}", sent=True)
 
     def _judge(
-        self, att: Attempt, task: asyncio.Task[Reply], now: float
+        self, att: Attempt, task: asyncio.Task[Result], now: float
     ) -> tuple[Outcome | None, Reply | None, AttemptFailed | None]:
         """(failure outcome or None for a definitive answer, reply, failure)."""
         retry = self.plan.route.retry
         latency = now - att.started
-        try:
-            reply = task.result()
-        except AttemptFailed as failure:
+        result = task.result()
+        if isinstance(result, AttemptFailed):
+            failure = result
             att.sent_unresolved = failure.sent
             self._report(att, failure.outcome, latency)
             self.tried.append(
@@ -262,18 +273,7 @@ class Dispatch:
                 )
             )
             return failure.outcome, None, failure
-        except Exception as exc:  # a bug, not a gateway failure; treat as ambiguous
-            logger.exception("attempt %s crashed", att.attempt_id)
-            att.sent_unresolved = True
-            self._report(att, Outcome.BAD_RESPONSE, latency)
-            self.tried.append(
-                errors.Tried(gateway=att.gateway.name, outcome="error", attempt_id=att.attempt_id)
-            )
-            return (
-                Outcome.BAD_RESPONSE,
-                None,
-                AttemptFailed(Outcome.BAD_RESPONSE, repr(exc), sent=True),
-            )
+        reply = result
         status = reply.status
         if status == 429:
             self._report(att, Outcome.THROTTLED, latency, _retry_after(reply))
@@ -336,7 +336,7 @@ class Dispatch:
         n = max(0, len(self.attempts) - 1)
         return random.uniform(0, min(b.max, b.base * (2**n)))
 
-    def _abandon(self, att: Attempt, now: float, live: dict[asyncio.Task[Reply], Attempt]) -> None:
+    def _abandon(self, att: Attempt, now: float, live: dict[asyncio.Task[Result], Attempt]) -> None:
         """Stop waiting for `att` on the per-try timer; its exchange may go on (bounded)."""
         att.abandoned = True
         att.sent_unresolved = True
@@ -361,7 +361,9 @@ class Dispatch:
             kept[0].release()
         return (reply, att)
 
-    def _win(self, att: Attempt, reply: Reply, live: dict[asyncio.Task[Reply], Attempt]) -> Settled:
+    def _win(
+        self, att: Attempt, reply: Reply, live: dict[asyncio.Task[Result], Attempt]
+    ) -> Settled:
         self.winner = att
         att.sent_unresolved = False
         self.client_outcome = "success" if reply.status < 400 else "failure"
@@ -430,7 +432,7 @@ class Dispatch:
             )
         return Settled(None, None, self.attempts, self.tried, err)
 
-    def _deadline(self, live: dict[asyncio.Task[Reply], Attempt]) -> Settled:
+    def _deadline(self, live: dict[asyncio.Task[Result], Attempt]) -> Settled:
         now = self.clock.now()
         for att in list(live.values()):
             if not att.abandoned:
@@ -462,22 +464,13 @@ class Dispatch:
     def _watch_late(self, att: Attempt) -> None:
         task = att.task
         if task is None or self.on_late is None:
-            if task is not None and task.done() and not task.cancelled():
-                task.exception()  # consumed: the outcome no longer matters to anyone
             return
         on_late = self.on_late
 
-        def done(t: asyncio.Task[Reply]) -> None:
+        def done(t: asyncio.Task[Result]) -> None:
             if t.cancelled():
                 return
-            exc = t.exception()
-            result: Reply | AttemptFailed
-            if exc is None:
-                result = t.result()
-            elif isinstance(exc, AttemptFailed):
-                result = exc
-            else:
-                result = AttemptFailed(Outcome.BAD_RESPONSE, repr(exc), sent=True)
+            result = t.result()
             try:
                 on_late(self, att, result)
             finally:
@@ -495,11 +488,11 @@ class _AbandonedBudget:
     def __init__(self) -> None:
         self.open = 0
 
-    def track(self, task: asyncio.Task[Reply]) -> None:
+    def track(self, task: asyncio.Task[Result]) -> None:
         self.open += 1
         task.add_done_callback(self._closed)
 
-    def _closed(self, _task: asyncio.Task[Reply]) -> None:
+    def _closed(self, _task: asyncio.Task[Result]) -> None:
         self.open -= 1
 
 
