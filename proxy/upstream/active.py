@@ -1,0 +1,189 @@
+"""Active HTTP health checks of one gateway.
+
+Owns: `ActiveChecker`, which probes `{scheme}://{host}:{port}{base_path}{path}` on an
+interval (with a little jitter so sidecars do not probe in lockstep) and owns the
+ACTIVE_FAILED flag: `unhealthy_threshold` failures in a row set it, `healthy_threshold`
+successes in a row clear it, so one lost probe never flaps a gateway.
+Must not: create its own HTTP session (one is shared by all checkers), start tasks other
+than through `proxy.aio.spawn`, or touch the flags other health sources own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.aio import cancel_and_wait, spawn
+from proxy.clock import Clock
+from proxy.config.model import Gateway, HealthCheck
+from proxy.events import Emitter, Severity
+from proxy.upstream.state import Flag, GatewayState
+
+logger = logging.getLogger(__name__)
+
+#: Jitter added to each interval, as a fraction of it.
+JITTER = 0.1
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def probe_url(gw: Gateway, hc: HealthCheck) -> str:
+    host = f"[{gw.host}]" if ":" in gw.host else gw.host
+    return f"{gw.scheme}://{host}:{gw.port}{gw.base_path}{hc.path}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActiveStatus:
+    """A snapshot of one gateway's active-check state for the admin API."""
+
+    failing: bool
+    consecutive_successes: int
+    consecutive_failures: int
+    last_result: str | None
+    last_checked_ago_s: float | None
+
+
+class ActiveChecker:
+    """Probe loop and thresholds of one gateway; config read from `st.gateway` each time."""
+
+    def __init__(
+        self,
+        st: GatewayState,
+        *,
+        clock: Clock,
+        events: Emitter,
+        on_restored: Callable[[GatewayState], None] | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.st = st
+        self._clock = clock
+        self._events = events
+        self._on_restored = on_restored
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._ok = 0
+        self._failed = 0
+        self._last_result: str | None = None
+        self._last_checked: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.st.flags & Flag.ACTIVE_FAILED)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def record(self, ok: bool, detail: str) -> None:
+        """Count one probe result and move the flag when a threshold is reached."""
+        hc = self.st.gateway.health_check
+        if hc is None:
+            return
+        self._last_result = detail
+        self._last_checked = self._clock.now()
+        if ok:
+            self._ok += 1
+            self._failed = 0
+            if self.failing and self._ok >= hc.healthy_threshold:
+                reason = f"{self._ok} health checks passed"
+                logger.info("%s restored by active checks", self.st.name)
+                self.st.clear_flag(Flag.ACTIVE_FAILED, reason)
+                self._events.emit(
+                    "gateway.restored",
+                    Severity.INFO,
+                    gateway=self.st.name,
+                    source="active",
+                    reason=reason,
+                )
+                if self._on_restored is not None:
+                    self._on_restored(self.st)
+            return
+        self._failed += 1
+        self._ok = 0
+        if not self.failing and self._failed >= hc.unhealthy_threshold:
+            reason = f"{self._failed} health checks failed, last: {detail}"
+            logger.warning("%s failed active checks: %s", self.st.name, detail)
+            self.st.set_flag(Flag.ACTIVE_FAILED, reason)
+            # How long it stays out is not known: it returns after enough passing checks.
+            self._events.emit(
+                "gateway.ejected",
+                Severity.CRITICAL,
+                gateway=self.st.name,
+                source="active",
+                reason=reason,
+                duration_s=None,
+            )
+
+    async def probe_once(self, session: aiohttp.ClientSession) -> bool:
+        """Send one probe and record its result; True when it passed."""
+        hc = self.st.gateway.health_check
+        if hc is None:
+            return False
+        url = probe_url(self.st.gateway, hc)
+        try:
+            async with session.request(
+                hc.method,
+                url,
+                timeout=aiohttp.ClientTimeout(total=hc.timeout),
+                allow_redirects=False,
+            ) as resp:
+                ok = resp.status in hc.expected_statuses
+                detail = f"status {resp.status}"
+        except TimeoutError:
+            ok, detail = False, f"timeout after {hc.timeout:g}s"
+        except (aiohttp.ClientError, OSError) as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        self.record(ok, detail)
+        return ok
+
+    def _pause(self, interval: float) -> float:
+        return interval * (1.0 + JITTER * self._rng.random())
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Probe until cancelled or until the gateway's health check is removed."""
+        hc = self.st.gateway.health_check
+        if hc is None:
+            return
+        # Start at a random point of the first interval so restarts do not align probes.
+        await self._sleep(hc.interval * JITTER * self._rng.random())
+        while (hc := self.st.gateway.health_check) is not None:
+            try:
+                await self.probe_once(session)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("health check of %s crashed; counted as failed", self.st.name)
+                self.record(False, "probe crashed")
+            await self._sleep(self._pause(hc.interval))
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        if self.running:
+            return
+        self._task = spawn(self.run(session), name=f"health-check:{self.st.name}")
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Stop probing without waiting (for synchronous callers); returns the task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self.cancel())
+
+    def status(self) -> ActiveStatus:
+        ago = None if self._last_checked is None else self._clock.now() - self._last_checked
+        return ActiveStatus(
+            failing=self.failing,
+            consecutive_successes=self._ok,
+            consecutive_failures=self._failed,
+            last_result=self._last_result,
+            last_checked_ago_s=ago,
+        )
