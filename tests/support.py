@@ -140,12 +140,12 @@ async def gateways(
 
 
 async def eventually(
-    check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02
+    check: Callable[[], bool], within: float = 5.0, interval: float = 0.02
 ) -> None:
-    """Wait until `check()` holds, failing after `timeout` seconds."""
+    """Wait until `check()` holds, failing after `within` seconds."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + within
     while not check():
         if loop.time() > end:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)

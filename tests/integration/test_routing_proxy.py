@@ -124,7 +124,7 @@ async def test_after_ambiguous_never_does_not_resend_a_post_after_timeout(tmp_pa
         )
         text = text.replace("    timeouts: {per_try: 300ms, total: 2s}\n", "", 1)
         async with running_proxy(text, tmp_path) as p:
-            status, headers, body = await p.post()
+            status, _headers, body = await p.post()
             assert status == 504
             problem = orjson.loads(body)
             assert problem["title"] == "Payment outcome unknown"

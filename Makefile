@@ -1,0 +1,44 @@
+# Every target sets up what it needs: a fresh machine with only Python can run them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test lint typecheck unit bench scenarios faults validate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+## make run: payswitch on rules/ against simulated gateways on 127.0.0.1:9101-9105
+run: $(STAMP)
+	$(BIN)/payswitch validate rules
+	@trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/payswitch sim --rules rules & sim=$$!; \
+	sleep 1; \
+	$(BIN)/payswitch run --rules rules --listen 127.0.0.1:8080 --admin 127.0.0.1:9901
+
+validate: $(STAMP)
+	$(BIN)/payswitch validate rules
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## make test: every check; warnings fail
+test: lint typecheck validate
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out

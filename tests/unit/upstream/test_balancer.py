@@ -1,0 +1,122 @@
+"""The balancer: region order, smooth weighted round robin, exclusion; pure and sync."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from proxy.config.load import build_rules
+from proxy.routing import RoutePlan, compile_router
+from proxy.upstream.balancer import Balancer, Skip
+from proxy.upstream.state import Flag, GatewayState, StateRegistry
+
+RULES = b"""
+gateways:
+  a: {url: "http://127.0.0.1:1", region: eu, weight: 5, provider: p1}
+  b: {url: "http://127.0.0.1:2", region: eu, weight: 3, provider: p2}
+  c: {url: "http://127.0.0.1:3", region: eu, weight: 2, provider: p1}
+  d: {url: "http://127.0.0.1:4", region: us, weight: 1, provider: p2}
+  e: {url: "http://127.0.0.1:5", region: apac, weight: 1, provider: p1}
+routes:
+  - name: r
+    match: {path_prefix: /}
+    region: {default: eu, fallback: {eu: [us, apac], us: [apac]}}
+    gateways: [a, b, c, d, e]
+"""
+
+
+def setup() -> tuple[Balancer, StateRegistry, RoutePlan]:
+    rules = build_rules([("r.yaml", RULES)])
+    states = StateRegistry()
+    states.reconcile(rules.gateways)
+    plan = compile_router(rules).plans[0]
+    return Balancer(states, rng=random.Random(7)), states, plan
+
+
+def admit_all(st: GatewayState) -> str | None:
+    return None
+
+
+def name_of(st: GatewayState | None) -> str:
+    assert st is not None
+    return st.name
+
+
+def test_weights_are_honoured_within_two_percent_over_10000_picks() -> None:
+    bal, _, plan = setup()
+    counts = Counter(name_of(bal.pick(plan, "eu", admit_all)) for _ in range(10_000))
+    for name, weight in (("a", 5), ("b", 3), ("c", 2)):
+        share = counts[name] / 10_000
+        assert abs(share - weight / 10) <= 0.02 * weight / 10, counts
+
+
+def test_smooth_wrr_interleaves_like_nginx() -> None:
+    bal, _, plan = setup()
+    seq = "".join(name_of(bal.pick(plan, "eu", admit_all)) for _ in range(10))
+    # nginx's smooth WRR never sends a burst of a heavy peer's whole weight in a row.
+    assert "aaaaa" not in seq
+    assert Counter(seq) == {"a": 5, "b": 3, "c": 2}
+
+
+@pytest.mark.parametrize(
+    ("region", "blocked", "exclude", "expected"),
+    [
+        ("eu", set(), {"a", "b", "c"}, "d"),
+        ("us", set(), set(), "d"),
+        ("us", {"d"}, set(), "e"),
+        ("apac", set(), set(), "e"),
+        ("eu", {"a", "b", "c", "d"}, set(), "e"),
+        ("eu", {"a", "b", "c", "d", "e"}, set(), None),
+        ("mars", set(), {"a", "b"}, "c"),
+    ],
+    ids=[
+        "home-exhausted",
+        "us-home",
+        "us-fallback",
+        "apac",
+        "second-fallback",
+        "nothing",
+        "unknown-region-default",
+    ],
+)
+def test_region_order_and_exclusion(
+    region: str, blocked: set[str], exclude: set[str], expected: str | None
+) -> None:
+    bal, states, plan = setup()
+    for name in blocked:
+        states[name].set_flag(Flag.EJECTED, "test")
+    skipped: list[Skip] = []
+
+    def admit(st: GatewayState) -> str | None:
+        return "ejected" if st.blocked else None
+
+    got = bal.pick(plan, region, admit, exclude, skipped=skipped)
+    assert (got.name if got else None) == expected
+    if expected is None:
+        assert {sk.gateway for sk in skipped} == blocked - exclude
+
+
+def test_allow_filter_limits_to_one_provider() -> None:
+    bal, _, plan = setup()
+    picks = {
+        name_of(bal.pick(plan, "eu", admit_all, allow=lambda g: g.provider == "p2"))
+        for _ in range(20)
+    }
+    assert picks == {"b"}
+
+
+def test_state_survives_reconcile_for_unchanged_identity() -> None:
+    rules = build_rules([("r.yaml", RULES)])
+    states = StateRegistry()
+    states.reconcile(rules.gateways)
+    states["a"].set_flag(Flag.EJECTED, "test")
+    states["a"].requests = 42
+    changed = build_rules(
+        [("r.yaml", RULES.replace(b"weight: 5", b"weight: 9").replace(b":2", b":22"))]
+    )
+    created, removed = states.reconcile(changed.gateways)
+    assert states["a"].requests == 42 and states["a"].flags & Flag.EJECTED
+    assert states["a"].gateway.weight == 9
+    assert [s.name for s in created] == ["b"] and [s.name for s in removed] == ["b"]
