@@ -26,7 +26,15 @@ from proxy.idempotency.keys import (
         ("x" * MAX_KEY_LENGTH, "x" * MAX_KEY_LENGTH),
         ("01HZX3Q7V8M2-_.~!#$%&()*+,/:;<=>?@[]^`{|}", "01HZX3Q7V8M2-_.~!#$%&()*+,/:;<=>?@[]^`{|}"),
     ],
-    ids=["uuid", "sf-string-quoted", "ows-trimmed", "quoted-with-ows", "one-char", "max-len", "punct"],
+    ids=[
+        "uuid",
+        "sf-string-quoted",
+        "ows-trimmed",
+        "quoted-with-ows",
+        "one-char",
+        "max-len",
+        "punct",
+    ],
 )
 def test_accepted_keys(raw: str, expected: str) -> None:
     assert validate_key(raw) == expected
@@ -45,7 +53,7 @@ def test_accepted_keys(raw: str, expected: str) -> None:
         ("ab\x00", "'\\x00' at position 2"),
         ("ab\x7f", "'\\x7f' at position 2"),
         ('a"b', "'\"' at position 1"),
-        ("a'b", "\"'\" at position 1"),
+        ("a'b", '"\'" at position 1'),
         ("a\\b", "'\\\\' at position 1"),
         ('"abc', "'\"' at position 0"),
         ("caf\u00e9", "U+00E9 at position 3"),
