@@ -457,9 +457,3 @@ class RecordingEmitter:
 
     def of(self, kind: str) -> list[Event]:
         return [e for e in self.events if e.kind == kind]
-
-
-def severity_of(kind: str) -> Severity:
-    """The usual severity of `kind` (INFO for a kind the table does not know)."""
-    spec = KINDS.get(kind)
-    return spec.severity if spec is not None else Severity.INFO
