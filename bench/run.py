@@ -7,7 +7,7 @@ Must not: leave a process behind, whatever happens: every start goes through
 `procs.Processes`, closed in a finally, and SIGTERM/SIGHUP unwind like Ctrl-C.
 
 Usage: .venv/bin/python bench/run.py [--quick] [--duration S] [--runs N] [--only NAME...]
-       [--access-log on|off]
+       [--payswitch-arg=ARG ...]
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=None, help="seconds (2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="1 run of 5 s per target")
     parser.add_argument(
-        "--access-log",
-        choices=("on", "off"),
-        default="off",
-        help="payswitch's per-request log; off like nginx and the floor (off)",
+        "--payswitch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `payswitch run` option, repeatable (e.g. --payswitch-arg=--access-log=off)",
     )
     parser.add_argument("--only", nargs="+", choices=names, help="a subset of targets")
     args = parser.parse_args(argv)
@@ -115,7 +116,7 @@ def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, A
         "duration_s": args.duration,
         "runs": args.runs,
         "warmup_s": args.warmup,
-        "payswitch_access_log": args.access_log,
+        "payswitch_args": args.payswitch_arg,
         "wrk": {"threads": wrk.THREADS, "connections": wrk.CONNECTIONS, "core": LOAD_CORE},
         "proxy_core": targets.PROXY_CORE,
         "body_bytes": len(wrk.post_body()),
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             procs=procs,
             workdir=Path(tmp),
             upstream_url=upstream_url,
-            payswitch_args=("--access-log", args.access_log),
+            payswitch_args=tuple(args.payswitch_arg),
         )
         for target in targets.TARGETS:
             if target.name in args.only:
