@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import admin as config_admin
+from proxy.upstream import admin as gateways_admin
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
@@ -69,4 +70,5 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_routes(config_admin.routes(rt.store))
+    app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
     return app

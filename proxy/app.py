@@ -79,7 +79,7 @@ class Runtime:
 
     def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
         created, removed = self.states.reconcile(new.rules.gateways)
-        self.health.reconcile(created, removed)
+        self.health.reconcile(created, removed, routes=new.rules.routes)
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
@@ -130,8 +130,7 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for sink in self.events.sinks:
-            await sink.start()
+        await self.events.start()
         self.store.load_initial()
         self.session = new_session()
         self.forwarder = Forwarder(self.session)
@@ -149,8 +148,7 @@ class Runtime:
             await self.session.close()
         if self.access_log is not None:
             await self.access_log.close()
-        for sink in self.events.sinks:
-            await sink.close(2.0)
+        await self.events.close(2.0)
 
 
 def _status_of(att: Attempt) -> int | None:
