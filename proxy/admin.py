@@ -66,7 +66,16 @@ def build_admin_app(rt: Runtime) -> web.Application:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
+    async def transaction(request: web.Request) -> web.Response:
+        record = await rt.payments.log.get(request.match_info["id"])
+        if record is None:
+            return web.json_response(
+                {"title": "unknown transaction", "id": request.match_info["id"]}, status=404
+            )
+        return web.json_response(record)
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/admin/transactions/{id}", transaction)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_routes(config_admin.routes(rt.store))

@@ -26,7 +26,16 @@ from proxy.config.store import ConfigStore, Snapshot
 from proxy.events import EventBus, Severity, Sink, StreamSink
 from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
 from proxy.handler import ProxyHandler
+from proxy.idempotency import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    MemoryTransactionStore,
+    RedisIdempotencyStore,
+    RedisTransactionStore,
+    TransactionStore,
+)
 from proxy.metrics import Metrics
+from proxy.payments import Payments
 from proxy.retry import Attempt, Dispatch
 from proxy.routing import Router, compile_router
 from proxy.settings import Settings
@@ -68,6 +77,7 @@ class Runtime:
             clock=clock,
             registry=self.registry,
         )
+        self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder
@@ -95,7 +105,11 @@ class Runtime:
             return
         route = dispatch.plan.name
         winner = dispatch.winner
-        if dispatch.client_outcome == "success" and winner is not None:
+        duplicate = dispatch.client_outcome == "success" and winner is not None
+        self.payments.record_late(
+            dispatch, "duplicate_suspected" if duplicate else "late_success", att, result.status
+        )
+        if duplicate and winner is not None:
             self.metrics.late_results.labels(route, "duplicate_suspected").inc()
             self.events.emit(
                 "payment.duplicate_suspected",
@@ -148,6 +162,8 @@ class Runtime:
             await self.session.close()
         if self.access_log is not None:
             await self.access_log.close()
+        await self.payments.keys.close()
+        await self.payments.log.close()
         await self.events.close(2.0)
 
 
@@ -157,6 +173,18 @@ def _status_of(att: Attempt) -> int | None:
         return None
     result = task.result()
     return result.status if isinstance(result, Reply) else None
+
+
+def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore, TransactionStore]:
+    url = settings.idempotency_store
+    if url == "memory":
+        return MemoryIdempotencyStore(clock=clock), MemoryTransactionStore(clock=clock)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        prefix = settings.idempotency_prefix
+        return RedisIdempotencyStore.from_url(url, prefix), RedisTransactionStore.from_url(
+            url, prefix
+        )
+    raise ValueError(f"idempotency store must be 'memory' or a redis:// URL, not {url!r}")
 
 
 def _sinks(settings: Settings) -> list[Sink]:

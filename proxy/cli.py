@@ -132,7 +132,7 @@ def run(flags: dict[str, object]) -> int:
             print(issue, file=sys.stderr)
         print("payswitch: the rules are not valid; nothing was started", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"payswitch: {exc}", file=sys.stderr)
         return 1
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.aio import spawn
+from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
 from proxy.forward import AttemptFailed, Reply, response_headers, upstream_headers
+from proxy.ids import new_id
+from proxy.payments import Ticket
 from proxy.retry import Attempt, Dispatch, Settled
 from proxy.routing import RoutePlan, Router
 
@@ -62,7 +65,18 @@ class ProxyHandler:
                 )
             region = plan.region_for(headers)
             th = snapshot.rules.transaction_headers
-            txn_id = headers.get(th.transaction_id) or uuid.uuid4().hex
+            ticket: Ticket | None = None
+            if plan.route.idempotency is not None and method not in IDEMPOTENT_METHODS:
+                claimed = await rt.payments.claim(plan, method, raw_path, headers, body)
+                if isinstance(claimed, web.Response):
+                    self._account(
+                        request, plan, region, None, None, claimed.status, started, (), "replayed"
+                    )
+                    return claimed
+                ticket = claimed
+            txn_id = (
+                ticket.transaction_id if ticket else (headers.get(th.transaction_id) or new_id())
+            )
             fwd = upstream_headers(
                 headers, client_ip=request.remote, scheme=request.scheme, host=request.host
             )
@@ -82,21 +96,9 @@ class ProxyHandler:
                 attempt_header=th.attempt_id,
                 on_late=rt.late_result,
                 on_attempt=self._attempt_metric(plan.name),
+                forced_gateway=ticket.forced_gateway if ticket else None,
             )
-            rt.events.emit(
-                "transaction.pending",
-                Severity.INFO,
-                transaction_id=txn_id,
-                route=plan.name,
-                region=region,
-                gateway=None,
-                attempt_id=None,
-                attempts=0,
-                status=None,
-                duration_ms=0.0,
-            )
-            settled = await dispatch.run()
-            return await self._respond(request, dispatch, settled, started)
+            return await self._dispatch(request, dispatch, ticket, started)
         except errors.ProxyError as err:
             if err.route is None and plan is not None:
                 err.route = plan.name
@@ -108,71 +110,81 @@ class ProxyHandler:
             )
             return resp
 
-    def _attempt_metric(self, route: str):  # type: ignore[no-untyped-def]
-        metrics = self.rt.metrics
-
-        def record(att: Attempt, outcome: str, seconds: float) -> None:
-            metrics.attempt(route, att.gateway.name, outcome, seconds)
-
-        return record
-
-    async def _respond(
-        self, request: web.Request, dispatch: Dispatch, settled: Settled, started: float
+    async def _dispatch(
+        self, request: web.Request, dispatch: Dispatch, ticket: Ticket | None, started: float
     ) -> web.StreamResponse:
         rt = self.rt
-        plan = dispatch.plan
-        txn_header = rt.store.current.rules.transaction_headers.transaction_id
-        if settled.reply is None or settled.attempt is None:
-            err = settled.error or errors.UpstreamFailed("no answer", route=plan.name)
-            err.route = err.route or plan.name
-            err.region = err.region or dispatch.region
-            resp = errors.problem_response(err, dispatch.transaction_id)
-            resp.headers[txn_header] = dispatch.transaction_id
-            resp.headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
-            self._transaction_end(dispatch, settled, resp.status, started)
-            self._account(
-                request,
-                plan,
-                dispatch.region,
-                dispatch.transaction_id,
-                None,
-                resp.status,
-                started,
-                err.tried,
-                err.slug,
-            )
-            return resp
+        started_wall = time.time()
+        self._transaction_event("transaction.pending", dispatch, None, None, started)
+        if not dispatch.idempotent:
+            await rt.payments.record(dispatch, "PENDING", None, started_wall)
+        try:
+            settled = await dispatch.run()
+        except BaseException:
+            # Cancelled mid-flight: what was sent may still be charged; never free the key.
+            if ticket is not None:
+                spawn(
+                    rt.payments.settle(ticket, _interrupted(dispatch), 0, CIMultiDict(), None),
+                    name="settle-interrupted",
+                )
+            raise
+        status, headers, body, error = self._response_parts(dispatch, settled)
+        if ticket is not None:
+            await rt.payments.settle(ticket, settled, status, headers, body)
+        state = _state(settled, status)
+        self._transaction_event(
+            f"transaction.{_EVENT_OF_STATE[state]}", dispatch, settled, status, started
+        )
+        await rt.payments.record(dispatch, state, status, started_wall)
+        att = settled.attempt
+        tried = error.tried if error is not None else settled.tried
+        self._account(
+            request,
+            dispatch.plan,
+            dispatch.region,
+            dispatch.transaction_id,
+            att.gateway.name if att and settled.reply else None,
+            status,
+            started,
+            tried,
+            error.slug if error is not None else None,
+        )
+        reply = settled.reply
+        if reply is not None and reply.stream is not None:
+            return await _stream(request, reply, headers)
+        return web.Response(status=status, headers=headers, body=body)
+
+    def _response_parts(
+        self, dispatch: Dispatch, settled: Settled
+    ) -> tuple[int, CIMultiDict[str], bytes | None, errors.ProxyError | None]:
+        txn_header = self.rt.store.current.rules.transaction_headers.transaction_id
         reply, att = settled.reply, settled.attempt
+        if reply is None or att is None:
+            err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.plan.name)
+            err.route = err.route or dispatch.plan.name
+            err.region = err.region or dispatch.region
+            headers: CIMultiDict[str] = CIMultiDict(err.headers)
+            headers["Content-Type"] = "application/problem+json"
+            headers[txn_header] = dispatch.transaction_id
+            headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
+            return err.status, headers, errors.problem_body(err, dispatch.transaction_id), err
         headers = response_headers(reply.headers)
         headers["X-Payswitch-Gateway"] = att.gateway.name
         headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
         headers[txn_header] = dispatch.transaction_id
-        self._transaction_end(dispatch, settled, reply.status, started)
-        self._account(
-            request,
-            plan,
-            dispatch.region,
-            dispatch.transaction_id,
-            att.gateway.name,
-            reply.status,
-            started,
-            settled.tried,
-            None,
-        )
-        if reply.stream is None:
-            return web.Response(status=reply.status, headers=headers, body=reply.body)
-        return await _stream(request, reply, headers)
+        return reply.status, headers, reply.body, None
 
-    def _transaction_end(
-        self, dispatch: Dispatch, settled: Settled, status: int, started: float
+    def _transaction_event(
+        self,
+        kind: str,
+        dispatch: Dispatch,
+        settled: Settled | None,
+        status: int | None,
+        started: float,
     ) -> None:
-        if settled.unknown:
-            kind = "transaction.unknown"
-        elif settled.reply is not None and settled.reply.status < 400:
-            kind = "transaction.succeeded"
-        else:
-            kind = "transaction.failed"
-        att = settled.attempt or (settled.attempts[-1] if settled.attempts else None)
+        att = None
+        if settled is not None:
+            att = settled.attempt or (settled.attempts[-1] if settled.attempts else None)
         self.rt.events.emit(
             kind,
             Severity.WARNING if kind == "transaction.unknown" else Severity.INFO,
@@ -181,10 +193,18 @@ class ProxyHandler:
             region=dispatch.region,
             gateway=att.gateway.name if att else None,
             attempt_id=att.attempt_id if att else None,
-            attempts=len(settled.attempts),
+            attempts=len(settled.attempts) if settled else 0,
             status=status,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
+
+    def _attempt_metric(self, route: str):  # type: ignore[no-untyped-def]
+        metrics = self.rt.metrics
+
+        def record(att: Attempt, outcome: str, seconds: float) -> None:
+            metrics.attempt(route, att.gateway.name, outcome, seconds)
+
+        return record
 
     def _account(
         self,
@@ -221,6 +241,26 @@ class ProxyHandler:
                     "client": request.remote,
                 }
             )
+
+
+_EVENT_OF_STATE = {"SUCCESS": "succeeded", "FAILURE": "failed", "UNKNOWN": "unknown"}
+
+
+def _state(settled: Settled, status: int) -> str:
+    if settled.unknown:
+        return "UNKNOWN"
+    if settled.reply is not None and status < 400:
+        return "SUCCESS"
+    if settled.reply is not None and status >= 500:
+        # The gateway's own 5xx: it may or may not have processed the payment.
+        return "UNKNOWN" if any(not a.did_nothing for a in settled.attempts) else "FAILURE"
+    return "FAILURE"
+
+
+def _interrupted(dispatch: Dispatch) -> Settled:
+    return Settled(
+        reply=None, attempt=None, attempts=dispatch.attempts, tried=dispatch.tried, unknown=True
+    )
 
 
 async def _read_body(request: web.Request, router: Router, method: str, path: str) -> bytes:

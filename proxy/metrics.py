@@ -60,6 +60,12 @@ class Metrics:
             ("route", "kind"),
             registry=registry,
         )
+        self.idempotency = Counter(
+            "payswitch_idempotency",
+            "Idempotency-key decisions: claimed, replayed, conflict, mismatch, unresolved_retry, missing, invalid.",
+            ("route", "result"),
+            registry=registry,
+        )
         self._req: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._att: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 

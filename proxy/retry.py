@@ -16,7 +16,6 @@ import email.utils
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +27,7 @@ from proxy.aio import spawn
 from proxy.clock import Clock
 from proxy.config.model import IDEMPOTENT_METHODS, Gateway
 from proxy.forward import AttemptFailed, Forwarder, Reply
+from proxy.ids import new_id
 from proxy.routing import RoutePlan
 from proxy.upstream.balancer import Balancer, Skip
 from proxy.upstream.health import Health
@@ -219,7 +219,7 @@ class Dispatch:
         return self.balancer.pick(self.plan, self.region, admit, exclude, allow, self.skipped)
 
     def _start(self, st: GatewayState, now: float) -> Attempt:
-        att = Attempt(attempt_id=uuid.uuid4().hex, state=st, started=now)
+        att = Attempt(attempt_id=new_id(), state=st, started=now)
         self.health.started(st, now)
         self.attempts.append(att)
         cap = (

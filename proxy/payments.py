@@ -1,0 +1,253 @@
+"""Payment safety around the retry loop: idempotency keys and the transaction log.
+
+Owns: claiming a request's Idempotency-Key before anything is sent (409 while in flight,
+replay after completion, 422 for a changed payload, the gateway that last saw an unresolved
+key), settling the key with what the client was told, and the transaction record that
+`GET /admin/transactions/{id}` reads.
+Must not: pick gateways or judge attempts (retry.py), or write the client's response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import errors
+from proxy.aio import spawn
+from proxy.config.model import Idempotency
+from proxy.idempotency import (
+    Claimed,
+    Completed,
+    IdempotencyStore,
+    InFlight,
+    InvalidIdempotencyKey,
+    Mismatch,
+    StoredResponse,
+    TransactionStore,
+    Unresolved,
+    end_to_end_headers,
+    fingerprint,
+    scoped_key,
+    validate_key,
+)
+from proxy.metrics import Metrics
+from proxy.routing import RoutePlan
+
+if TYPE_CHECKING:
+    from proxy.retry import Attempt, Dispatch, Settled
+
+logger = logging.getLogger(__name__)
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+#: How long past a route's total timeout a claim stays locked if its holder vanishes.
+LOCK_MARGIN = 5.0
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A claimed idempotency key for the duration of one request."""
+
+    key: str
+    lease: str
+    policy: Idempotency
+    transaction_id: str
+    forced_gateway: str | None  # an unresolved key goes back to the gateway that saw it
+
+
+class Payments:
+    def __init__(self, keys: IdempotencyStore, log: TransactionStore, metrics: Metrics) -> None:
+        self.keys = keys
+        self.log = log
+        self.metrics = metrics
+
+    async def claim(
+        self,
+        plan: RoutePlan,
+        method: str,
+        raw_path: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+    ) -> Ticket | web.Response | None:
+        """A Ticket to proceed with, a response to send instead (replay, 409, 422), or None
+        when the route or method does not use idempotency keys. Raises ProxyError (400)."""
+        policy = plan.route.idempotency
+        if policy is None:
+            return None
+        raw = headers.get(policy.header)
+        if raw is None:
+            if policy.required:
+                self._count(plan, "missing")
+                raise errors.BadRequest(
+                    f"route {plan.name} requires an {policy.header} header", route=plan.name
+                )
+            return None
+        try:
+            key = validate_key(raw)
+        except InvalidIdempotencyKey as exc:
+            self._count(plan, "invalid")
+            raise errors.BadRequest(str(exc), route=plan.name) from None
+        scope = headers.get(policy.scope_header) if policy.scope_header else None
+        skey = scoped_key(key, scope)
+        fp = fingerprint(method, raw_path, body)
+        result = await self.keys.claim(
+            skey, fp, policy.ttl, lock_ttl=plan.route.timeouts.total + LOCK_MARGIN
+        )
+        if isinstance(result, Claimed):
+            self._count(plan, "claimed")
+            return Ticket(
+                key=skey, lease=result.lease, policy=policy, transaction_id=key, forced_gateway=None
+            )
+        if isinstance(result, Unresolved):
+            self._count(plan, "unresolved_retry")
+            return Ticket(
+                key=skey,
+                lease=result.lease,
+                policy=policy,
+                transaction_id=result.transaction_id or key,
+                forced_gateway=result.last_gateway,
+            )
+        if isinstance(result, Completed):
+            self._count(plan, "replayed")
+            stored = result.response
+            out = web.Response(
+                status=stored.status, body=stored.body, headers=CIMultiDict(stored.headers)
+            )
+            out.headers[REPLAYED_HEADER] = "true"
+            return out
+        if isinstance(result, InFlight):
+            self._count(plan, "conflict")
+            raise errors.Conflict(
+                "a request with this idempotency key is still being processed; retry later",
+                route=plan.name,
+                headers={"Retry-After": str(max(1, int(result.retry_after + 0.999)))},
+            )
+        assert isinstance(result, Mismatch)
+        self._count(plan, "mismatch")
+        raise errors.Unprocessable(
+            "this idempotency key was used with a different request (method, path or body)",
+            route=plan.name,
+        )
+
+    async def settle(
+        self,
+        ticket: Ticket,
+        settled: Settled,
+        status: int,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+    ) -> None:
+        """Record what the client is told, so a retry with the same key gets the same."""
+        try:
+            if settled.reply is not None and settled.attempt is not None:
+                if status >= 500 or status == 429:
+                    # A gateway's 5xx is ambiguous: keep the key unresolved and pinned to it.
+                    await self._unknown(ticket, settled.attempt)
+                    return
+                stored = StoredResponse(
+                    status=status,
+                    headers=end_to_end_headers(headers.items()),
+                    body=body if body is not None else b"",
+                    gateway=settled.attempt.gateway.name,
+                    transaction_id=ticket.transaction_id,
+                )
+                await self.keys.complete(ticket.key, ticket.lease, stored, ticket.policy.ttl)
+                return
+            sent = [a for a in settled.attempts if not a.did_nothing]
+            if sent:
+                # Sent and no definitive answer: whatever the client was told, only the
+                # gateway that saw it last can dedupe a retry.
+                await self._unknown(ticket, sent[-1])
+            else:
+                # Nothing reached any gateway: the client may simply try again.
+                await self.keys.release(ticket.key, ticket.lease)
+        except Exception:
+            logger.exception("could not settle idempotency key %s", ticket.key)
+
+    async def _unknown(self, ticket: Ticket, att: Attempt) -> None:
+        await self.keys.mark_unknown(
+            ticket.key,
+            ticket.lease,
+            att.gateway.name,
+            att.attempt_id,
+            ticket.policy.ttl,
+            transaction_id=ticket.transaction_id,
+        )
+
+    async def release(self, ticket: Ticket) -> None:
+        try:
+            await self.keys.release(ticket.key, ticket.lease)
+        except Exception:
+            logger.exception("could not release idempotency key %s", ticket.key)
+
+    # -- the transaction log --------------------------------------------------------------
+
+    async def record(
+        self, dispatch: Dispatch, state: str, status: int | None, started_wall: float
+    ) -> None:
+        try:
+            await self.log.put(transaction_record(dispatch, state, status, started_wall))
+        except Exception:
+            logger.exception("could not record transaction %s", dispatch.transaction_id)
+
+    def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int) -> None:
+        """Add a late answer to the transaction's record, off the request path."""
+
+        async def update() -> None:
+            try:
+                record = await self.log.get(dispatch.transaction_id) or transaction_record(
+                    dispatch, "UNKNOWN", None, time.time()
+                )
+                prior = record.get("late_results")
+                late = list(prior) if isinstance(prior, list) else []
+                late.append(
+                    {
+                        "kind": kind,
+                        "attempt_id": att.attempt_id,
+                        "gateway": att.gateway.name,
+                        "status": status,
+                    }
+                )
+                record["late_results"] = late
+                await self.log.put(record)
+            except Exception:
+                logger.exception("could not record a late result of %s", dispatch.transaction_id)
+
+        spawn(update(), name=f"txn-late:{dispatch.transaction_id[:16]}")
+
+    def _count(self, plan: RoutePlan, result: str) -> None:
+        self.metrics.idempotency.labels(plan.name, result).inc()
+
+
+def transaction_record(
+    dispatch: Dispatch, state: str, status: int | None, started_wall: float
+) -> dict[str, object]:
+    winner = dispatch.winner
+    return {
+        "transaction_id": dispatch.transaction_id,
+        "state": state,
+        "route": dispatch.plan.name,
+        "region": dispatch.region,
+        "method": dispatch.method,
+        "path": dispatch.path_qs,
+        "status": status,
+        "gateway": winner.gateway.name if winner else None,
+        "attempts": [
+            {
+                "attempt_id": a.attempt_id,
+                "gateway": a.gateway.name,
+                "provider": a.gateway.provider,
+                "abandoned": a.abandoned,
+                "outcome": next(
+                    (t.outcome for t in dispatch.tried if t.attempt_id == a.attempt_id), "answered"
+                ),
+            }
+            for a in dispatch.attempts
+        ],
+        "started_at": started_wall,
+        "updated_at": time.time(),
+    }
