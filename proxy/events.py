@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.ids import new_id
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +134,15 @@ def problems(kind: str, fields: Mapping[str, object]) -> tuple[str, ...]:
 class Event:
     kind: str
     severity: Severity
-    time: str  # ISO-8601 UTC, for people
     ts: float  # unix seconds, for machines
-    id: str  # uuid4 hex; lets a receiver dedupe a retried delivery
+    id: str  # unique per event; lets a receiver dedupe a retried delivery
     fields: Mapping[str, object]
+
+    @property
+    def time(self) -> str:
+        """ISO-8601 UTC with milliseconds, for people; formatted only when written out."""
+        stamp = datetime.fromtimestamp(self.ts, UTC).isoformat(timespec="milliseconds")
+        return stamp.replace("+00:00", "Z")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -151,15 +156,7 @@ class Event:
 
 
 def make_event(kind: str, severity: Severity, wall: float, fields: Mapping[str, object]) -> Event:
-    stamp = datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
-    return Event(
-        kind=kind,
-        severity=severity,
-        time=stamp.replace("+00:00", "Z"),
-        ts=wall,
-        id=uuid.uuid4().hex,
-        fields=fields,
-    )
+    return Event(kind=kind, severity=severity, ts=wall, id=new_id(), fields=fields)
 
 
 def _fallback(value: object) -> object:
@@ -215,6 +212,7 @@ class QueuedSink:
     """
 
     batch_max = 256
+    linger = 0.0  # seconds to gather a batch after the first event arrives
 
     def __init__(self, *, name: str, min_severity: Severity, capacity: int) -> None:
         if capacity < 1:
@@ -260,6 +258,9 @@ class QueuedSink:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self.linger > 0 and self._queue.qsize() < self._queue.maxsize // 2:
+                # Wake once per linger period under load, not once per event.
+                await asyncio.sleep(self.linger)
             while len(batch) < self.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._busy = len(batch)
@@ -304,6 +305,8 @@ class StreamSink(QueuedSink):
     Writes happen in a worker thread so a stalled pipe on stdout stalls only this sink,
     never the event loop.
     """
+
+    linger = 0.05
 
     def __init__(
         self,
@@ -382,6 +385,8 @@ class EventBus:
         self.sinks = tuple(sinks)
         self.clock = clock
         self._reported: set[str] = set()
+        self._checked: set[str] = set()
+        self._children: dict[str, Counter] = {}
         self._min = min((s.min_severity for s in self.sinks), default=Severity.CRITICAL + 1)
         self._total: Counter | None = None
         if registry is not None:
@@ -400,10 +405,17 @@ class EventBus:
             self._report_once(f"emit {kind}", "event emission failed", exc_info=True)
 
     def _emit(self, kind: str, severity: Severity, fields: dict[str, object]) -> None:
-        for problem in problems(kind, fields):
-            self._report_once(problem, "bad event: %s", problem)
+        if kind not in self._checked:
+            # Checked on a kind's first emission only, to keep the per-request cost to a
+            # set lookup; tests emit through RecordingEmitter, which checks every call.
+            for problem in problems(kind, fields):
+                self._report_once(problem, "bad event: %s", problem)
+            self._checked.add(kind)
         if self._total is not None:
-            self._total.labels(kind).inc()
+            child = self._children.get(kind)
+            if child is None:
+                child = self._children[kind] = self._total.labels(kind)
+            child.inc()
         if severity < self._min:
             return
         event = make_event(kind, severity, self.clock.wall(), MappingProxyType(fields))

@@ -12,13 +12,13 @@ hand out a fresh copy, so a caller can never change what another caller reads.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import orjson
 from redis.asyncio import Redis
 
 from proxy.clock import SYSTEM_CLOCK, Clock
@@ -44,11 +44,11 @@ def _encode(record: Mapping[str, Any]) -> tuple[str, str]:
     transaction_id = record.get("transaction_id")
     if not isinstance(transaction_id, str) or not transaction_id:
         raise ValueError("a transaction record needs a non-empty string 'transaction_id'")
-    return transaction_id, json.dumps(record, allow_nan=False, separators=(",", ":"))
+    return transaction_id, orjson.dumps(record).decode()
 
 
 def _decode(text: str | bytes) -> dict[str, Any]:
-    value = json.loads(text)
+    value = orjson.loads(text)
     if not isinstance(value, dict):
         raise ValueError("stored transaction record is not a JSON object")
     return value

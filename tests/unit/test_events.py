@@ -226,7 +226,7 @@ def test_envelope_time_from_wall_clock() -> None:
     event = make_event("gateway.drained", Severity.INFO, 1_700_000_000.25, {"gateway": "g"})
     assert event.time == "2023-11-14T22:13:20.250Z"
     assert event.ts == 1_700_000_000.25
-    assert len(event.id) == 32
+    assert len(event.id) == 28 and int(event.id, 16) >= 0
     assert event.id != make_event("gateway.drained", Severity.INFO, 0.0, {}).id
 
 
