@@ -3,7 +3,8 @@
 Owns: `ActiveChecker`, which probes `{scheme}://{host}:{port}{base_path}{path}` on an
 interval (with a little jitter so sidecars do not probe in lockstep) and owns the
 ACTIVE_FAILED flag: `unhealthy_threshold` failures in a row set it, `healthy_threshold`
-successes in a row clear it, so one lost probe never flaps a gateway.
+successes in a row clear it, so one lost probe never flaps a gateway. A 429 to a probe
+counts neither way.
 Must not: create its own HTTP session (one is shared by all checkers), start tasks other
 than through `proxy.aio.spawn`, or touch the flags other health sources own.
 """
@@ -134,8 +135,16 @@ class ActiveChecker:
                 timeout=aiohttp.ClientTimeout(total=hc.timeout),
                 allow_redirects=False,
             ) as resp:
-                ok = resp.status in hc.expected_statuses
-                detail = f"status {resp.status}"
+                status = resp.status
+                ok = status in hc.expected_statuses
+                detail = f"status {status}"
+            if status == 429 and not ok:
+                # A rate signal, not a verdict on health (DESIGN §4): counting it would take
+                # a throttling gateway out as failed, and page someone, for being busy. The
+                # limiter backs off on the 429s of real traffic.
+                self._last_result = f"{detail}, no verdict"
+                self._last_checked = self._clock.now()
+                return False
         except TimeoutError:
             ok, detail = False, f"timeout after {hc.timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:

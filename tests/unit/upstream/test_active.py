@@ -194,6 +194,28 @@ async def test_probe_once_expected_statuses(
     assert checker.status().last_result == f"status {status}"
 
 
+async def test_probe_once_takes_a_429_as_no_verdict(aiohttp_server: AiohttpServer) -> None:
+    answers = iter([200, 200, 429, 429, 429, 429, 503])
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=next(answers), headers={"Retry-After": "5"})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    server = await aiohttp_server(app)
+    hc = dataclasses.replace(HC, unhealthy_threshold=1)
+    checker, st, rec, _ = _checker(hc, port=server.port or 0)
+    async with aiohttp.ClientSession() as session:
+        assert [await checker.probe_once(session) for _ in range(6)] == [True, True] + [False] * 4
+        # Busy is not down: four 429s in a row leave a one-failure threshold untouched.
+        assert not st.flags & Flag.ACTIVE_FAILED
+        assert checker.status().consecutive_failures == 0
+        assert checker.status().last_result == "status 429, no verdict"
+        assert rec.events == []
+        await checker.probe_once(session)
+    assert st.flags & Flag.ACTIVE_FAILED
+
+
 async def test_probe_once_counts_a_refused_connection_as_failed() -> None:
     with socket.socket() as sock:  # a port nobody listens on once closed
         sock.bind(("127.0.0.1", 0))
