@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy import dashboard
 from proxy.config import admin as config_admin
 from proxy.upstream import admin as gateways_admin
 
@@ -80,4 +81,5 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_routes(config_admin.routes(rt.store))
     app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
+    app.router.add_routes(dashboard.routes())
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from proxy.accesslog import AccessLog
 from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.store import ConfigStore, Snapshot
+from proxy.errors import Tried
 from proxy.events import EventBus, Severity, Sink, StreamSink
 from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
 from proxy.handler import ProxyHandler
@@ -39,11 +41,15 @@ from proxy.payments import Payments
 from proxy.retry import Attempt, Dispatch
 from proxy.routing import Router, compile_router
 from proxy.settings import Settings
+from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
 from proxy.upstream.health import Health
 from proxy.upstream.state import StateRegistry
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two gateway.all_down events of one route while it stays down.
+ALL_DOWN_REPEAT = 30.0
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
 
@@ -77,10 +83,12 @@ class Runtime:
             clock=clock,
             registry=self.registry,
         )
+        self.tracing = Tracing.from_env(os.environ)
         self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder
+        self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -96,6 +104,23 @@ class Runtime:
 
     async def reload(self, trigger: str) -> None:
         await self.store.reload(trigger)
+
+    # -- all gateways of a route down ------------------------------------------------------
+
+    def all_down(
+        self, route: str, region: str, _outcomes: list[str], tried: tuple[Tried, ...]
+    ) -> None:
+        """A request found no eligible gateway anywhere: page someone, once a period per
+        route rather than once per refused request."""
+        now = self.clock.now()
+        if now - self._all_down_at.get(route, -ALL_DOWN_REPEAT) < ALL_DOWN_REPEAT:
+            return
+        self._all_down_at[route] = now
+        reasons = {t.gateway: t.outcome.removeprefix("skipped:") for t in tried}
+        logger.critical("route %s: no gateway available in any region (%s)", route, reasons)
+        self.events.emit(
+            "gateway.all_down", Severity.CRITICAL, route=route, region=region, reasons=reasons
+        )
 
     # -- late answers of abandoned attempts ------------------------------------------------
 
@@ -162,6 +187,7 @@ class Runtime:
             await self.session.close()
         if self.access_log is not None:
             await self.access_log.close()
+        await self.tracing.close()
         await self.payments.keys.close()
         await self.payments.log.close()
         await self.events.close(2.0)

@@ -98,7 +98,14 @@ class ProxyHandler:
                 on_attempt=self._attempt_metric(plan.name),
                 forced_gateway=ticket.forced_gateway if ticket else None,
             )
-            return await self._dispatch(request, dispatch, ticket, started)
+            tracing = rt.tracing
+            if not tracing.enabled:
+                return await self._dispatch(request, dispatch, ticket, started)
+            dispatch.tracing = tracing
+            with tracing.request_span(method, plan.name, headers) as span:
+                resp = await self._dispatch(request, dispatch, ticket, started)
+                tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
+                return resp
         except errors.ProxyError as err:
             if err.route is None and plan is not None:
                 err.route = plan.name
@@ -129,6 +136,10 @@ class ProxyHandler:
                 )
             raise
         status, headers, body, error = self._response_parts(dispatch, settled)
+        if isinstance(error, errors.NoGatewayAvailable):
+            rt.all_down(
+                dispatch.plan.name, dispatch.region, [t.outcome for t in error.tried], error.tried
+            )
         if ticket is not None:
             await rt.payments.settle(ticket, settled, status, headers, body)
         state = _state(settled, status)

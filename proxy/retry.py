@@ -29,6 +29,7 @@ from proxy.config.model import IDEMPOTENT_METHODS, Gateway
 from proxy.forward import AttemptFailed, Forwarder, Reply
 from proxy.ids import new_id
 from proxy.routing import RoutePlan
+from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer, Skip
 from proxy.upstream.health import Health
 from proxy.upstream.state import GatewayState, Outcome
@@ -98,6 +99,7 @@ class Dispatch:
     tried: list[errors.Tried] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
+    tracing: Tracing | None = None  # set only when tracing is enabled
 
     @property
     def idempotent(self) -> bool:
@@ -235,6 +237,23 @@ class Dispatch:
     async def _send(self, att: Attempt, cap: float) -> Result:
         headers = self.headers.copy()
         headers[self.attempt_header] = att.attempt_id
+        if self.tracing is not None:
+            return await self._send_traced(att, cap, headers, self.tracing)
+        return await self._exchange(att, cap, headers)
+
+    async def _send_traced(
+        self, att: Attempt, cap: float, headers: CIMultiDict[str], tracing: Tracing
+    ) -> Result:
+        with tracing.attempt_span(att.gateway.name, att.attempt_id, len(self.attempts)) as span:
+            tracing.inject(headers)
+            result = await self._exchange(att, cap, headers)
+            if isinstance(result, AttemptFailed):
+                tracing.record_outcome(span, None, result.outcome.value, error=True)
+            else:
+                tracing.record_outcome(span, result.status, "answered", error=result.status >= 500)
+            return result
+
+    async def _exchange(self, att: Attempt, cap: float, headers: CIMultiDict[str]) -> Result:
         timeouts = self.plan.route.timeouts
         try:
             async with asyncio.timeout(cap):

@@ -80,6 +80,7 @@ class _Sources:
     outlier: OutlierDetector
     degradation: DegradationTracker
     active: ActiveChecker | None = None
+    reported_score: float = -1.0  # last score written to the gauge, to skip unchanged writes
 
 
 class Health:
@@ -128,10 +129,11 @@ class Health:
 
     def _refusal(self, src: _Sources, now: float) -> str | None:
         flags = src.st.flags
-        if flags & Flag.DRAINING:
-            return "draining"
-        if flags & Flag.ACTIVE_FAILED:
-            return "active-failed"
+        if flags:  # enum flag arithmetic is slow; most gateways carry no flag at all
+            if flags & Flag.DRAINING:
+                return "draining"
+            if flags & Flag.ACTIVE_FAILED:
+                return "active-failed"
         return (
             src.outlier.admit(now)
             or src.limiter.check_throttle(now)
@@ -163,7 +165,8 @@ class Health:
             src.limiter.throttle(retry_after, now)
         src.outlier.finished(outcome, latency, now)
         src.degradation.observe(outcome, latency, now, self._exploration_floor(st))
-        if self._metrics is not None:
+        if self._metrics is not None and st.score != src.reported_score:
+            src.reported_score = st.score
             self._metrics.score.labels(st.name).set(st.score)
 
     # -- operator --------------------------------------------------------------------
