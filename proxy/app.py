@@ -98,6 +98,10 @@ class Runtime:
     def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
         created, removed = self.states.reconcile(new.rules.gateways)
         self.health.reconcile(created, removed, routes=new.rules.routes)
+        for new_route in new.rules.routes:
+            # Present from the start, so an alert's increase() sees the first late result.
+            for kind in ("duplicate_suspected", "late_success"):
+                self.metrics.late_results.labels(new_route.name, kind)
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
@@ -124,47 +128,75 @@ class Runtime:
 
     # -- late answers of abandoned attempts ------------------------------------------------
 
-    def late_result(self, dispatch: Dispatch, att: Attempt, result: Reply | AttemptFailed) -> None:
-        """An attempt abandoned on its per-try timer answered after its request settled."""
-        if not isinstance(result, Reply) or result.status >= 300:
-            return
-        route = dispatch.plan.name
+    def settled(self, dispatch: Dispatch) -> None:
+        """The client was answered: report attempts that may have charged it a second time.
+
+        A sent attempt with no definitive answer, on a provider that cannot recognise it as
+        the same payment as the winner, may have been charged too. Attempts still running
+        are judged when they end (`late_result`).
+        """
         winner = dispatch.winner
-        duplicate = dispatch.client_outcome == "success" and winner is not None
-        self.payments.record_late(
-            dispatch, "duplicate_suspected" if duplicate else "late_success", att, result.status
+        if dispatch.idempotent or dispatch.client_outcome != "success" or winner is None:
+            return
+        for att in dispatch.attempts:
+            if att is winner or att.did_nothing or not att.sent_unresolved:
+                continue
+            if att.task is not None and not att.task.done():
+                continue
+            if not dispatch.dedupes(att, winner):
+                self._duplicate(dispatch, winner, att, None, "ambiguous")
+
+    def late_result(self, dispatch: Dispatch, att: Attempt, result: Reply | AttemptFailed) -> None:
+        """An attempt abandoned on its per-try timer ended after its request settled."""
+        if dispatch.idempotent:
+            return
+        winner = dispatch.winner
+        success = dispatch.client_outcome == "success" and winner is not None
+        if isinstance(result, Reply):
+            if result.status >= 300:
+                return  # a definitive refusal: nothing was charged
+            if success and winner is not None:
+                self._duplicate(dispatch, winner, att, result.status, "both_succeeded")
+            else:
+                self._late_success(dispatch, att, result.status)
+        elif success and winner is not None and not dispatch.dedupes(att, winner):
+            self._duplicate(dispatch, winner, att, None, "unresolved")
+
+    def _duplicate(
+        self, dispatch: Dispatch, winner: Attempt, att: Attempt, status: int | None, reason: str
+    ) -> None:
+        route = dispatch.plan.name
+        self.metrics.late_results.labels(route, "duplicate_suspected").inc()
+        self.payments.record_late(dispatch, "duplicate_suspected", att, status)
+        self.events.emit(
+            "payment.duplicate_suspected",
+            Severity.CRITICAL,
+            transaction_id=dispatch.transaction_id,
+            route=route,
+            reason=reason,
+            attempts=[
+                {
+                    "attempt_id": winner.attempt_id,
+                    "gateway": winner.gateway.name,
+                    "status": _status_of(winner),
+                },
+                {"attempt_id": att.attempt_id, "gateway": att.gateway.name, "status": status},
+            ],
         )
-        if duplicate and winner is not None:
-            self.metrics.late_results.labels(route, "duplicate_suspected").inc()
-            self.events.emit(
-                "payment.duplicate_suspected",
-                Severity.CRITICAL,
-                transaction_id=dispatch.transaction_id,
-                route=route,
-                attempts=[
-                    {
-                        "attempt_id": winner.attempt_id,
-                        "gateway": winner.gateway.name,
-                        "status": _status_of(winner),
-                    },
-                    {
-                        "attempt_id": att.attempt_id,
-                        "gateway": att.gateway.name,
-                        "status": result.status,
-                    },
-                ],
-            )
-        else:
-            self.metrics.late_results.labels(route, "late_success").inc()
-            self.events.emit(
-                "payment.late_success",
-                Severity.CRITICAL,
-                transaction_id=dispatch.transaction_id,
-                route=route,
-                attempt_id=att.attempt_id,
-                gateway=att.gateway.name,
-                status=result.status,
-            )
+
+    def _late_success(self, dispatch: Dispatch, att: Attempt, status: int) -> None:
+        route = dispatch.plan.name
+        self.metrics.late_results.labels(route, "late_success").inc()
+        self.payments.record_late(dispatch, "late_success", att, status)
+        self.events.emit(
+            "payment.late_success",
+            Severity.CRITICAL,
+            transaction_id=dispatch.transaction_id,
+            route=route,
+            attempt_id=att.attempt_id,
+            gateway=att.gateway.name,
+            status=status,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 

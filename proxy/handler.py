@@ -97,6 +97,10 @@ class ProxyHandler:
                 on_late=rt.late_result,
                 on_attempt=self._attempt_metric(plan.name),
                 forced_gateway=ticket.forced_gateway if ticket else None,
+                has_key=(
+                    plan.route.idempotency.header if plan.route.idempotency else "Idempotency-Key"
+                )
+                in headers,
             )
             tracing = rt.tracing
             if not tracing.enabled:
@@ -142,6 +146,7 @@ class ProxyHandler:
             )
         if ticket is not None:
             await rt.payments.settle(ticket, settled, status, headers, body)
+        rt.settled(dispatch)
         state = _state(settled, status)
         self._transaction_event(
             f"transaction.{_EVENT_OF_STATE[state]}", dispatch, settled, status, started

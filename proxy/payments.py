@@ -194,7 +194,7 @@ class Payments:
         except Exception:
             logger.exception("could not record transaction %s", dispatch.transaction_id)
 
-    def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int) -> None:
+    def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int | None) -> None:
         """Add a late answer to the transaction's record, off the request path."""
 
         async def update() -> None:

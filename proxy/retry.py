@@ -100,6 +100,7 @@ class Dispatch:
     skipped: list[Skip] = field(default_factory=list)
     forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
     tracing: Tracing | None = None  # set only when tracing is enabled
+    has_key: bool = False  # the request carries an idempotency key the gateway can dedupe by
 
     @property
     def idempotent(self) -> bool:
@@ -343,7 +344,10 @@ class Dispatch:
             enabled = status is not None and status in retry.on_statuses
         if not enabled:
             return False
-        return self.idempotent or retry.after_ambiguous != "never"
+        if self.idempotent or retry.after_ambiguous == "any-gateway":
+            return True
+        # same-provider is safe only because the provider dedupes the forwarded key.
+        return retry.after_ambiguous == "same-provider" and self.has_key
 
     def _lock_after_ambiguous(self, att: Attempt, lock: str | None) -> str | None:
         if self.idempotent or self.plan.route.retry.after_ambiguous != "same-provider":
@@ -479,6 +483,10 @@ class Dispatch:
             tried=self.tried,
         )
         return Settled(None, None, self.attempts, self.tried, err)
+
+    def dedupes(self, first: Attempt, second: Attempt) -> bool:
+        """Would the provider behind `second` recognise it as a retry of `first`?"""
+        return self.has_key and first.gateway.provider == second.gateway.provider
 
     def _watch_late(self, att: Attempt) -> None:
         task = att.task
