@@ -100,7 +100,7 @@ class Runtime:
         self.health.reconcile(created, removed, routes=new.rules.routes)
         for new_route in new.rules.routes:
             # Present from the start, so an alert's increase() sees the first late result.
-            for kind in ("duplicate_suspected", "late_success"):
+            for kind in ("duplicate_suspected", "duplicate_deduped", "late_success"):
                 self.metrics.late_results.labels(new_route.name, kind)
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
@@ -156,7 +156,10 @@ class Runtime:
             if result.status >= 300:
                 return  # a definitive refusal: nothing was charged
             if success and winner is not None:
-                self._duplicate(dispatch, winner, att, result.status, "both_succeeded")
+                reason = (
+                    "both_succeeded_deduped" if dispatch.dedupes(att, winner) else "both_succeeded"
+                )
+                self._duplicate(dispatch, winner, att, result.status, reason)
             else:
                 self._late_success(dispatch, att, result.status)
         elif success and winner is not None and not dispatch.dedupes(att, winner):
@@ -166,11 +169,15 @@ class Runtime:
         self, dispatch: Dispatch, winner: Attempt, att: Attempt, status: int | None, reason: str
     ) -> None:
         route = dispatch.plan.name
-        self.metrics.late_results.labels(route, "duplicate_suspected").inc()
-        self.payments.record_late(dispatch, "duplicate_suspected", att, status)
+        # Both answered, but the same provider saw the same key: it should have charged
+        # once. Still reported, below the paging threshold, so reconciliation can check.
+        deduped = reason == "both_succeeded_deduped"
+        kind = "duplicate_deduped" if deduped else "duplicate_suspected"
+        self.metrics.late_results.labels(route, kind).inc()
+        self.payments.record_late(dispatch, kind, att, status)
         self.events.emit(
             "payment.duplicate_suspected",
-            Severity.CRITICAL,
+            Severity.WARNING if deduped else Severity.CRITICAL,
             transaction_id=dispatch.transaction_id,
             route=route,
             reason=reason,

@@ -10,6 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.events import Severity
 from tests.support import Proxy, eventually, gateways, running_proxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -205,6 +206,9 @@ async def test_late_answer_of_abandoned_attempt_is_returned_when_it_comes_first(
             # g2 answers later too: both succeeded, the provider deduped the key, and the
             # proxy reports the pair so it can be checked.
             await eventually(lambda: bool(p.events.of("payment.duplicate_suspected")), within=3)
+            event = p.events.of("payment.duplicate_suspected")[0]
+            assert event.fields["reason"] == "both_succeeded_deduped"
+            assert event.severity < Severity.ERROR, "a provider-deduped pair must not page"
             assert g["g1"].ledger.charged_twice() == 0
 
 
@@ -223,6 +227,8 @@ async def test_both_gateways_succeed_is_reported_as_duplicate_suspected(tmp_path
             assert headers["X-Payswitch-Gateway"] == "g2"
             await eventually(lambda: bool(p.events.of("payment.duplicate_suspected")), within=3)
             event = p.events.of("payment.duplicate_suspected")[0]
+            assert event.fields["reason"] == "both_succeeded"
+            assert event.severity is Severity.CRITICAL
             gws = [a["gateway"] for a in event.fields["attempts"]]  # type: ignore[attr-defined]
             assert gws == ["g2", "g1"]
             assert g["g1"].ledger.charged_twice() == 1
