@@ -166,8 +166,45 @@ def rule_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
+#: How many times a read of the rules that a ConfigMap update overlapped is tried.
+_READ_ATTEMPTS = 3
+
+
+def _data_links(paths: Sequence[str | os.PathLike[str]]) -> tuple[str | None, ...]:
+    """Where each rules directory's `..data` link points; a ConfigMap update moves it."""
+    out: list[str | None] = []
+    for raw in paths:
+        p = Path(raw)
+        try:
+            out.append(os.readlink((p if p.is_dir() else p.parent) / "..data"))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def read_sources(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, bytes]]:
-    """(display name, bytes) of every rules file, read once; raises ConfigError if unreadable."""
+    """(display name, bytes) of every rules file, read once; raises ConfigError if unreadable.
+
+    The files come from one version: each `x.yaml -> ..data/x.yaml` of a ConfigMap is
+    resolved when it is opened, so a read that an update overlapped (its `..data` link
+    moved meanwhile) could mix files of two versions, or miss one the update just removed;
+    such a read is done again.
+    """
+    paths = list(paths)
+    for _ in range(_READ_ATTEMPTS - 1):
+        before = _data_links(paths)
+        try:
+            sources = _read_all(paths)
+        except ConfigError:
+            if _data_links(paths) == before:
+                raise
+            continue
+        if _data_links(paths) == before:
+            return sources
+    return _read_all(paths)
+
+
+def _read_all(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     issues: list[ConfigIssue] = []
     for f in rule_files(paths):

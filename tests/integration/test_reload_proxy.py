@@ -221,6 +221,40 @@ async def test_admin_reload_moves_traffic_without_the_watcher(tmp_path: Path) ->
             assert (body["generation"], body["trigger"], body["last_error"]) == (2, "admin", None)
 
 
+async def test_configmap_update_landing_mid_read_is_not_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two keys of one ConfigMap, and an update swapping `..data` after the first file was
+    # read: what is read must be one version or the other, never one file of each.
+    def version(gw: str, url: str) -> dict[str, str]:
+        text = rules_text({gw: url}, [gw])
+        gateways_part, _, routes_part = text.partition("routes:")
+        return {"rules.yaml": gateways_part, "routes.yaml": "routes:" + routes_part}
+
+    async with gateways("g1", "g2") as g:
+        v1, v2 = version("g1", g["g1"].url), version("g2", g["g2"].url)
+        cm = ConfigMapDir(tmp_path / "rules")
+        cm.root.mkdir()
+        cm.publish(v1)
+        async with running_proxy(v1["rules.yaml"], tmp_path) as p:
+            assert await served_by(p) == {"g1"}
+            read_bytes = Path.read_bytes
+            updates = [v2]
+
+            def read_during_an_update(path: Path) -> bytes:
+                data = read_bytes(path)
+                if updates:
+                    cm.publish(updates.pop())
+                return data
+
+            monkeypatch.setattr(Path, "read_bytes", read_during_an_update)
+            result = await p.rt.store.reload("admin")
+            monkeypatch.undo()
+            assert (result.outcome, result.issues) == ("success", ())
+            assert p.events.kinds("config.rejected") == []
+            assert await served_by(p) == {"g2"}
+
+
 # -- invalid changes are refused and the old rules keep serving ---------------------------
 
 
