@@ -42,3 +42,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out
+
+## make reload-bench: write-to-serving latency of a rules reload, and losses in a reload storm
+reload-bench: $(STAMP)
+	$(BIN)/python bench/reload_bench.py
+
+.PHONY: reload-bench

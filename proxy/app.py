@@ -264,7 +264,9 @@ def _sinks(settings: Settings) -> list[Sink]:
 
         sinks.append(
             WebhookSink(
-                settings.webhook_url, min_severity=Severity[settings.webhook_min_severity.upper()]
+                settings.webhook_url,
+                min_severity=Severity[settings.webhook_min_severity.upper()],
+                body_format=settings.webhook_format,
             )
         )
     return sinks

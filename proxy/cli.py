@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["info", "warning", "error", "critical"],
     )
     run.add_argument(
+        "--webhook-format",
+        dest="webhook_format",
+        choices=["event", "alertmanager"],
+        help="POST the event itself (default) or an Alertmanager /api/v2/alerts list",
+    )
+    run.add_argument(
         "--idempotency-store",
         dest="idempotency_store",
         help="memory (default) or redis://HOST:PORT/DB",

@@ -15,6 +15,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
+import orjson
 
 from proxy.events import Event, QueuedSink, Severity, encode
 
@@ -25,6 +26,43 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+def alertmanager_body(event: Event) -> bytes:
+    """The event as one alert for Alertmanager's `POST /api/v2/alerts`.
+
+    Labels carry what routing and silencing key on (kind, severity, gateway, route);
+    the whole event rides in an annotation so a receiver template can show it.
+    """
+    labels = {
+        "alertname": f"payswitch_{event.kind.replace('.', '_')}",
+        "severity": event.severity.name.lower(),
+    }
+    for key in ("gateway", "route", "region"):
+        value = event.fields.get(key)
+        if isinstance(value, str):
+            labels[key] = value
+    summary = f"{event.kind}: " + ", ".join(
+        f"{k}={event.fields[k]}" for k in ("gateway", "route") if k in event.fields
+    )
+    return orjson.dumps(
+        [
+            {
+                "labels": labels,
+                "annotations": {
+                    "summary": summary,
+                    "event": encode(event).decode(),
+                    "event_id": event.id,
+                },
+                "startsAt": event.time,
+            }
+        ]
+    )
+
+
+#: Body formats: the event itself (for chat/SMS/email bridges and log shippers), or an
+#: Alertmanager alert list so Alertmanager's routing and silences apply.
+FORMATS: dict[str, Callable[[Event], bytes]] = {"event": encode, "alertmanager": alertmanager_body}
 
 
 class WebhookSink(QueuedSink):
@@ -49,7 +87,12 @@ class WebhookSink(QueuedSink):
         session: aiohttp.ClientSession | None = None,
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
+        body_format: str = "event",
     ) -> None:
+        if body_format not in FORMATS:
+            raise ValueError(
+                f"webhook format must be one of {', '.join(FORMATS)}, not {body_format!r}"
+            )
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         if backoff_base < 0 or backoff_max < backoff_base:
@@ -65,6 +108,7 @@ class WebhookSink(QueuedSink):
         self._owns_session = session is None
         self._rng = rng or random.Random()
         self._sleep = sleep
+        self._encode = FORMATS[body_format]
 
     def backoff(self, retry: int) -> float:
         """Delay before retry number `retry` (1-based): full jitter over a capped doubling."""
@@ -89,7 +133,7 @@ class WebhookSink(QueuedSink):
     async def _post(self, event: Event) -> bool:
         session = self._session
         assert session is not None, "deliver runs only after start"
-        body = encode(event)
+        body = self._encode(event)
         headers = {
             **self.headers,
             "Content-Type": "application/json",

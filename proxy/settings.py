@@ -34,6 +34,7 @@ class Settings:
     events_min_severity: str = "info"
     webhook_url: str | None = None
     webhook_min_severity: str = "error"
+    webhook_format: str = "event"  # event | alertmanager
     idempotency_store: str = "memory"  # memory | redis://host:port/db
     idempotency_prefix: str = "payswitch:"
     watch: bool = True
@@ -56,6 +57,7 @@ ENV = {
     "events_min_severity": "PAYSWITCH_EVENTS_MIN_SEVERITY",
     "webhook_url": "PAYSWITCH_WEBHOOK_URL",
     "webhook_min_severity": "PAYSWITCH_WEBHOOK_MIN_SEVERITY",
+    "webhook_format": "PAYSWITCH_WEBHOOK_FORMAT",
     "idempotency_store": "PAYSWITCH_IDEMPOTENCY_STORE",
     "idempotency_prefix": "PAYSWITCH_IDEMPOTENCY_PREFIX",
     "watch": "PAYSWITCH_WATCH",

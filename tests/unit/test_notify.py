@@ -221,3 +221,30 @@ async def test_extra_headers_are_sent() -> None:
         await runner.cleanup()
     assert seen == ["Bearer t0ken"]
     assert sink.delivered == 1
+
+
+async def test_alertmanager_format_is_an_alert_list_with_routing_labels() -> None:
+    from proxy.events import make_event
+    from proxy.notify import alertmanager_body
+
+    event = make_event(
+        "gateway.ejected",
+        Severity.CRITICAL,
+        1_700_000_000.0,
+        {"gateway": "stripe-eu", "source": "passive", "reason": "5 failures", "duration_s": 5.0},
+    )
+    alerts = json.loads(alertmanager_body(event))
+    assert isinstance(alerts, list) and len(alerts) == 1
+    alert = alerts[0]
+    assert alert["labels"] == {
+        "alertname": "payswitch_gateway_ejected",
+        "severity": "critical",
+        "gateway": "stripe-eu",
+    }
+    assert alert["startsAt"] == "2023-11-14T22:13:20.000Z"
+    assert json.loads(alert["annotations"]["event"])["fields"]["reason"] == "5 failures"
+
+
+def test_unknown_webhook_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="webhook format"):
+        WebhookSink("http://127.0.0.1:1/", body_format="xml")
