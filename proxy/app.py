@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -97,6 +98,9 @@ class Runtime:
 
     def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
         created, removed = self.states.reconcile(new.rules.gateways)
+        new.compiled.states = MappingProxyType(
+            {name: self.states[name] for name in new.rules.gateways}
+        )
         self.health.reconcile(created, removed, routes=new.rules.routes)
         for new_route in new.rules.routes:
             # Present from the start, so an alert's increase() sees the first late result.

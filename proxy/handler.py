@@ -97,6 +97,7 @@ class ProxyHandler:
                 on_late=rt.late_result,
                 on_attempt=self._attempt_metric(plan.name),
                 forced_gateway=ticket.forced_gateway if ticket else None,
+                states=router.states,
                 has_key=(
                     plan.route.idempotency.header if plan.route.idempotency else "Idempotency-Key"
                 )

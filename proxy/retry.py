@@ -16,7 +16,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +101,7 @@ class Dispatch:
     forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
     tracing: Tracing | None = None  # set only when tracing is enabled
     has_key: bool = False  # the request carries an idempotency key the gateway can dedupe by
+    states: Mapping[str, GatewayState] | None = None  # the gateways of the request's rules
 
     @property
     def idempotent(self) -> bool:
@@ -209,7 +210,7 @@ class Dispatch:
             return health.admit(st, now)
 
         if self.forced_gateway is not None and not self.attempts:
-            st = self.balancer.states.get(self.forced_gateway)
+            st = (self.states or self.balancer.states).get(self.forced_gateway)
             if st is not None and st.gateway.name in {g.name for g in self.plan.gateways}:
                 return st
         allow = None
@@ -219,7 +220,9 @@ class Dispatch:
             def allow(gw: Gateway) -> bool:
                 return gw.provider == lock
 
-        return self.balancer.pick(self.plan, self.region, admit, exclude, allow, self.skipped)
+        return self.balancer.pick(
+            self.plan, self.region, admit, exclude, allow, self.skipped, self.states
+        )
 
     def _start(self, st: GatewayState, now: float) -> Attempt:
         att = Attempt(attempt_id=new_id(), state=st, started=now)

@@ -16,6 +16,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from proxy.config.model import BodyMatch, Gateway, Route, Rules
+from proxy.upstream.state import GatewayState
 
 _NO_BODY = object()
 
@@ -122,10 +123,14 @@ def compile_plan(route: Route, gateways: Mapping[str, Gateway]) -> RoutePlan:
 class Router:
     """Routes in order; the first whose match accepts the request wins."""
 
-    __slots__ = ("max_body", "needs_body", "plans", "rules")
+    __slots__ = ("max_body", "needs_body", "plans", "rules", "states")
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
+        #: The runtime state of each of these rules' gateways, bound when the rules are
+        #: published: a request keeps the gateways of the rules it started with even when a
+        #: reload removes them meanwhile.
+        self.states: Mapping[str, GatewayState] = MappingProxyType({})
         self.plans = tuple(compile_plan(r, rules.gateways) for r in rules.routes)
         self.max_body = max((p.route.max_body for p in self.plans), default=0)
         self.needs_body = any(p.body for p in self.plans)

@@ -10,7 +10,7 @@ Must not: change health flags or send anything. SWRR positions are kept per
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy.config.model import Gateway
@@ -40,18 +40,20 @@ class Balancer:
         exclude: frozenset[str] | set[str] = frozenset(),
         allow: Callable[[Gateway], bool] | None = None,
         skipped: list[Skip] | None = None,
+        states: Mapping[str, GatewayState] | None = None,
     ) -> GatewayState | None:
         """The gateway for the next attempt, or None when nothing is eligible anywhere.
 
         `skipped` collects each gateway that was passed over and why, for the error body.
         """
         order = plan.region_order.get(region) or plan.region_order[plan.route.region.default]
+        lookup = states if states is not None else self.states
         for reg in order:
             eligible: list[GatewayState] = []
             for gw in plan.by_region[reg]:
                 if gw.name in exclude:
                     continue
-                st = self.states.get(gw.name)
+                st = lookup.get(gw.name)
                 if st is None:
                     continue
                 if allow is not None and not allow(gw):
@@ -71,7 +73,7 @@ class Balancer:
                     return self._p2c(eligible)
                 return self._swrr(plan.name, reg, eligible)
         if plan.route.panic:
-            return self._panic(plan, order, exclude, allow)
+            return self._panic(plan, order, exclude, allow, lookup)
         return None
 
     def _swrr(self, route: str, region: str, eligible: list[GatewayState]) -> GatewayState:
@@ -102,6 +104,7 @@ class Balancer:
         order: tuple[str, ...],
         exclude: frozenset[str] | set[str],
         allow: Callable[[Gateway], bool] | None,
+        lookup: Mapping[str, GatewayState] | StateRegistry,
     ) -> GatewayState | None:
         """Opted-in last resort: any gateway not drained, tried or disallowed."""
         for reg in order:
@@ -110,7 +113,7 @@ class Balancer:
                 for gw in plan.by_region[reg]
                 if gw.name not in exclude
                 and (allow is None or allow(gw))
-                and (st := self.states.get(gw.name)) is not None
+                and (st := lookup.get(gw.name)) is not None
                 and not st.flags & Flag.DRAINING
             ]
             if pool:

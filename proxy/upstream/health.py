@@ -119,9 +119,22 @@ class Health:
 
     # -- request path ----------------------------------------------------------------
 
+    def _live(self, st: GatewayState) -> _Sources | None:
+        """`st`'s health sources, or None when a reload retired `st` (removed, or its
+        address changed): requests still running on the old rules may finish with it, but
+        it must not grow health sources, tasks or metric series again."""
+        src = self._sources.get(st.name)
+        if src is not None and src.st is st:
+            return src
+        if self.states.get(st.name) is not st:
+            return None
+        return self._ensure(st)
+
     def admit(self, st: GatewayState, now: float) -> str | None:
         """None when `st` may take a request now, else the reason it may not. Takes nothing."""
-        src = self._ensure(st)
+        src = self._live(st)
+        if src is None:
+            return "draining" if st.flags & Flag.DRAINING else None
         reason = self._refusal(src, now)
         if reason is not None and self._metrics is not None:
             self._metrics.spillovers.labels(st.name, reason).inc()
@@ -142,9 +155,11 @@ class Health:
 
     def started(self, st: GatewayState, now: float) -> None:
         """The balancer chose `st` and the request is being sent to it."""
-        src = self._ensure(st)
         st.in_flight += 1
         st.requests += 1
+        src = self._live(st)
+        if src is None:
+            return
         src.limiter.take(now)
         src.outlier.started(now)
 
@@ -157,10 +172,12 @@ class Health:
         retry_after: float | None = None,
     ) -> None:
         """An attempt started with `started()` ended; `latency` is its duration in seconds."""
-        src = self._ensure(st)
         st.in_flight = max(0, st.in_flight - 1)
         if outcome.is_failure:
             st.failures += 1
+        src = self._live(st)
+        if src is None:
+            return
         if outcome is Outcome.THROTTLED:
             src.limiter.throttle(retry_after, now)
         src.outlier.finished(outcome, latency, now)

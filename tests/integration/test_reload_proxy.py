@@ -541,12 +541,6 @@ async def test_admin_reloads_under_load_lose_no_payment(tmp_path: Path) -> None:
 # (XPASS) the day the gap is closed, and its marker must then go.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request whose snapshot's gateways were all removed before it picked one "
-    "gets 503 no-gateway-available (balancer skips gateways without a state); it should "
-    "finish on its snapshot or be matched again on the new one",
-)
 async def test_payment_whose_body_arrives_across_a_reload_is_served(tmp_path: Path) -> None:
     async with gateways("a1", "b1") as g:
         a = rules_text({"a1": g["a1"].url}, ["a1"])
@@ -579,11 +573,6 @@ async def _scrape(p: Proxy) -> str:
         return await resp.text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Health.finished() on a state the registry dropped re-creates that gateway's "
-    "health sources and metric series",
-)
 async def test_attempt_finishing_after_its_gateway_was_removed_leaves_no_state(
     tmp_path: Path,
 ) -> None:
@@ -604,11 +593,6 @@ async def test_attempt_finishing_after_its_gateway_was_removed_leaves_no_state(
             assert 'payswitch_gateway_up{gateway="g2"}' not in await _scrape(p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Health.finished() on the state of a gateway's old address replaces the health "
-    "sources of its new address, dropping its active checker",
-)
 async def test_attempt_finishing_after_its_gateway_moved_keeps_the_new_health_checks(
     tmp_path: Path,
 ) -> None:
