@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.accesslog import AccessLog
 from proxy.aio import cancel_and_wait, spawn
+from proxy.attempt import Attempt
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.store import ConfigStore, Snapshot
 from proxy.errors import Tried
@@ -39,7 +40,7 @@ from proxy.idempotency import (
 )
 from proxy.metrics import Metrics
 from proxy.payments import Payments
-from proxy.retry import Attempt, Dispatch
+from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
 from proxy.settings import Settings
 from proxy.tracing import Tracing

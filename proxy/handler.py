@@ -17,12 +17,13 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.aio import spawn
+from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
 from proxy.forward import AttemptFailed, Reply, response_headers, upstream_headers
 from proxy.ids import new_id
 from proxy.payments import Ticket
-from proxy.retry import Attempt, Dispatch, Settled
+from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
 
 if TYPE_CHECKING:

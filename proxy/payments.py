@@ -39,7 +39,8 @@ from proxy.metrics import Metrics
 from proxy.routing import RoutePlan
 
 if TYPE_CHECKING:
-    from proxy.retry import Attempt, Dispatch, Settled
+    from proxy.attempt import Attempt, Settled
+    from proxy.retry import Dispatch
 
 logger = logging.getLogger(__name__)
 

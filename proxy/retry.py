@@ -12,18 +12,24 @@ Must not: know how gateways are chosen (the balancer) or how HTTP is spoken (for
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.aio import spawn
+from proxy.attempt import (
+    ABANDONED,
+    MAX_ABANDONED,
+    Attempt,
+    ClientOutcome,
+    Result,
+    Settled,
+    retry_after,
+)
 from proxy.clock import Clock
 from proxy.config.model import IDEMPOTENT_METHODS, Gateway
 from proxy.forward import AttemptFailed, Forwarder, Reply
@@ -35,42 +41,6 @@ from proxy.upstream.health import Health
 from proxy.upstream.state import GatewayState, Outcome
 
 logger = logging.getLogger(__name__)
-
-ClientOutcome = Literal["success", "failure", "unknown"]
-Result = Reply | AttemptFailed
-
-#: How many abandoned attempts may be kept open across the process before new ones are
-#: cancelled instead (their outcome then stays unknown and is reported as such).
-MAX_ABANDONED = 1000
-
-
-@dataclass(slots=True, eq=False)
-class Attempt:
-    attempt_id: str
-    state: GatewayState
-    started: float
-    task: asyncio.Task[Result] | None = None
-    abandoned: bool = False
-    reported: bool = False
-    sent_unresolved: bool = False  # may have reached the gateway; outcome not yet known
-    did_nothing: bool = False  # provably not processed: refused connection, 429, not_processed
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.state.gateway
-
-
-@dataclass(slots=True)
-class Settled:
-    """How a request ended towards the gateways."""
-
-    reply: Reply | None
-    attempt: Attempt | None
-    attempts: list[Attempt]
-    tried: list[errors.Tried]
-    error: errors.ProxyError | None = None
-    unknown: bool = False  # a payment may have been taken and we do not know
-
 
 LateHandler = Callable[["Dispatch", Attempt, Reply | AttemptFailed], None]
 
@@ -299,7 +269,7 @@ class Dispatch:
         reply = result
         status = reply.status
         if status == 429:
-            self._report(att, Outcome.THROTTLED, latency, _retry_after(reply))
+            self._report(att, Outcome.THROTTLED, latency, retry_after(reply))
             outcome: Outcome | None = Outcome.THROTTLED
         elif status >= 500:
             self._report(att, Outcome.SERVER_ERROR, latency)
@@ -508,36 +478,3 @@ class Dispatch:
                     result.release()
 
         task.add_done_callback(done)
-
-
-class _AbandonedBudget:
-    """Counts abandoned attempts still open across the process, to bound them."""
-
-    __slots__ = ("open",)
-
-    def __init__(self) -> None:
-        self.open = 0
-
-    def track(self, task: asyncio.Task[Result]) -> None:
-        self.open += 1
-        task.add_done_callback(self._closed)
-
-    def _closed(self, _task: asyncio.Task[Result]) -> None:
-        self.open -= 1
-
-
-ABANDONED = _AbandonedBudget()
-
-
-def _retry_after(reply: Reply) -> float | None:
-    raw = reply.headers.get("Retry-After")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    if raw.isdigit():
-        return float(raw)
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
