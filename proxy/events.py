@@ -1,8 +1,8 @@
 """Typed events with a stable JSON shape (schemas/event.schema.json).
 
-Owns: `Severity`, the `Emitter` protocol every producer depends on, the `KINDS` table (what
-each event kind must carry), `Event`, `EventBus`, the queued-sink machinery and `StreamSink`
-(JSON lines on stdout or a file).
+Owns: the `Emitter` protocol every producer depends on, `Event`, `EventBus`, the
+queued-sink machinery and `StreamSink` (JSON lines on stdout or a file); `Severity` and the
+`KINDS` table live in proxy.event_kinds and are re-exported here.
 Must not: block request handling or raise into a producer; a slow or failing sink drops and
 counts, never waits. Delivery happens in background tasks started by `EventBus.start`.
 """
@@ -10,7 +10,6 @@ counts, never waits. Delivery happens in background tasks started by `EventBus.s
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
@@ -28,17 +27,26 @@ from prometheus_client.registry import Collector
 
 from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.event_kinds import KINDS, KindSpec, Severity, problems
 from proxy.ids import new_id
 
+__all__ = [
+    "KINDS",
+    "Emitter",
+    "Event",
+    "EventBus",
+    "KindSpec",
+    "NullEmitter",
+    "QueuedSink",
+    "Severity",
+    "Sink",
+    "StreamSink",
+    "encode",
+    "make_event",
+    "problems",
+]
+
 logger = logging.getLogger(__name__)
-
-
-class Severity(enum.IntEnum):
-    DEBUG = 10
-    INFO = 20
-    WARNING = 30
-    ERROR = 40
-    CRITICAL = 50
 
 
 class Emitter(Protocol):
@@ -56,78 +64,6 @@ class NullEmitter:
 
     def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
         return None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KindSpec:
-    """What one event kind is: its usual severity and the fields it must carry."""
-
-    severity: Severity
-    required: tuple[str, ...]
-
-
-_TRANSACTION = (
-    "transaction_id",
-    "route",
-    "region",
-    "gateway",
-    "attempt_id",
-    "attempts",
-    "status",
-    "duration_ms",
-)
-
-#: Every event kind the proxy emits. schemas/event.schema.json says the same thing for
-#: consumers; a unit test keeps the two in step.
-KINDS: Mapping[str, KindSpec] = MappingProxyType(
-    {
-        "config.loaded": KindSpec(
-            severity=Severity.INFO,
-            required=("generation", "hash", "files", "gateways", "routes"),
-        ),
-        "config.rejected": KindSpec(severity=Severity.ERROR, required=("issues", "trigger")),
-        "gateway.ejected": KindSpec(
-            severity=Severity.CRITICAL, required=("gateway", "source", "reason", "duration_s")
-        ),
-        "gateway.restored": KindSpec(
-            severity=Severity.INFO, required=("gateway", "source", "reason")
-        ),
-        "gateway.degraded": KindSpec(
-            severity=Severity.WARNING, required=("gateway", "score", "reason")
-        ),
-        "gateway.recovered": KindSpec(severity=Severity.INFO, required=("gateway", "score")),
-        "gateway.all_down": KindSpec(
-            severity=Severity.CRITICAL, required=("route", "region", "reasons")
-        ),
-        "gateway.throttled": KindSpec(
-            severity=Severity.WARNING, required=("gateway", "retry_after_s")
-        ),
-        "gateway.drained": KindSpec(severity=Severity.INFO, required=("gateway",)),
-        "gateway.undrained": KindSpec(severity=Severity.INFO, required=("gateway",)),
-        "transaction.pending": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
-        "transaction.succeeded": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
-        "transaction.failed": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
-        "transaction.unknown": KindSpec(severity=Severity.INFO, required=_TRANSACTION),
-        "payment.duplicate_suspected": KindSpec(
-            severity=Severity.CRITICAL, required=("transaction_id", "route", "attempts")
-        ),
-        "payment.late_success": KindSpec(
-            severity=Severity.CRITICAL,
-            required=("transaction_id", "route", "attempt_id", "gateway", "status"),
-        ),
-    }
-)
-
-
-def problems(kind: str, fields: Mapping[str, object]) -> tuple[str, ...]:
-    """What is wrong with emitting `kind` with `fields`; empty when nothing is."""
-    spec = KINDS.get(kind)
-    if spec is None:
-        return (f"unknown event kind {kind!r}",)
-    missing = [f for f in spec.required if f not in fields]
-    if missing:
-        return (f"{kind} is missing {', '.join(missing)}",)
-    return ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
