@@ -95,6 +95,7 @@ class ProxyHandler:
                 forwarder=rt.forwarder,
                 clock=rt.clock,
                 attempt_header=th.attempt_id,
+                transaction_header=th.transaction_id,
                 on_late=rt.late_result,
                 on_attempt=self._attempt_metric(plan.name),
                 forced_gateway=ticket.forced_gateway if ticket else None,
@@ -175,7 +176,7 @@ class ProxyHandler:
     def _response_parts(
         self, dispatch: Dispatch, settled: Settled
     ) -> tuple[int, CIMultiDict[str], bytes | None, errors.ProxyError | None]:
-        txn_header = self.rt.store.current.rules.transaction_headers.transaction_id
+        txn_header = dispatch.transaction_header
         reply, att = settled.reply, settled.attempt
         if reply is None or att is None:
             err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.plan.name)

@@ -61,6 +61,7 @@ class Dispatch:
     forwarder: Forwarder
     clock: Clock
     attempt_header: str
+    transaction_header: str
     on_late: LateHandler | None = None
     on_attempt: Callable[[Attempt, str, float], None] | None = None
     client_outcome: ClientOutcome | None = None
