@@ -3,8 +3,10 @@
 Owns: `ActiveChecker`, which probes `{scheme}://{host}:{port}{base_path}{path}` on an
 interval (with a little jitter so sidecars do not probe in lockstep) and owns the
 ACTIVE_FAILED flag: `unhealthy_threshold` failures in a row set it, `healthy_threshold`
-successes in a row clear it, so one lost probe never flaps a gateway. A 429 to a probe
-counts neither way.
+successes in a row clear it, so one lost probe never flaps a gateway. A gateway that fails
+again before it has stayed up for a calm period needs twice as many passes each time
+(capped), so one flapping slower than the thresholds is not let back on every up phase.
+A 429 to a probe counts neither way.
 Must not: create its own HTTP session (one is shared by all checkers), start tasks other
 than through `proxy.aio.spawn`, or touch the flags other health sources own.
 """
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: Jitter added to each interval, as a fraction of it.
 JITTER = 0.1
 
+#: Cap on how many times `healthy_threshold` passes a flapping gateway must show.
+MAX_PASS_FACTOR = 16
+
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -47,6 +52,7 @@ class ActiveStatus:
     consecutive_failures: int
     last_result: str | None
     last_checked_ago_s: float | None
+    passes_needed: int
 
 
 class ActiveChecker:
@@ -70,6 +76,8 @@ class ActiveChecker:
         self._rng = rng or random.Random()
         self._ok = 0
         self._failed = 0
+        self._trips = 0  # times it went down without a calm period in between
+        self._restored_at: float | None = None
         self._last_result: str | None = None
         self._last_checked: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -92,9 +100,10 @@ class ActiveChecker:
         if ok:
             self._ok += 1
             self._failed = 0
-            if self.failing and self._ok >= hc.healthy_threshold:
+            if self.failing and self._ok >= self.passes_needed(hc):
                 reason = f"{self._ok} health checks passed"
                 logger.info("%s restored by active checks", self.st.name)
+                self._restored_at = self._last_checked
                 self.st.clear_flag(Flag.ACTIVE_FAILED, reason)
                 self._events.emit(
                     "gateway.restored",
@@ -110,6 +119,11 @@ class ActiveChecker:
         self._ok = 0
         if not self.failing and self._failed >= hc.unhealthy_threshold:
             reason = f"{self._failed} health checks failed, last: {detail}"
+            self._trips = self._trips + 1 if self._flapping(hc) else 1
+            if self._trips > 1:
+                reason += (
+                    f"; down again soon after returning, {self.passes_needed(hc)} passes to return"
+                )
             logger.warning("%s failed active checks: %s", self.st.name, detail)
             self.st.set_flag(Flag.ACTIVE_FAILED, reason)
             # How long it stays out is not known: it returns after enough passing checks.
@@ -121,6 +135,19 @@ class ActiveChecker:
                 reason=reason,
                 duration_s=None,
             )
+
+    def passes_needed(self, hc: HealthCheck) -> int:
+        """Passes in a row that bring the gateway back from its current failure."""
+        factor = min(1 << max(self._trips - 1, 0), MAX_PASS_FACTOR)
+        return hc.healthy_threshold * factor
+
+    def _flapping(self, hc: HealthCheck) -> bool:
+        """Whether it went down again before staying up as long as its next return would
+        take: the calm period that forgives the failures before."""
+        if self._restored_at is None or self._last_checked is None:
+            return False
+        calm = hc.healthy_threshold * min(1 << self._trips, MAX_PASS_FACTOR) * hc.interval
+        return self._last_checked - self._restored_at < calm
 
     async def probe_once(self, session: aiohttp.ClientSession) -> bool:
         """Send one probe and record its result; True when it passed."""
@@ -188,6 +215,7 @@ class ActiveChecker:
         await cancel_and_wait(self.cancel())
 
     def status(self) -> ActiveStatus:
+        hc = self.st.gateway.health_check
         ago = None if self._last_checked is None else self._clock.now() - self._last_checked
         return ActiveStatus(
             failing=self.failing,
@@ -195,4 +223,5 @@ class ActiveChecker:
             consecutive_failures=self._failed,
             last_result=self._last_result,
             last_checked_ago_s=ago,
+            passes_needed=0 if hc is None else self.passes_needed(hc),
         )

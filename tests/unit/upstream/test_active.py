@@ -57,6 +57,50 @@ def test_thresholds(results: str, failing: str) -> None:
     assert seen == failing
 
 
+@pytest.mark.parametrize(
+    ("results", "failing"),
+    [
+        # Back after 2 passes, down again 3 s later (calm is 4 s): 4 passes to return.
+        ("FFFSSFFFSSSS", "001100011110"),
+        # Up for 7 s before failing again: forgiven, 2 passes are enough once more.
+        ("FFFSSSSSSFFFSS", "00110000000110"),
+        # Still flapping after 4 passes: 8 needed next time.
+        ("FFFSSFFFSSSSFFFSSSSSSSS", "00110001111000111111110"),
+    ],
+    ids=["flapping-doubles", "calm-forgives", "keeps-doubling"],
+)
+def test_a_gateway_down_again_soon_needs_more_passes(results: str, failing: str) -> None:
+    checker, st, _, clock = _checker()
+    seen = ""
+    for r in results:
+        clock.advance(HC.interval)
+        checker.record(r == "S", "status 200" if r == "S" else "status 503")
+        seen += "1" if st.flags & Flag.ACTIVE_FAILED else "0"
+    assert seen == failing
+
+
+def test_passes_needed_are_capped_and_said_in_the_reason() -> None:
+    checker, _, rec, clock = _checker()
+    needed = []
+    for _ in range(7):
+        for _ in range(HC.unhealthy_threshold):
+            clock.advance(HC.interval)
+            checker.record(False, "status 503")
+        needed.append(checker.status().passes_needed)
+        for _ in range(needed[-1]):
+            assert checker.failing
+            clock.advance(HC.interval)
+            checker.record(True, "status 200")
+        assert not checker.failing
+    assert needed == [2, 4, 8, 16, 32, 32, 32]
+    reasons = [f["reason"] for f in rec.of("gateway.ejected")]
+    assert reasons[0] == "3 health checks failed, last: status 503"
+    assert reasons[1] == (
+        "3 health checks failed, last: status 503; down again soon after returning,"
+        " 4 passes to return"
+    )
+
+
 def test_transitions_emit_active_events_and_start_the_ramp() -> None:
     clock = ManualClock()
     st = GatewayState(gateway(health_check=HC))
