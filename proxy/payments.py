@@ -30,7 +30,6 @@ from proxy.idempotency import (
     StoredResponse,
     TransactionStore,
     Unresolved,
-    end_to_end_headers,
     fingerprint,
     scoped_key,
     validate_key,
@@ -151,7 +150,9 @@ class Payments:
                     return
                 stored = StoredResponse(
                     status=status,
-                    headers=end_to_end_headers(headers.items()),
+                    headers=tuple(
+                        headers.items()
+                    ),  # already end-to-end: see forward.response_headers
                     body=body if body is not None else b"",
                     gateway=settled.attempt.gateway.name,
                     transaction_id=ticket.transaction_id,

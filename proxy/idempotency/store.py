@@ -29,23 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from proxy.forward import HOP_BY_HOP
+
 logger = logging.getLogger(__name__)
 
-#: Hop-by-hop fields (RFC 9110 §7.6.1) describe one connection, not the response; a replay
-#: travels on a different connection and must not repeat them.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 UnresolvedCause = Literal["unknown", "lock_expired"]
 
@@ -183,7 +170,8 @@ def check_ttl(name: str, seconds: float) -> float:
 
 
 def end_to_end_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """`headers` without hop-by-hop fields, including any the Connection field names."""
+    """`headers` without hop-by-hop fields, including any the Connection field names: a
+    replay travels on another connection and must not repeat them."""
     pairs = tuple(headers)
     named: set[str] = set()
     for name, value in pairs:
