@@ -1,7 +1,7 @@
 """One HTTP exchange with one gateway: the endpoint stage of the request path.
 
 Owns: building the upstream request (hop-by-hop headers removed, X-Forwarded-* added),
-sending it once on the pooled client session, reading a small response whole (so a gateway
+sending it once on the pooled upstream client, reading a small response whole (so a gateway
 that dies mid-body is a failed attempt, not a truncated answer to the client), and turning
 every client failure into a typed `AttemptFailed` that says whether the request may have
 reached the gateway.
@@ -10,15 +10,19 @@ Must not: retry, pick gateways or touch health; it makes exactly one attempt.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.config.model import Gateway
+from proxy.upstream.client import (
+    BadResponse,
+    ConnectFailed,
+    ConnectionLost,
+    Response,
+    UpstreamClient,
+)
 from proxy.upstream.state import Outcome
 
 logger = logging.getLogger(__name__)
@@ -59,7 +63,7 @@ class Reply:
     status: int
     headers: CIMultiDictProxy[str]
     body: bytes | None  # the whole body, or what was read before switching to streaming
-    stream: aiohttp.ClientResponse | None = None
+    stream: Response | None = None
 
     def release(self) -> None:
         if self.stream is not None:
@@ -108,39 +112,16 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-def new_session(*, limit_per_host: int = 0) -> aiohttp.ClientSession:
-    """The one pooled keep-alive client session every attempt shares."""
-    connector = aiohttp.TCPConnector(
-        limit=0,
-        limit_per_host=limit_per_host,
-        keepalive_timeout=15.0,
-        enable_cleanup_closed=False,
-        ttl_dns_cache=10,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None),
-        raise_for_status=False,
-    )
+def new_session(*, idle_timeout: float = 15.0, max_idle: int = 256) -> UpstreamClient:
+    """The one pooled keep-alive upstream client every attempt shares."""
+    return UpstreamClient(idle_timeout=idle_timeout, max_idle=max_idle)
 
 
 class Forwarder:
-    __slots__ = ("_session", "_timeouts")
+    __slots__ = ("_client",)
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, connect: float) -> aiohttp.ClientTimeout:
-        t = self._timeouts.get(connect)
-        if t is None:
-            t = self._timeouts[connect] = aiohttp.ClientTimeout(
-                total=None, sock_connect=connect, connect=connect
-            )
-        return t
+    def __init__(self, client: UpstreamClient) -> None:
+        self._client = client
 
     async def attempt(
         self,
@@ -154,73 +135,43 @@ class Forwarder:
     ) -> Reply:
         """Send once and return the reply; the caller bounds the whole call in time.
 
-        Raises AttemptFailed. Cancellation (the caller's per-try timer) propagates as is:
-        the caller knows whether the request was already on its way.
+        Raises AttemptFailed. Cancellation (the caller's per-try timer) propagates as is and
+        closes the connection: the caller knows whether the request was already on its way.
         """
-        url = URL(gw.url + path_qs, encoded=True)
         try:
-            resp = await self._session.request(
+            resp = await self._client.request(
+                (gw.scheme, gw.host, gw.port),
                 method,
-                url,
-                headers=headers,
-                data=body if body else None,
-                allow_redirects=False,
-                timeout=self._timeout(connect_timeout),
-                compress=False,
+                gw.base_path + path_qs,
+                headers,
+                body,
+                connect_timeout=connect_timeout,
             )
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectFailed as exc:
+            raise AttemptFailed(Outcome.CONNECT_FAILURE, str(exc), sent=False) from None
+        except ConnectionLost as exc:
+            # Also on a reused connection before any response byte: the gateway may have
+            # read the request, so this is never "provably unsent".
+            raise AttemptFailed(Outcome.RESET, str(exc), sent=True) from None
+        except BadResponse as exc:
+            raise AttemptFailed(Outcome.BAD_RESPONSE, str(exc), sent=True) from None
+        except ValueError as exc:  # a header that would split the request; nothing was sent
             raise AttemptFailed(
-                Outcome.CONNECT_FAILURE, f"connect failed: {exc.os_error}", sent=False
+                Outcome.BAD_RESPONSE, f"bad request head: {exc}", sent=False
             ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise AttemptFailed(Outcome.CONNECT_FAILURE, "connect timed out", sent=False) from None
-        except aiohttp.ServerTimeoutError:
-            raise AttemptFailed(Outcome.TIMEOUT, "read timed out", sent=True) from None
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError,
-        ) as exc:
-            raise AttemptFailed(Outcome.RESET, f"connection lost: {exc}", sent=True) from None
-        except aiohttp.ClientResponseError as exc:
-            raise AttemptFailed(
-                Outcome.BAD_RESPONSE, f"invalid response: {exc.message}", sent=True
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise AttemptFailed(Outcome.BAD_RESPONSE, f"client error: {exc!r}", sent=True) from None
         length = resp.content_length
         if length is not None and length > BUFFER_LIMIT:
             return Reply(resp.status, resp.headers, None, resp)
         try:
-            if length is not None:
-                data = await resp.read()
-            else:
-                data = await _read_up_to(resp, BUFFER_LIMIT)
-                if len(data) > BUFFER_LIMIT:
-                    return Reply(resp.status, resp.headers, data, resp)
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError,
-            aiohttp.ServerDisconnectedError,
-        ) as exc:
-            resp.release()
-            raise AttemptFailed(Outcome.RESET, f"response body cut off: {exc}", sent=True) from None
-        except asyncio.CancelledError:
-            resp.close()
+            data = await resp.read_up_to(BUFFER_LIMIT)
+        except BaseException as exc:
+            resp.release()  # the body is incomplete, so this closes the connection
+            if isinstance(exc, ConnectionLost):
+                raise AttemptFailed(Outcome.RESET, f"body cut off: {exc}", sent=True) from None
+            if isinstance(exc, BadResponse):
+                raise AttemptFailed(Outcome.BAD_RESPONSE, str(exc), sent=True) from None
             raise
-        return Reply(resp.status, resp.headers, data)
-
-
-async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read an unsized body until it ends or passes `limit` (then the rest is streamed)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            break
-    data = b"".join(chunks)
-    if size <= limit:
+        if len(data) > BUFFER_LIMIT:
+            return Reply(resp.status, resp.headers, data, resp)
         resp.release()
-    return data
+        return Reply(resp.status, resp.headers, data)

@@ -1,0 +1,643 @@
+"""The upstream HTTP/1.1 client and the forwarder on it, against real loopback servers: aiohttp
+gateways for ordinary traffic and raw asyncio servers that script the edge cases byte by byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+import socket
+import ssl
+import struct
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import uvloop
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.aio import spawn
+from proxy.forward import BUFFER_LIMIT, AttemptFailed, Forwarder, Reply, response_headers
+from proxy.upstream.client import (
+    MAX_HEAD_BYTES,
+    ConnectFailed,
+    Origin,
+    UpstreamClient,
+    _Connection,
+)
+from proxy.upstream.state import Outcome
+from tests.support import eventually, running_proxy
+from tests.unit.upstream.health_support import gateway
+
+HOST = "127.0.0.1"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+BIG = 3 * 1024 * 1024
+HEAD_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+
+
+# -- raw scripted servers -------------------------------------------------------------------
+
+
+@dataclass
+class Raw:
+    """A raw server's view of what the client did."""
+
+    port: int
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    ended: int = 0  # connections over (the client hung up or the script ended them)
+
+    @property
+    def origin(self) -> Origin:
+        return ("http", HOST, self.port)
+
+
+Serve = Callable[[Raw, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return head + (await reader.readexactly(int(length.group(1))) if length else b"")
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST, as a crashing gateway does."""
+    writer.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    writer.transport.abort()
+
+
+def answering(*answers: bytes, then: str = "wait") -> Serve:
+    """Answer requests in turn, whichever connection they come on; when the script is done,
+    wait for the client to hang up, close, or reset the connection on the next request."""
+    script = list(answers)
+
+    async def serve(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while script:
+            request = await read_request(reader)
+            if request is None:
+                return
+            raw.requests.append(request)
+            writer.write(script.pop(0))
+            await writer.drain()
+        if then == "close":
+            writer.close()
+        elif then == "reset" and await read_request(reader) is not None:
+            reset(writer)
+
+    return serve
+
+
+@contextlib.asynccontextmanager
+async def raw_server(serve: Serve) -> AsyncIterator[Raw]:
+    tasks: set[asyncio.Task[Any]] = set()
+    writers: list[asyncio.StreamWriter] = []
+    raw = Raw(port=0)
+
+    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.append(writer)
+        raw.connections += 1
+        try:
+            with contextlib.suppress(ConnectionError):
+                await serve(raw, reader, writer)
+                await reader.read()
+            raw.ended += 1
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(accepted, HOST, 0)
+    raw.port = server.sockets[0].getsockname()[1]
+    try:
+        yield raw
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()  # every handler's read then ends
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+# -- an aiohttp gateway ---------------------------------------------------------------------
+
+
+async def echo(request: web.Request) -> web.Response:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    body = await request.read()
+    return web.json_response(
+        {"port": peer[1] if peer else None, "size": len(body), "host": request.host}
+    )
+
+
+async def big(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * BIG)
+
+
+async def chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    size = int(request.query.get("size", "30"))
+    for _ in range(3):
+        await resp.write(b"y" * (size // 3))
+    await resp.write_eof()
+    return resp
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_gateway(tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/big", big)
+    app.router.add_get("/chunked", chunked)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0, ssl_context=tls)
+    await site.start()
+    try:
+        yield next(iter(runner.addresses))[1]
+    finally:
+        await runner.cleanup()
+
+
+async def attempt(
+    client: UpstreamClient,
+    port: int,
+    path: str = "/echo",
+    *,
+    method: str = "POST",
+    body: bytes = b'{"amount": 100}',
+    connect_timeout: float = 1.0,
+) -> Reply:
+    return await Forwarder(client).attempt(
+        gateway(port=port), method, path, CIMultiDict(), body, connect_timeout=connect_timeout
+    )
+
+
+async def failure(client: UpstreamClient, port: int, **kw: Any) -> AttemptFailed:
+    with pytest.raises(AttemptFailed) as caught:
+        await attempt(client, port, **kw)
+    return caught.value
+
+
+# -- ordinary traffic -----------------------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_connection() -> None:
+    client = UpstreamClient()
+    async with aiohttp_gateway() as port:
+        seen = [orjson.loads((await attempt(client, port)).body or b"") for _ in range(3)]
+        assert len({s["port"] for s in seen}) == 1  # one client port: one connection
+        assert seen[0] == {"port": seen[0]["port"], "size": 15, "host": f"127.0.0.1:{port}"}
+        assert client.idle_count(("http", HOST, port)) == 1
+    await client.close()
+
+
+async def test_chunked_response_is_read_whole_and_the_connection_reused() -> None:
+    client = UpstreamClient()
+    async with aiohttp_gateway() as port:
+        reply = await attempt(client, port, "/chunked", method="GET", body=b"")
+        assert (reply.body, reply.stream) == (b"y" * 30, None)
+        assert client.idle_count(("http", HOST, port)) == 1
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "buffered"),
+    [("/big", 0), (f"/chunked?size={3 * BUFFER_LIMIT}", BUFFER_LIMIT + 1)],
+    ids=["content-length", "unsized-chunked"],
+)
+async def test_large_response_is_streamed(path: str, buffered: int) -> None:
+    client = UpstreamClient()
+    async with aiohttp_gateway() as port:
+        reply = await attempt(client, port, path, method="GET", body=b"")
+        assert reply.stream is not None
+        assert len(reply.body or b"") >= buffered
+        received = len(reply.body or b"")
+        async for chunk in reply.stream.content.iter_any():
+            received += len(chunk)
+        assert received == (BIG if path == "/big" else 3 * BUFFER_LIMIT)
+        reply.release()
+        assert client.idle_count(("http", HOST, port)) == 1
+    await client.close()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    argv += ["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    argv += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    try:
+        subprocess.run(argv, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("openssl cannot make a test certificate here")
+    return cert, key
+
+
+async def test_tls_gateway(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    async with aiohttp_gateway(server_tls) as port:
+        origin = ("https", HOST, port)
+        client = UpstreamClient()
+        # Not trusted by the system roots: a TLS failure before any byte was sent.
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.request(origin, "GET", "/echo", CIMultiDict(), b"", connect_timeout=2)
+        client._tls = ssl.create_default_context(cafile=str(cert))
+        for _ in range(2):
+            resp = await client.request(
+                origin, "GET", "/echo", CIMultiDict(), b"", connect_timeout=2
+            )
+            assert resp.status == 200
+            assert b"127.0.0.1:" in await resp.read_up_to(1000)
+            resp.release()
+        assert client.idle_count(origin) == 1
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "size"),
+    [("/big", BIG), (f"/chunked?size={3 * BUFFER_LIMIT}", 3 * BUFFER_LIMIT)],
+    ids=["content-length", "unsized-chunked"],
+)
+async def test_large_answer_streams_through_payswitch(tmp_path: Path, path: str, size: int) -> None:
+    async with aiohttp_gateway() as port:
+        rules = f"""
+            gateways:
+              g1: {{url: "http://{HOST}:{port}", region: eu}}
+            routes:
+              - name: downloads
+                match: {{path_prefix: /, methods: [GET]}}
+                region: {{default: eu}}
+                gateways: [g1]
+        """
+        async with running_proxy(rules, tmp_path) as proxy:
+            for _ in range(2):  # the second on the connection the first handed back
+                status, headers, body = await proxy.request("GET", path, data=None)
+                assert (status, len(body), headers["X-Payswitch-Gateway"]) == (200, size, "g1")
+
+
+# -- scripted edge cases --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "length"),
+    [
+        ("GET", b"", None),
+        ("HEAD", b"", None),
+        ("DELETE", b"", None),
+        ("POST", b"", b"0"),
+        ("PUT", b"", b"0"),
+        ("PATCH", b"", b"0"),
+        ("POST", b'{"a": 1}', b"8"),
+    ],
+    ids=["get", "head", "delete", "empty-post", "empty-put", "empty-patch", "post"],
+)
+async def test_request_head(method: str, body: bytes, length: bytes | None) -> None:
+    headers = CIMultiDict(
+        [("X-A", "1"), ("Host", "client.example"), ("X-A", "2"), ("Transfer-Encoding", "chunked")]
+    )
+    headers.add("content-length", "999")
+    client = UpstreamClient()
+    async with raw_server(answering(b"HTTP/1.1 204 No Content\r\n\r\n")) as raw:
+        resp = await client.request(
+            raw.origin, method, "/base/v1/x?q=1", headers, body, connect_timeout=1
+        )
+        resp.release()
+        expected = [
+            f"{method} /base/v1/x?q=1 HTTP/1.1".encode(),
+            f"Host: {HOST}:{raw.port}".encode(),
+        ]
+        expected += [b"X-A: 1", b"X-A: 2"] + ([b"Content-Length: " + length] if length else [])
+        assert raw.requests == [b"\r\n".join([*expected, b"", body])]
+    await client.close()
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+async def test_a_request_is_one_write_and_cannot_be_split() -> None:
+    client = UpstreamClient()
+    origin = ("https", "gw.example", 443)
+    conn = _Connection(client, origin)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.done = conn.keep_alive = True
+    conn.finish()  # idle in the pool, as after an earlier exchange; no DNS, no socket
+    asyncio.get_running_loop().call_soon(conn.data_received, OK)
+    resp = await client.request(
+        origin, "POST", "/pay", CIMultiDict({"X-Id": "7"}), b"{}", connect_timeout=1
+    )
+    assert transport.writes == [
+        b"POST /pay HTTP/1.1\r\nHost: gw.example\r\nX-Id: 7\r\nContent-Length: 2\r\n\r\n{}"
+    ]
+    assert await resp.read_up_to(10) == b"ok"
+    resp.release()
+    with pytest.raises(ValueError, match="CR or LF"):
+        await client.request(
+            origin, "GET", "/", CIMultiDict({"X-Id": "7\r\nX-Evil: 1"}), b"", connect_timeout=1
+        )
+    assert len(transport.writes) == 1
+    assert client.idle_count(origin) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", False),
+        (OK, True),
+    ],
+    ids=["connection-close", "http-1.0", "http-1.0-keep-alive", "http-1.1"],
+)
+async def test_connection_is_reused_only_after_a_keep_alive_answer(
+    answer: bytes, reused: bool
+) -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(answer, answer)) as raw:
+        for _ in range(2):
+            reply = await attempt(client, raw.port)
+            assert (reply.status, reply.body) == (200, b"ok")
+        assert raw.connections == (1 if reused else 2)
+    await client.close()
+
+
+async def test_http10_body_ends_when_the_gateway_closes() -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(b"HTTP/1.0 200 OK\r\n\r\nuntil close", then="close")) as raw:
+        reply = await attempt(client, raw.port)
+        assert reply.body == b"until close"
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("HEAD", HEAD_ANSWER),
+        ("POST", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"),
+    ],
+    ids=["head", "204", "304"],
+)
+async def test_bodiless_answers_keep_the_connection_usable(method: str, answer: bytes) -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(answer, OK)) as raw:
+        first = await attempt(client, raw.port, method=method, body=b"")
+        assert first.body == b""
+        assert client.idle_count(raw.origin) == 1
+        second = await attempt(client, raw.port)
+        assert second.body == b"ok"
+        assert raw.connections == 1
+    await client.close()
+
+
+async def test_interim_1xx_answers_are_skipped() -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK
+    client = UpstreamClient()
+    async with raw_server(answering(answer)) as raw:
+        reply = await attempt(client, raw.port)
+        assert (reply.status, reply.body, "Link" in reply.headers) == (200, b"ok", False)
+    await client.close()
+
+
+async def test_duplicate_response_headers_keep_their_order() -> None:
+    answer = (
+        b"HTTP/1.1 201 Created\r\nSet-Cookie: a=1\r\nX-Trace: t\r\nSet-Cookie: b=2\r\n"
+        b"Connection: X-Internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    client = UpstreamClient()
+    async with raw_server(answering(answer)) as raw:
+        reply = await attempt(client, raw.port)
+        assert reply.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert list(response_headers(reply.headers).items()) == [
+            ("Set-Cookie", "a=1"),
+            ("X-Trace", "t"),
+            ("Set-Cookie", "b=2"),
+        ]
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HELLO WORLD\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 " + b"r" * 9000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * MAX_HEAD_BYTES + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Endless: " + b"v" * (3 * MAX_HEAD_BYTES),
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=[
+        "garbage-status-line",
+        "upgrade",
+        "status-line-too-long",
+        "too-many-headers",
+        "head-too-large",
+        "head-never-ends",
+        "bad-content-length",
+        "bad-chunk",
+    ],
+)
+async def test_invalid_answers_are_bad_responses(answer: bytes) -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(answer)) as raw:
+        failed = await failure(client, raw.port)
+        assert (failed.outcome, failed.sent) == (Outcome.BAD_RESPONSE, True)
+        await eventually(lambda: raw.ended == 1)  # never pooled
+    await client.close()
+
+
+@pytest.mark.parametrize("answered_before", [0, 1], ids=["fresh", "reused"])
+async def test_reset_after_the_request_was_read_is_ambiguous(answered_before: int) -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(*[OK] * answered_before, then="reset")) as raw:
+        for _ in range(answered_before):
+            await attempt(client, raw.port)
+        failed = await failure(client, raw.port)
+        # Even on a reused connection with no response byte: the gateway may have acted.
+        assert (failed.outcome, failed.sent) == (Outcome.RESET, True)
+        assert raw.connections == 1
+    await client.close()
+
+
+async def test_gateway_dying_mid_body_is_a_reset() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+    client = UpstreamClient()
+    async with raw_server(answering(answer, then="close")) as raw:
+        failed = await failure(client, raw.port)
+        assert (failed.outcome, failed.sent) == (Outcome.RESET, True)
+        assert "cut off" in failed.detail
+    await client.close()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_idle_connection_closed_by_the_gateway_leaves_the_pool(how: str) -> None:
+    async def serve(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answering(OK)(raw, reader, writer)
+        if raw.connections == 1:
+            await asyncio.sleep(0.05)  # idle in the client's pool, then gone
+            if how == "reset":
+                reset(writer)
+            writer.close()
+
+    client = UpstreamClient()
+    async with raw_server(serve) as raw:
+        await attempt(client, raw.port)
+        assert client.idle_count(raw.origin) == 1
+        await eventually(lambda: client.idle_count(raw.origin) == 0)
+        reply = await attempt(client, raw.port)
+        assert reply.body == b"ok"
+        assert raw.connections == 2
+    await client.close()
+
+
+async def test_bytes_on_an_idle_connection_drop_it() -> None:
+    async def serve(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answering(OK)(raw, reader, writer)
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\n")  # answering nothing that was asked
+
+    client = UpstreamClient()
+    async with raw_server(serve) as raw:
+        await attempt(client, raw.port)
+        assert client.idle_count(raw.origin) == 1
+        await eventually(lambda: raw.ended == 1)
+        assert client.idle_count(raw.origin) == 0
+    await client.close()
+
+
+async def test_refused_connection_provably_sent_nothing() -> None:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    client = UpstreamClient()
+    failed = await failure(client, port)
+    assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
+
+
+async def test_connect_timeout_provably_sent_nothing() -> None:
+    # A listener whose accept queue is full drops new SYNs, so connect hangs on loopback.
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        client = UpstreamClient()
+        try:
+            for s in fillers:
+                s.setblocking(False)
+                s.connect_ex(listener.getsockname())
+            await asyncio.sleep(0.05)
+            try:
+                async with asyncio.timeout(2.0):
+                    failed = await failure(client, listener.getsockname()[1], connect_timeout=0.2)
+            except TimeoutError:
+                pytest.skip("this kernel accepted a connection despite a full backlog")
+            assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
+            assert "timed out" in failed.detail
+        finally:
+            await client.close()
+            for s in fillers:
+                s.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart"],
+    ids=["before-the-head", "mid-body"],
+)
+async def test_cancellation_closes_the_connection(answer: bytes) -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(answer, OK)) as raw:
+        task = spawn(attempt(client, raw.port), name="test-cancelled-attempt")
+        await eventually(lambda: len(raw.requests) == 1)
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: raw.ended == 1)
+        assert client.idle_count(raw.origin) == 0
+        reply = await attempt(client, raw.port)
+        assert reply.body == b"ok"
+        assert raw.connections == 2
+    await client.close()
+
+
+async def test_idle_timeout_and_cap() -> None:
+    client = UpstreamClient(idle_timeout=0.1, max_idle=1)
+    async with raw_server(answering(OK, OK)) as raw:
+        await asyncio.gather(attempt(client, raw.port), attempt(client, raw.port))
+        assert (raw.connections, client.idle_count(raw.origin)) == (2, 1)
+        await eventually(lambda: raw.ended == 2)
+        assert client.idle_count(raw.origin) == 0
+    await client.close()
+
+
+async def test_close_closes_pooled_connections() -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(OK)) as raw:
+        await attempt(client, raw.port)
+        await client.close()
+        await eventually(lambda: raw.ended == 1)
+        failed = await failure(client, raw.port)
+        assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
+
+
+# -- the same on uvloop, the loop payswitch serves on ---------------------------------------
+
+ON_UVLOOP: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+    "keep-alive": test_keep_alive_reuses_one_connection,
+    "chunked": test_chunked_response_is_read_whole_and_the_connection_reused,
+    "http-1.0-until-close": test_http10_body_ends_when_the_gateway_closes,
+    "mid-body-death": test_gateway_dying_mid_body_is_a_reset,
+    "bytes-while-idle": test_bytes_on_an_idle_connection_drop_it,
+    "refused": test_refused_connection_provably_sent_nothing,
+    "close": test_close_closes_pooled_connections,
+    "streamed": functools.partial(test_large_response_is_streamed, "/big", 0),
+    "reset-on-reuse": functools.partial(test_reset_after_the_request_was_read_is_ambiguous, 1),
+    "idle-reset": functools.partial(
+        test_idle_connection_closed_by_the_gateway_leaves_the_pool, "reset"
+    ),
+    "cancelled": functools.partial(test_cancellation_closes_the_connection, b""),
+    "head": functools.partial(
+        test_bodiless_answers_keep_the_connection_usable, "HEAD", HEAD_ANSWER
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", ON_UVLOOP.values(), ids=ON_UVLOOP.keys())
+def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop.run(scenario())
