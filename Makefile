@@ -48,3 +48,7 @@ reload-bench: $(STAMP)
 	$(BIN)/python bench/reload_bench.py
 
 .PHONY: reload-bench
+
+## make scenarios: failover under faults (shared/ANCHORS.md), ~5 min; bench/scenarios.py --quick ~2 min
+scenarios: $(STAMP)
+	$(BIN)/python bench/scenarios.py
