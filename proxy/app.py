@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -45,6 +44,7 @@ from proxy.routing import Router, compile_router
 from proxy.settings import Settings
 from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.health import Health
 from proxy.upstream.state import StateRegistry
 
@@ -88,7 +88,7 @@ class Runtime:
         self.tracing = Tracing.from_env(os.environ)
         self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
         self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
