@@ -75,7 +75,8 @@ class Degradation:
     """Predictive shedding: short-window EWMA against a long baseline."""
 
     enabled: bool = True
-    short_window: float = 5.0  # EWMA time constants, seconds
+    short_window: float = 1.5  # EWMA time constants, seconds: short enough to shed a
+    # gateway that slows towards the per-try timeout before it crosses it
     long_window: float = 120.0
     latency_ratio: float = 2.0  # short/long latency ratio at which the score reaches its floor
     error_rate: float = 0.25  # short-window error rate at which the score reaches its floor
