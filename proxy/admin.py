@@ -68,7 +68,7 @@ def build_admin_app(rt: Runtime) -> web.Application:
         return resp
 
     async def transaction(request: web.Request) -> web.Response:
-        record = await rt.payments.log.get(request.match_info["id"])
+        record = await rt.payments.lookup(request.match_info["id"])
         if record is None:
             return web.json_response(
                 {"title": "unknown transaction", "id": request.match_info["id"]}, status=404

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -43,3 +43,44 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
         t.cancel()
     if live:
         await asyncio.gather(*live, return_exceptions=True)
+
+
+def keep(task: asyncio.Task[Any]) -> None:
+    """Hold a reference to `task` until it ends: for a task whose owner has moved on
+    (an abandoned attempt) but whose outcome still matters."""
+    if task not in _background:
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+def spawn_owned(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """Start `coro` as a named task whose caller keeps the reference and consumes its
+    result (the retry loop's attempts): no global bookkeeping on the hot path."""
+    return asyncio.get_running_loop().create_task(coro, name=name)
+
+
+async def first_done(tasks: Iterable[asyncio.Future[Any]], within: float) -> None:
+    """Return when any of `tasks` is done or `within` seconds have passed.
+
+    `asyncio.wait` with FIRST_COMPLETED does the same with set bookkeeping the request
+    path does not need; the caller looks at `task.done()` itself.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    pending = list(tasks)
+    for t in pending:
+        if t.done():
+            return
+        t.add_done_callback(wake)
+    handle = loop.call_later(within, wake)
+    try:
+        await waiter
+    finally:
+        handle.cancel()
+        for t in pending:
+            t.remove_done_callback(wake)

@@ -71,12 +71,21 @@ class Reply:
             self.stream = None
 
 
+_CONNECTION_DROPS: dict[str, frozenset[str]] = {}
+
+
 def hop_by_hop(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The fields not to pass on: RFC 9110's hop-by-hop list plus any named in Connection."""
     conn = headers.get("Connection")
     if not conn:
         return HOP_BY_HOP
-    named = {t.strip().lower() for t in conn.split(",") if t.strip()}
-    return HOP_BY_HOP | named
+    drop = _CONNECTION_DROPS.get(conn)
+    if drop is None:
+        named = {t.strip().lower() for t in conn.split(",") if t.strip()}
+        drop = HOP_BY_HOP | named
+        if len(_CONNECTION_DROPS) < 256:  # a handful of values in practice; bounded anyway
+            _CONNECTION_DROPS[conn] = drop
+    return drop
 
 
 def upstream_headers(

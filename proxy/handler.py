@@ -130,11 +130,12 @@ class ProxyHandler:
         rt = self.rt
         started_wall = time.time()
         self._transaction_event("transaction.pending", dispatch, None, None, started)
-        if not dispatch.idempotent:
-            await rt.payments.record(dispatch, "PENDING", None, started_wall)
+        inflight = rt.payments.in_flight
+        inflight[dispatch.transaction_id] = (dispatch, started_wall)
         try:
             settled = await dispatch.run()
         except BaseException:
+            inflight.pop(dispatch.transaction_id, None)
             # Cancelled mid-flight: what was sent may still be charged; never free the key.
             if ticket is not None:
                 spawn(
@@ -142,6 +143,7 @@ class ProxyHandler:
                     name="settle-interrupted",
                 )
             raise
+        inflight.pop(dispatch.transaction_id, None)
         status, headers, body, error = self._response_parts(dispatch, settled)
         if isinstance(error, errors.NoGatewayAvailable):
             rt.all_down(

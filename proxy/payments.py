@@ -64,6 +64,9 @@ class Payments:
         self.keys = keys
         self.log = log
         self.metrics = metrics
+        #: Requests being dispatched, by transaction id: their PENDING record is built
+        #: when someone asks rather than written to the log on every request.
+        self.in_flight: dict[str, tuple[Dispatch, float]] = {}
 
     async def claim(
         self,
@@ -187,6 +190,13 @@ class Payments:
             logger.exception("could not release idempotency key %s", ticket.key)
 
     # -- the transaction log --------------------------------------------------------------
+
+    async def lookup(self, transaction_id: str) -> dict[str, object] | None:
+        """The transaction's record: PENDING while in flight here, else from the log."""
+        live = self.in_flight.get(transaction_id)
+        if live is not None:
+            return transaction_record(live[0], "PENDING", None, live[1])
+        return await self.log.get(transaction_id)
 
     async def record(
         self, dispatch: Dispatch, state: str, status: int | None, started_wall: float

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.aio import spawn
+from proxy.aio import first_done, keep, spawn_owned
 from proxy.attempt import (
     ABANDONED,
     MAX_ABANDONED,
@@ -71,6 +71,7 @@ class Dispatch:
     skipped: list[Skip] = field(default_factory=list)
     forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
     tracing: Tracing | None = None  # set only when tracing is enabled
+    _did_nothing: int = 0  # attempts that provably did nothing: they use up no retry
     has_key: bool = False  # the request carries an idempotency key the gateway can dedupe by
     states: Mapping[str, GatewayState] | None = None  # the gateways of the request's rules
 
@@ -101,7 +102,7 @@ class Dispatch:
                     want_new = False
                     # `attempts` bounds what gateways may have processed; an attempt that
                     # provably did nothing does not use it up (each gateway is tried once).
-                    used = sum(1 for a in self.attempts if not a.did_nothing)
+                    used = len(self.attempts) - self._did_nothing
                     if used < retry.attempts:
                         st = self._pick(exclude, provider_lock)
                         if st is not None:
@@ -120,9 +121,8 @@ class Dispatch:
                     wake = min(wake, per_try_end)
                 if want_new:
                     wake = min(wake, next_at)
-                done, _ = await asyncio.wait(
-                    live, timeout=max(0.0, wake - clock.now()), return_when=asyncio.FIRST_COMPLETED
-                )
+                await first_done(live, max(0.0, wake - clock.now()))
+                done = [t for t in live if t.done()]
                 now = clock.now()
                 if not done:
                     if now >= deadline - 1e-4:
@@ -154,6 +154,7 @@ class Dispatch:
                     if reply is not None:
                         kept_reply = self._keep(kept_reply, reply, att)
                     att.did_nothing = safe
+                    self._did_nothing += safe
                     if safe or self._may_retry(outcome, status, sent=sent):
                         if not safe:
                             provider_lock = self._lock_after_ambiguous(att, provider_lock)
@@ -204,9 +205,7 @@ class Dispatch:
             if self.idempotent
             else self.plan.route.timeouts.abandoned
         )
-        att.task = spawn(
-            self._send(att, cap), name=f"attempt:{self.plan.name}:{st.name}:{att.attempt_id[:8]}"
-        )
+        att.task = spawn_owned(self._send(att, cap), name=f"attempt:{st.name}:{att.attempt_id}")
         return att
 
     async def _send(self, att: Attempt, cap: float) -> Result:
@@ -464,6 +463,8 @@ class Dispatch:
 
     def _watch_late(self, att: Attempt) -> None:
         task = att.task
+        if task is not None:
+            keep(task)
         if task is None or self.on_late is None:
             return
         on_late = self.on_late

@@ -187,7 +187,7 @@ class DegradationTracker:
         self._raw = raw
         applied = 1.0 if raw >= 1.0 else max(raw, policy.min_score, min(floor, 1.0))
         self.st.score = applied
-        degraded = bool(self.st.flags & Flag.DEGRADED)
+        degraded = bool(self.st.flags) and bool(self.st.flags & Flag.DEGRADED)
         if not degraded and raw < DEGRADE_BELOW:
             logger.warning("%s degraded to %.2f: %s", self.st.name, raw, why)
             self.st.set_flag(Flag.DEGRADED, why)

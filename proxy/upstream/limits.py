@@ -125,7 +125,7 @@ class GatewayLimiter:
     def check_throttle(self, now: float) -> str | None:
         """ "throttled" while a 429's back-off lasts; clears the flag once it has passed."""
         st = self.st
-        if not st.flags & Flag.THROTTLED:
+        if not st.flags or not st.flags & Flag.THROTTLED:
             return None
         if now < st.throttled_until:
             return "throttled"

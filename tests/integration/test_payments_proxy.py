@@ -10,6 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.aio import spawn
 from proxy.events import Severity
 from tests.support import Proxy, eventually, gateways, running_proxy
 
@@ -293,3 +294,22 @@ async def test_every_request_has_exactly_one_terminal_transaction_event(tmp_path
             pending = [e.fields["transaction_id"] for e in p.events.of("transaction.pending")]
             assert len(ids) == len(set(ids)) == len(outcomes) == len(pending)
             assert set(ids) == set(pending)
+
+
+async def test_transaction_is_visible_as_pending_while_in_flight(tmp_path: Path) -> None:
+    async with gateways("g1") as g:
+        g["g1"].set(delay=0.5)
+        async with running_proxy(rules({"g1": g["g1"].url}, {"g1": "stripe"}), tmp_path) as p:
+            hdrs = key()
+            sending = spawn(p.post(headers=hdrs), name="test-pending-payment")
+            await eventually(lambda: bool(g["g1"].requests()))
+            url = f"{p.admin_url}/admin/transactions/{hdrs['Idempotency-Key']}"
+            async with p.session.get(url) as resp:
+                pending = await resp.json()
+            assert pending["state"] == "PENDING"
+            assert [a["gateway"] for a in pending["attempts"]] == ["g1"]
+            assert (await sending)[0] == 200
+            async with p.session.get(url) as resp:
+                assert (await resp.json())["state"] == "SUCCESS"
+            async with p.session.get(f"{p.admin_url}/admin/transactions/nope") as resp:
+                assert resp.status == 404
