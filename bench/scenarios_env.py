@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.admin import build_admin_app
-from proxy.app import Runtime, build_proxy_app
+from proxy.app import Runtime, proxy_runner
 from proxy.events import Event, Severity
 from proxy.settings import Settings
 from proxy.sim import Behaviour, FakeGateway, Ledger
@@ -162,7 +162,7 @@ class World:
     timeline: Timeline
 
 
-def _port(runner: web.AppRunner) -> int:
+def _port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         return int(addr[1])
     raise RuntimeError("payswitch is not listening")
@@ -179,7 +179,7 @@ async def world(*, degradation: bool) -> AsyncIterator[World]:
         for name, provider in PROVIDERS.items()
     }
     timeline = Timeline()
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
     rt: Runtime | None = None
     with tempfile.TemporaryDirectory(prefix="payswitch-scenario-") as tmp:
         try:
@@ -199,11 +199,14 @@ async def world(*, degradation: bool) -> AsyncIterator[World]:
             )
             rt = Runtime(settings, sinks=[timeline])
             await rt.start()
-            for app in (build_proxy_app(rt), build_admin_app(rt)):
-                runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-                await runner.setup()
-                await web.TCPSite(runner, "127.0.0.1", 0).start()
-                runners.append(runner)
+            started: list[web.BaseRunner] = [
+                proxy_runner(rt, shutdown_timeout=1.0),
+                web.AppRunner(build_admin_app(rt), access_log=None, shutdown_timeout=1.0),
+            ]
+            for one in started:
+                await one.setup()
+                await web.TCPSite(one, "127.0.0.1", 0).start()
+                runners.append(one)
             for st in rt.states.values():
                 st.subscribe(timeline.on_flag)
             yield World(gws, ledger, rt, f"http://127.0.0.1:{_port(runners[0])}", timeline)

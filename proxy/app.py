@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 #: Seconds between two gateway.all_down events of one route while it stays down.
 ALL_DOWN_REPEAT = 30.0
 
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
 
 
 class Runtime:
@@ -277,11 +276,14 @@ def _sinks(settings: Settings) -> list[Sink]:
     return sinks
 
 
-def build_proxy_app(rt: Runtime) -> web.Application:
-    app = web.Application(client_max_size=1024**3, handler_args={"max_field_size": 16384})
-    app[RUNTIME] = rt
-    app.router.add_route("*", "/{tail:.*}", ProxyHandler(rt).handle)
-    return app
+def proxy_runner(rt: Runtime, *, shutdown_timeout: float = 60.0) -> web.ServerRunner:
+    """The traffic listener's runner: every request goes to the proxy handler.
+
+    A bare `web.Server` rather than an Application: the proxy has one handler for every
+    path, so URL dispatch and middleware chains would be per-request work for nothing.
+    """
+    server = web.Server(ProxyHandler(rt).handle, access_log=None, max_field_size=16384)
+    return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
 
 
 async def serve(settings: Settings) -> int:
@@ -291,17 +293,12 @@ async def serve(settings: Settings) -> int:
     rt = Runtime(settings)
     await rt.start()
     loop = asyncio.get_running_loop()
-    proxy_runner = web.AppRunner(
-        build_proxy_app(rt),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_deadline,
-    )
+    traffic = proxy_runner(rt, shutdown_timeout=settings.shutdown_deadline)
     admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
-    await proxy_runner.setup()
+    await traffic.setup()
     await admin_runner.setup()
     await web.TCPSite(
-        proxy_runner, settings.listen[0], settings.listen[1], backlog=1024, reuse_address=True
+        traffic, settings.listen[0], settings.listen[1], backlog=1024, reuse_address=True
     ).start()
     await web.TCPSite(
         admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
@@ -325,7 +322,7 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     # Kubernetes keeps sending for a moment after readiness fails: keep serving that long.
     await asyncio.sleep(settings.shutdown_grace)
-    await proxy_runner.cleanup()  # stops accepting, waits for in-flight up to the deadline
+    await traffic.cleanup()  # stops accepting, waits for in-flight up to the deadline
     await admin_runner.cleanup()
     await rt.close()
     return 0

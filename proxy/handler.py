@@ -36,7 +36,7 @@ class ProxyHandler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.rt
         started = time.monotonic()
         snapshot = rt.store.current
@@ -125,7 +125,7 @@ class ProxyHandler:
             return resp
 
     async def _dispatch(
-        self, request: web.Request, dispatch: Dispatch, ticket: Ticket | None, started: float
+        self, request: web.BaseRequest, dispatch: Dispatch, ticket: Ticket | None, started: float
     ) -> web.StreamResponse:
         rt = self.rt
         started_wall = time.time()
@@ -229,7 +229,7 @@ class ProxyHandler:
 
     def _account(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         plan: RoutePlan | None,
         region: str | None,
         txn_id: str | None,
@@ -284,7 +284,7 @@ def _interrupted(dispatch: Dispatch) -> Settled:
     )
 
 
-async def _read_body(request: web.Request, router: Router, method: str, path: str) -> bytes:
+async def _read_body(request: web.BaseRequest, router: Router, method: str, path: str) -> bytes:
     """The whole request body, refusing more than any route could accept."""
     cap = router.max_body
     length = request.content_length
@@ -311,7 +311,7 @@ async def _read_body(request: web.Request, router: Router, method: str, path: st
 
 
 async def _stream(
-    request: web.Request, reply: Reply, headers: CIMultiDict[str]
+    request: web.BaseRequest, reply: Reply, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     """Send a large answer as it arrives; a gateway dying mid-body aborts the connection
     rather than pass off a truncated body as complete."""

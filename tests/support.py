@@ -16,7 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.admin import build_admin_app
-from proxy.app import Runtime, build_proxy_app
+from proxy.app import Runtime, proxy_runner
 from proxy.events import Event, Severity
 from proxy.settings import Settings
 from proxy.sim import FakeGateway, Ledger
@@ -59,7 +59,7 @@ class Proxy:
     rules_dir: Path
     events: RecordingSink
     session: aiohttp.ClientSession
-    runners: list[web.AppRunner] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
 
     async def post(
         self, path: str = "/v1/deposits", **kw: Any
@@ -72,7 +72,7 @@ class Proxy:
             return resp.status, dict(resp.headers), await resp.read()
 
 
-def _port(runner: web.AppRunner) -> int:
+def _port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         return int(addr[1])
     raise RuntimeError("not listening")
@@ -97,8 +97,8 @@ async def running_proxy(rules: str, tmp_path: Path, **overrides: Any) -> AsyncIt
     sink = RecordingSink()
     rt = Runtime(settings, sinks=[sink])
     await rt.start()
-    runners = [
-        web.AppRunner(build_proxy_app(rt), access_log=None),
+    runners: list[web.BaseRunner] = [
+        proxy_runner(rt),
         web.AppRunner(build_admin_app(rt), access_log=None),
     ]
     for r in runners:
