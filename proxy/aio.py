@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_background: set[asyncio.Task[Any]] = set()
+_background: set[asyncio.Future[Any]] = set()
 
 
 def _done(task: asyncio.Task[Any]) -> None:
@@ -45,7 +45,7 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
         await asyncio.gather(*live, return_exceptions=True)
 
 
-def keep(task: asyncio.Task[Any]) -> None:
+def keep(task: asyncio.Future[Any]) -> None:
     """Hold a reference to `task` until it ends: for a task whose owner has moved on
     (an abandoned attempt) but whose outcome still matters."""
     if task not in _background:

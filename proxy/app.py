@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 ALL_DOWN_REPEAT = 30.0
 
 
-
 class Runtime:
     """Everything that lives as long as the process, built once and wired here."""
 

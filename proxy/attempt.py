@@ -32,7 +32,7 @@ class Attempt:
     attempt_id: str
     state: GatewayState
     started: float
-    task: asyncio.Task[Result] | None = None
+    task: asyncio.Future[Result] | None = None  # a Task only when one is needed
     abandoned: bool = False
     reported: bool = False
     sent_unresolved: bool = False  # may have reached the gateway; outcome not yet known
@@ -63,11 +63,11 @@ class AbandonedBudget:
     def __init__(self) -> None:
         self.open = 0
 
-    def track(self, task: asyncio.Task[Result]) -> None:
+    def track(self, task: asyncio.Future[Result]) -> None:
         self.open += 1
         task.add_done_callback(self._closed)
 
-    def _closed(self, _task: asyncio.Task[Result]) -> None:
+    def _closed(self, _task: asyncio.Future[Result]) -> None:
         self.open -= 1
 
 

@@ -10,6 +10,7 @@ Must not: retry, pick gateways or touch health; it makes exactly one attempt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ from proxy.upstream.client import (
     BadResponse,
     ConnectFailed,
     ConnectionLost,
+    Expired,
     Response,
     UpstreamClient,
+    UpstreamError,
 )
 from proxy.upstream.state import Outcome
 
@@ -132,6 +135,68 @@ class Forwarder:
     def __init__(self, client: UpstreamClient) -> None:
         self._client = client
 
+    def start(
+        self,
+        gw: Gateway,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        *,
+        connect_timeout: float,
+        within: float,
+    ) -> asyncio.Future[Reply | AttemptFailed]:
+        """Send once; the future resolves to the reply or the typed failure (see
+        `outcome_of`). On a pooled connection no task is made: the exchange is driven by the
+        connection's own callbacks. Cancelling the future closes the connection. `within`
+        bounds the exchange from its first byte written."""
+        client = self._client
+        origin = (gw.scheme, gw.host, gw.port)
+        head_only = method == "HEAD"
+        try:
+            data = client.encode(origin, method, gw.base_path + path_qs, headers, body)
+        except ValueError as exc:
+            done: asyncio.Future[Reply | AttemptFailed] = asyncio.get_running_loop().create_future()
+            done.set_result(
+                AttemptFailed(Outcome.BAD_RESPONSE, f"bad request head: {exc}", sent=False)
+            )
+            return done
+        conn = client.idle(origin)
+        if conn is not None:
+            return client.begin(
+                conn,
+                data,
+                head_only=head_only,
+                limit=BUFFER_LIMIT,
+                within=within,
+                convert=outcome_of,
+            )
+        return asyncio.get_running_loop().create_task(
+            self._connect_then(origin, data, head_only, connect_timeout, within),
+            name=f"connect:{gw.name}",
+        )
+
+    async def _connect_then(
+        self,
+        origin: tuple[str, str, int],
+        data: bytes,
+        head_only: bool,
+        connect_timeout: float,
+        within: float,
+    ) -> Reply | AttemptFailed:
+        try:
+            conn = await self._client.connect(origin, connect_timeout)
+        except ConnectFailed as exc:
+            return outcome_of(exc)
+        fut = self._client.begin(
+            conn, data, head_only=head_only, limit=BUFFER_LIMIT, within=within, convert=outcome_of
+        )
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+
     async def attempt(
         self,
         gw: Gateway,
@@ -184,3 +249,21 @@ class Forwarder:
             return Reply(resp.status, resp.headers, data, resp)
         resp.release()
         return Reply(resp.status, resp.headers, data)
+
+
+def outcome_of(value: Response | UpstreamError) -> Reply | AttemptFailed:
+    """What an exchange's end means for the request: a reply, or a typed failure saying
+    whether the gateway may have seen the request."""
+    if isinstance(value, Response):
+        if value.streaming:
+            return Reply(value.status, value.headers, value.body, value)
+        return Reply(value.status, value.headers, value.body)
+    if isinstance(value, ConnectFailed):
+        return AttemptFailed(Outcome.CONNECT_FAILURE, str(value), sent=False)
+    if isinstance(value, Expired):
+        return AttemptFailed(Outcome.TIMEOUT, str(value), sent=True)
+    if isinstance(value, BadResponse):
+        return AttemptFailed(Outcome.BAD_RESPONSE, str(value), sent=True)
+    # ConnectionLost, also on a reused connection before any response byte: the gateway
+    # may have read the request, so this is never "provably unsent".
+    return AttemptFailed(Outcome.RESET, str(value), sent=True)

@@ -86,7 +86,7 @@ class Dispatch:
         clock = self.clock
         now = clock.now()
         deadline = now + timeouts.total
-        live: dict[asyncio.Task[Result], Attempt] = {}
+        live: dict[asyncio.Future[Result], Attempt] = {}
         current: Attempt | None = None
         per_try_end = deadline
         next_at = now
@@ -205,50 +205,62 @@ class Dispatch:
             if self.idempotent
             else self.plan.route.timeouts.abandoned
         )
-        att.task = spawn_owned(self._send(att, cap), name=f"attempt:{st.name}:{att.attempt_id}")
-        return att
-
-    async def _send(self, att: Attempt, cap: float) -> Result:
         headers = self.headers.copy()
         headers[self.attempt_header] = att.attempt_id
-        if self.tracing is not None:
-            return await self._send_traced(att, cap, headers, self.tracing)
-        return await self._exchange(att, cap, headers)
+        if self.tracing is None:
+            att.task = self._exchange(att, cap, headers)
+        else:
+            att.task = spawn_owned(
+                self._send_traced(att, cap, headers, self.tracing),
+                name=f"attempt:{st.name}:{att.attempt_id}",
+            )
+        return att
 
     async def _send_traced(
         self, att: Attempt, cap: float, headers: CIMultiDict[str], tracing: Tracing
     ) -> Result:
         with tracing.attempt_span(att.gateway.name, att.attempt_id, len(self.attempts)) as span:
             tracing.inject(headers)
-            result = await self._exchange(att, cap, headers)
+            exchange = self._exchange(att, cap, headers)
+            try:
+                result = await exchange
+            except asyncio.CancelledError:
+                exchange.cancel()
+                raise
             if isinstance(result, AttemptFailed):
                 tracing.record_outcome(span, None, result.outcome.value, error=True)
             else:
                 tracing.record_outcome(span, result.status, "answered", error=result.status >= 500)
             return result
 
-    async def _exchange(self, att: Attempt, cap: float, headers: CIMultiDict[str]) -> Result:
-        timeouts = self.plan.route.timeouts
+    def _exchange(
+        self, att: Attempt, cap: float, headers: CIMultiDict[str]
+    ) -> asyncio.Future[Result]:
         try:
-            async with asyncio.timeout(cap):
-                return await self.forwarder.attempt(
-                    att.gateway,
-                    self.method,
-                    self.path_qs,
-                    headers,
-                    self.body,
-                    connect_timeout=timeouts.connect,
-                )
-        except TimeoutError:
-            return AttemptFailed(Outcome.TIMEOUT, f"no answer within {cap:g}s", sent=True)
-        except AttemptFailed as failure:
-            return failure
+            return self._start_exchange(att, cap, headers)
         except Exception as exc:  # a bug, not a gateway failure: ambiguous, and loud
             logger.exception("attempt %s crashed", att.attempt_id)
-            return AttemptFailed(Outcome.BAD_RESPONSE, f"internal error: {exc!r}", sent=True)
+            failed: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            failed.set_result(
+                AttemptFailed(Outcome.BAD_RESPONSE, f"internal error: {exc!r}", sent=True)
+            )
+            return failed
+
+    def _start_exchange(
+        self, att: Attempt, cap: float, headers: CIMultiDict[str]
+    ) -> asyncio.Future[Result]:
+        return self.forwarder.start(
+            att.gateway,
+            self.method,
+            self.path_qs,
+            headers,
+            self.body,
+            connect_timeout=self.plan.route.timeouts.connect,
+            within=cap,
+        )
 
     def _judge(
-        self, att: Attempt, task: asyncio.Task[Result], now: float
+        self, att: Attempt, task: asyncio.Future[Result], now: float
     ) -> tuple[Outcome | None, Reply | None, AttemptFailed | None]:
         """(failure outcome or None for a definitive answer, reply, failure)."""
         retry = self.plan.route.retry
@@ -332,7 +344,9 @@ class Dispatch:
         n = max(0, len(self.attempts) - 1)
         return random.uniform(0, min(b.max, b.base * (2**n)))
 
-    def _abandon(self, att: Attempt, now: float, live: dict[asyncio.Task[Result], Attempt]) -> None:
+    def _abandon(
+        self, att: Attempt, now: float, live: dict[asyncio.Future[Result], Attempt]
+    ) -> None:
         """Stop waiting for `att` on the per-try timer; its exchange may go on (bounded)."""
         att.abandoned = True
         att.sent_unresolved = True
@@ -358,7 +372,7 @@ class Dispatch:
         return (reply, att)
 
     def _win(
-        self, att: Attempt, reply: Reply, live: dict[asyncio.Task[Result], Attempt]
+        self, att: Attempt, reply: Reply, live: dict[asyncio.Future[Result], Attempt]
     ) -> Settled:
         self.winner = att
         att.sent_unresolved = False
@@ -428,7 +442,7 @@ class Dispatch:
             )
         return Settled(None, None, self.attempts, self.tried, err)
 
-    def _deadline(self, live: dict[asyncio.Task[Result], Attempt]) -> Settled:
+    def _deadline(self, live: dict[asyncio.Future[Result], Attempt]) -> Settled:
         now = self.clock.now()
         for att in list(live.values()):
             if not att.abandoned:
@@ -469,7 +483,7 @@ class Dispatch:
             return
         on_late = self.on_late
 
-        def done(t: asyncio.Task[Result]) -> None:
+        def done(t: asyncio.Future[Result]) -> None:
             if t.cancelled():
                 return
             result = t.result()

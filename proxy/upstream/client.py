@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 logger = logging.getLogger(__name__)
 
 Origin = tuple[str, str, int]  # scheme, host, port
+T = TypeVar("T")
 
 MAX_STATUS_LINE = 8190
 MAX_HEADERS = 128
@@ -53,6 +54,14 @@ class BadResponse(UpstreamError):
     """The gateway's answer is not HTTP/1.1 we accept."""
 
 
+class Expired(UpstreamError):
+    """The exchange outlived the time its caller gave it; the connection was closed."""
+
+
+def _same(value: Response | UpstreamError) -> Response | UpstreamError:
+    return value
+
+
 class _Connection(asyncio.Protocol):
     """One connection to an origin, carrying one exchange at a time."""
 
@@ -64,6 +73,11 @@ class _Connection(asyncio.Protocol):
         self.parser = HttpResponseParser(self)
         self.parser_spent = False  # after HEAD it still expects the announced body
         self.waiter: asyncio.Future[None] | None = None
+        # An exchange reported through a future rather than awaited by a task (`begin`).
+        self.result: asyncio.Future[Any] | None = None
+        self.convert: Callable[[Response | UpstreamError], Any] = _same
+        self.limit = 0
+        self.timer: asyncio.TimerHandle | None = None
         self.busy = False
         self.idle_since = 0.0
         self.begin(head_only=False)
@@ -128,10 +142,56 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def _settle(self) -> None:
+        """Resolve a future-reported exchange once its outcome is known: the whole body in,
+        more body than the caller buffers (then it streams), or a failure."""
+        fut = self.result
+        if fut is None:
+            return
+        if fut.done():  # cancelled by the caller
+            self.result = None
+            return
+        if self.error is not None:
+            outcome: Response | UpstreamError = self.error
+        elif self.done:
+            outcome = Response(self)
+            outcome.body = b"".join(self.take())
+        elif self.head_done and (
+            self.buffered > self.limit or (self.length is not None and self.length > self.limit)
+        ):
+            outcome = Response(self)
+            outcome.body = b"".join(self.take())
+            outcome.streaming = True
+        else:
+            return
+        self.result = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        value = self.convert(outcome)
+        if isinstance(outcome, Response) and not outcome.streaming:
+            outcome.release()
+        fut.set_result(value)
+
+    def _expire(self) -> None:
+        self.timer = None
+        self._fail(Expired("no complete answer within the time given"))
+        self._settle()
+
+    def _cancelled(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            self.result = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.busy = False
+            self.abort()
+
     def _fail(self, error: UpstreamError) -> None:
         self.error = self.error or error
         self.abort()
         self._wake()
+        self._settle()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -147,6 +207,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.head_done and exc is None and self.length is None and not self.chunked:
             self._complete()  # a body without framing ends when the gateway closes
+            self._settle()
         else:
             self._fail(ConnectionLost(f"connection lost: {exc or 'closed by the gateway'}"))
 
@@ -169,6 +230,8 @@ class _Connection(asyncio.Protocol):
             # Also bounds a head that never ends (headers are counted as they complete).
             if not self.head_done and self.head_bytes > 2 * MAX_HEAD_BYTES:
                 self._fail(BadResponse(f"response head exceeds {MAX_HEAD_BYTES} bytes"))
+        if self.result is not None:
+            self._settle()
 
     def _parse_failed(self, exc: HttpParserError) -> None:
         if self.done:
@@ -226,7 +289,13 @@ class _Connection(asyncio.Protocol):
             return
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        # While a future-reported exchange buffers up to its limit, reading goes on.
+        if (
+            self.buffered > HIGH_WATER
+            and self.result is None
+            and not self.paused
+            and self.transport is not None
+        ):
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -250,10 +319,12 @@ class Response:
     anything else closes it.
     """
 
-    __slots__ = ("_conn", "content_length", "headers", "status")
+    __slots__ = ("_conn", "body", "content_length", "headers", "status", "streaming")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
+        self.body = b""  # with `begin`: the whole body, or what came before streaming
+        self.streaming = False
         self.status = conn.status
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(conn.raw))
         bodiless = conn.head_only or conn.status in (204, 304)
@@ -334,6 +405,41 @@ class UpstreamClient:
             conn.busy = False
             conn.abort()
             raise
+
+    def begin(
+        self,
+        conn: _Connection,
+        data: bytes,
+        *,
+        head_only: bool,
+        limit: int,
+        within: float,
+        convert: Callable[[Response | UpstreamError], T],
+    ) -> asyncio.Future[T]:
+        """Write `data` on `conn` and report the exchange through a future, with no task
+        of its own: it resolves to `convert` of the Response (body read whole up to `limit`
+        bytes, else streaming) or of the UpstreamError that ended it; past `within` seconds
+        that error is `Expired`. Cancelling the future closes the connection."""
+        fut: asyncio.Future[T] = conn.loop.create_future()
+        conn.send(data, head_only=head_only)
+        conn.result, conn.limit, conn.convert = fut, limit, convert
+        conn.timer = conn.loop.call_later(within, conn._expire)
+        fut.add_done_callback(conn._cancelled)
+        return fut
+
+    def idle(self, origin: Origin) -> _Connection | None:
+        """A pooled connection to `origin` ready for a request, if there is one."""
+        return self._take_idle(origin)
+
+    async def connect(self, origin: Origin, connect_timeout: float) -> _Connection:
+        """A new connection to `origin`; raises ConnectFailed."""
+        return await self._connect(origin, connect_timeout)
+
+    def encode(
+        self, origin: Origin, method: str, target: str, headers: CIMultiDict[str], body: bytes
+    ) -> bytes:
+        """The request as bytes for one write; ValueError for a head that would split."""
+        return self._encode(origin, method, target, headers, body)
 
     def idle_count(self, origin: Origin) -> int:
         return len(self._idle.get(origin, ()))
