@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -299,13 +299,21 @@ def _write(stream: IO[bytes], data: bytes) -> None:
     stream.flush()
 
 
-class _DroppedCollector(Collector):
-    """Reads each sink's own drop count at scrape time, so there is one source of truth."""
+class _EventCollector(Collector):
+    """Reads the bus's per-kind counts and each sink's own drop count at scrape time: plain
+    integers on the emit path instead of a locked metric value per event."""
 
-    def __init__(self, sinks: Sequence[Sink]) -> None:
+    def __init__(self, sinks: Sequence[Sink], counts: dict[str, int]) -> None:
         self._sinks = sinks
+        self._counts = counts
 
     def collect(self) -> Iterable[CounterMetricFamily]:
+        emitted = CounterMetricFamily(
+            "payswitch_events", "Events emitted, by kind.", labels=["kind"]
+        )
+        for kind, n in list(self._counts.items()):
+            emitted.add_metric([kind], float(n))
+        yield emitted
         family = CounterMetricFamily(
             "payswitch_events_dropped",
             "Events a sink lost: queue full, delivery given up, or closed before delivery.",
@@ -333,17 +341,10 @@ class EventBus:
         self.clock = clock
         self._reported: set[str] = set()
         self._checked: set[str] = set()
-        self._children: dict[str, Counter] = {}
+        self._counts: dict[str, int] = {}
         self._min = min((s.min_severity for s in self.sinks), default=Severity.CRITICAL + 1)
-        self._total: Counter | None = None
         if registry is not None:
-            self._total = Counter(
-                "payswitch_events",
-                "Events emitted, by kind.",
-                ["kind"],
-                registry=registry,
-            )
-            registry.register(_DroppedCollector(self.sinks))
+            registry.register(_EventCollector(self.sinks, self._counts))
 
     def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
         try:
@@ -358,11 +359,8 @@ class EventBus:
             for problem in problems(kind, fields):
                 self._report_once(problem, "bad event: %s", problem)
             self._checked.add(kind)
-        if self._total is not None:
-            child = self._children.get(kind)
-            if child is None:
-                child = self._children[kind] = self._total.labels(kind)
-            child.inc()
+        counts = self._counts
+        counts[kind] = counts.get(kind, 0) + 1
         if severity < self._min:
             return
         event = make_event(kind, severity, self.clock.wall(), fields)
