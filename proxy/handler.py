@@ -144,6 +144,8 @@ class ProxyHandler:
                 )
             raise
         inflight.pop(dispatch.transaction_id, None)
+        if len(dispatch.attempts) > 1:
+            self._count_retries(dispatch)
         status, headers, body, error = self._response_parts(dispatch, settled)
         if isinstance(error, errors.NoGatewayAvailable):
             rt.all_down(
@@ -174,6 +176,12 @@ class ProxyHandler:
         if reply is not None and reply.stream is not None:
             return await _stream(request, reply, headers)
         return web.Response(status=status, headers=headers, body=body)
+
+    def _count_retries(self, dispatch: Dispatch) -> None:
+        """Each attempt after the first, by why the one before it was left."""
+        why = {t.attempt_id: t.outcome for t in dispatch.tried if t.attempt_id}
+        for prev in dispatch.attempts[:-1]:
+            self.rt.metrics.retry(dispatch.plan.name, why.get(prev.attempt_id, "answered"))
 
     def _response_parts(
         self, dispatch: Dispatch, settled: Settled
