@@ -71,6 +71,9 @@ class _Metrics:
                 gauge.remove(name)
 
 
+_OUT = Flag.DRAINING | Flag.ACTIVE_FAILED
+
+
 @dataclasses.dataclass(slots=True)
 class _Sources:
     """Every health source of one gateway, alive as long as its `GatewayState`."""
@@ -142,11 +145,8 @@ class Health:
 
     def _refusal(self, src: _Sources, now: float) -> str | None:
         flags = src.st.flags
-        if flags:  # enum flag arithmetic is slow; most gateways carry no flag at all
-            if flags & Flag.DRAINING:
-                return "draining"
-            if flags & Flag.ACTIVE_FAILED:
-                return "active-failed"
+        if flags and flags & _OUT:  # enum flag arithmetic is slow: one test, most have none
+            return "draining" if flags & Flag.DRAINING else "active-failed"
         return (
             src.outlier.admit(now)
             or src.limiter.check_throttle(now)
@@ -182,7 +182,9 @@ class Health:
             src.limiter.throttle(retry_after, now)
         src.outlier.finished(outcome, latency, now)
         src.degradation.observe(outcome, latency, now, self._exploration_floor(st))
-        if self._metrics is not None and st.score != src.reported_score:
+        # The gauge moves in steps of 0.01: writing every tiny drift costs a locked update
+        # per request for nothing a dashboard shows.
+        if self._metrics is not None and abs(st.score - src.reported_score) >= 0.01:
             src.reported_score = st.score
             self._metrics.score.labels(st.name).set(st.score)
 
