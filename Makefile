@@ -52,3 +52,11 @@ reload-bench: $(STAMP)
 ## make scenarios: failover under faults (shared/ANCHORS.md), ~5 min; bench/scenarios.py --quick ~2 min
 scenarios: $(STAMP)
 	$(BIN)/python bench/scenarios.py
+
+## make payment-faults: double charges and what payswitch flags, per after_ambiguous policy;
+## then the latency cost of the idempotency layer (memory and Redis stores)
+payment-faults: $(STAMP)
+	$(BIN)/python bench/payment_faults.py
+	$(BIN)/python bench/idempotency_bench.py
+
+.PHONY: scenarios payment-faults
