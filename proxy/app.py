@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -285,12 +286,29 @@ def proxy_runner(rt: Runtime, *, shutdown_timeout: float = 60.0) -> web.ServerRu
     return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
 
 
+#: Allocations between young-generation collections. CPython's 700 makes a proxy at a few
+#: thousand requests a second collect hundreds of times a second; each request allocates
+#: short-lived objects that reference counting frees anyway.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Move everything built at start-up (modules, rules, runtime) out of the collector's
+    sight, and collect the young generation less often: fewer, cheaper collections, and no
+    full-heap pauses through objects that live as long as the process."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     from proxy.admin import build_admin_app
 
     rt = Runtime(settings)
     await rt.start()
+    _tune_gc()
     loop = asyncio.get_running_loop()
     traffic = proxy_runner(rt, shutdown_timeout=settings.shutdown_deadline)
     admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
