@@ -104,12 +104,6 @@ class OutcomeUnknown(ProxyError):
     slug = "outcome-unknown"
 
 
-class ShuttingDown(ProxyError):
-    status = 503
-    title = "Proxy is shutting down"
-    slug = "shutting-down"
-
-
 def problem_body(err: ProxyError, transaction_id: str | None = None) -> bytes:
     body: dict[str, object] = {
         "type": f"https://payswitch.dev/problems/{err.slug}",

@@ -20,10 +20,6 @@ _LE = [repr(b) for b in _BUCKETS]
 _LABELS = ("route", "gateway", "outcome")
 
 
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
 class _Series:
     """Count, sum and per-bucket counts of one label set; bucket i counts values <= _BUCKETS[i]."""
 

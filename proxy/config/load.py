@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -221,11 +221,3 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         best = jsonschema.exceptions.best_match(err.context)
         return str(best.message)
     return str(err.message)
-
-
-def iter_issues(paths: Iterable[str | os.PathLike[str]]) -> Iterator[ConfigIssue]:
-    """Every problem in the rules at `paths`; nothing when they are valid."""
-    try:
-        load_rules(paths)
-    except ConfigError as exc:
-        yield from exc.issues
