@@ -18,11 +18,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
-
-from proxy.admin import build_admin_app
-from proxy.app import Runtime, proxy_runner
+from proxy.app import Runtime, proxy_server
 from proxy.events import Event, Severity
+from proxy.server import ProxyServer
 from proxy.settings import Settings
 from proxy.sim import Behaviour, FakeGateway, Ledger
 from proxy.upstream.state import FlagChange, GatewayState
@@ -162,12 +160,6 @@ class World:
     timeline: Timeline
 
 
-def _port(runner: web.BaseRunner) -> int:
-    for addr in runner.addresses:
-        return int(addr[1])
-    raise RuntimeError("payswitch is not listening")
-
-
 @contextlib.asynccontextmanager
 async def world(*, degradation: bool) -> AsyncIterator[World]:
     """Three healthy gateways and a payswitch in front of them; all torn down on exit."""
@@ -179,7 +171,7 @@ async def world(*, degradation: bool) -> AsyncIterator[World]:
         for name, provider in PROVIDERS.items()
     }
     timeline = Timeline()
-    runners: list[web.BaseRunner] = []
+    traffic: ProxyServer | None = None
     rt: Runtime | None = None
     with tempfile.TemporaryDirectory(prefix="payswitch-scenario-") as tmp:
         try:
@@ -199,21 +191,15 @@ async def world(*, degradation: bool) -> AsyncIterator[World]:
             )
             rt = Runtime(settings, sinks=[timeline])
             await rt.start()
-            started: list[web.BaseRunner] = [
-                proxy_runner(rt, shutdown_timeout=1.0),
-                web.AppRunner(build_admin_app(rt), access_log=None, shutdown_timeout=1.0),
-            ]
-            for one in started:
-                await one.setup()
-                await web.TCPSite(one, "127.0.0.1", 0).start()
-                runners.append(one)
+            traffic = proxy_server(rt)
+            await traffic.start("127.0.0.1", 0)
             for st in rt.states.values():
                 st.subscribe(timeline.on_flag)
-            yield World(gws, ledger, rt, f"http://127.0.0.1:{_port(runners[0])}", timeline)
+            yield World(gws, ledger, rt, f"http://127.0.0.1:{traffic.port}", timeline)
         finally:
             for gw in gws.values():
                 await gw.stop()
-            for runner in runners:
-                await runner.cleanup()
+            if traffic is not None:
+                await traffic.close(1.0)
             if rt is not None:
                 await rt.close()

@@ -42,6 +42,7 @@ from proxy.metrics import Metrics
 from proxy.payments import Payments
 from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
+from proxy.server import ProxyServer
 from proxy.settings import Settings
 from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
@@ -276,14 +277,10 @@ def _sinks(settings: Settings) -> list[Sink]:
     return sinks
 
 
-def proxy_runner(rt: Runtime, *, shutdown_timeout: float = 60.0) -> web.ServerRunner:
-    """The traffic listener's runner: every request goes to the proxy handler.
-
-    A bare `web.Server` rather than an Application: the proxy has one handler for every
-    path, so URL dispatch and middleware chains would be per-request work for nothing.
-    """
-    server = web.Server(ProxyHandler(rt).handle, access_log=None, max_field_size=16384)
-    return web.ServerRunner(server, handle_signals=False, shutdown_timeout=shutdown_timeout)
+def proxy_server(rt: Runtime) -> ProxyServer:
+    """The traffic listener: every request goes to the proxy handler."""
+    handler = ProxyHandler(rt)
+    return ProxyServer(handler.handle, handler.body_cap)
 
 
 #: Allocations between young-generation collections. CPython's 700 makes a proxy at a few
@@ -310,13 +307,10 @@ async def serve(settings: Settings) -> int:
     await rt.start()
     _tune_gc()
     loop = asyncio.get_running_loop()
-    traffic = proxy_runner(rt, shutdown_timeout=settings.shutdown_deadline)
+    traffic = proxy_server(rt)
     admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
-    await traffic.setup()
     await admin_runner.setup()
-    await web.TCPSite(
-        traffic, settings.listen[0], settings.listen[1], backlog=1024, reuse_address=True
-    ).start()
+    await traffic.start(settings.listen[0], settings.listen[1], backlog=1024)
     await web.TCPSite(
         admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
     ).start()
@@ -339,7 +333,7 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     # Kubernetes keeps sending for a moment after readiness fails: keep serving that long.
     await asyncio.sleep(settings.shutdown_grace)
-    await traffic.cleanup()  # stops accepting, waits for in-flight up to the deadline
+    await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
     await admin_runner.cleanup()
     await rt.close()
     return 0

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
+
+from proxy.server import Answer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +51,20 @@ class BadRequest(ProxyError):
     status = 400
     title = "Bad request"
     slug = "bad-request"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    title = "Request timeout"
+    slug = "request-timeout"
+
+
+class ClientClosed(ProxyError):
+    """The client went away before its request was whole; nginx's 499 in the logs."""
+
+    status = 499
+    title = "Client closed request"
+    slug = "client-closed"
 
 
 class NoRoute(ProxyError):
@@ -134,10 +149,6 @@ def problem_body(err: ProxyError, transaction_id: str | None = None) -> bytes:
     return orjson.dumps(body)
 
 
-def problem_response(err: ProxyError, transaction_id: str | None = None) -> web.Response:
-    return web.Response(
-        status=err.status,
-        body=problem_body(err, transaction_id),
-        content_type="application/problem+json",
-        headers=err.headers,
-    )
+def problem_response(err: ProxyError, transaction_id: str | None = None) -> Answer:
+    headers = {**err.headers, "Content-Type": "application/problem+json"}
+    return Answer(err.status, headers, problem_body(err, transaction_id))

@@ -9,10 +9,10 @@ Must not: choose gateways or judge attempts (retry, balancer) or parse rules (co
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
@@ -20,11 +20,12 @@ from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
-from proxy.forward import AttemptFailed, Reply, response_headers, upstream_headers
+from proxy.forward import response_headers, upstream_headers
 from proxy.ids import new_id
 from proxy.payments import Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
+from proxy.server import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
@@ -36,7 +37,11 @@ class ProxyHandler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def body_cap(self) -> int:
+        """The largest request body any route of the current rules accepts."""
+        return self.rt.store.current.compiled.max_body
+
+    async def handle(self, request: Request) -> Answer:
         rt = self.rt
         started = time.monotonic()
         snapshot = rt.store.current
@@ -50,6 +55,9 @@ class ProxyHandler:
                 raise errors.BadRequest("request target must be an absolute path")
             method = request.method
             path = request.path
+            if "/." in path and _DOT_SEGMENT.search(path):
+                # Matched as one path, resolved as another by the gateway: never routed.
+                raise errors.BadRequest("request path must not contain . or .. segments")
             headers = request.headers
             body = await _read_body(request, router, method, path)
             plan = (
@@ -69,7 +77,7 @@ class ProxyHandler:
             ticket: Ticket | None = None
             if plan.route.idempotency is not None and method not in IDEMPOTENT_METHODS:
                 claimed = await rt.payments.claim(plan, method, raw_path, headers, body)
-                if isinstance(claimed, web.Response):
+                if isinstance(claimed, Answer):
                     self._account(
                         request, plan, region, None, None, claimed.status, started, (), "replayed"
                     )
@@ -125,8 +133,8 @@ class ProxyHandler:
             return resp
 
     async def _dispatch(
-        self, request: web.BaseRequest, dispatch: Dispatch, ticket: Ticket | None, started: float
-    ) -> web.StreamResponse:
+        self, request: Request, dispatch: Dispatch, ticket: Ticket | None, started: float
+    ) -> Answer:
         rt = self.rt
         started_wall = time.time()
         self._transaction_event("transaction.pending", dispatch, None, None, started)
@@ -174,8 +182,10 @@ class ProxyHandler:
         )
         reply = settled.reply
         if reply is not None and reply.stream is not None:
-            return await _stream(request, reply, headers)
-        return web.Response(status=status, headers=headers, body=body)
+            # A large answer goes on as it arrives; the server releases the upstream.
+            stream, reply.stream = reply.stream, None
+            return Answer(status, headers, body or b"", stream=stream, length=stream.content_length)
+        return Answer(status, headers, body or b"")
 
     def _count_retries(self, dispatch: Dispatch) -> None:
         """Each attempt after the first, by why the one before it was left."""
@@ -237,7 +247,7 @@ class ProxyHandler:
 
     def _account(
         self,
-        request: web.BaseRequest,
+        request: Request,
         plan: RoutePlan | None,
         region: str | None,
         txn_id: str | None,
@@ -272,6 +282,8 @@ class ProxyHandler:
             )
 
 
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+
 _EVENT_OF_STATE = {"SUCCESS": "succeeded", "FAILURE": "failed", "UNKNOWN": "unknown"}
 
 
@@ -292,60 +304,23 @@ def _interrupted(dispatch: Dispatch) -> Settled:
     )
 
 
-#: aiohttp's own read() refuses bodies over its client_max_size (1 MiB); the cap was checked
-#: above, so larger ones are read by length.
-_READ_WHOLE = 1024 * 1024
-
-
-async def _read_body(request: web.BaseRequest, router: Router, method: str, path: str) -> bytes:
+async def _read_body(request: Request, router: Router, method: str, path: str) -> bytes:
     """The whole request body, refusing more than any route could accept."""
     cap = router.max_body
     length = request.content_length
-    if length is not None:
-        if length > cap:
-            plan = router.match_without_body(method, path, request.headers)
-            raise errors.BodyTooLarge(
-                f"request body is {length} bytes; at most {plan.route.max_body if plan else cap} accepted",
-                route=plan.name if plan else None,
-            )
-        if length == 0:
-            return b""
-        if length <= _READ_WHOLE:
-            return await request.read()  # the cheaper path for the common small payment
-        return await request.content.readexactly(length)
-    if not request.body_exists:
-        return b""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise errors.BodyTooLarge(f"request body exceeds {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _stream(
-    request: web.BaseRequest, reply: Reply, headers: CIMultiDict[str]
-) -> web.StreamResponse:
-    """Send a large answer as it arrives; a gateway dying mid-body aborts the connection
-    rather than pass off a truncated body as complete."""
-    upstream = reply.stream
-    assert upstream is not None
-    resp = web.StreamResponse(status=reply.status, headers=headers)
-    if upstream.content_length is not None:
-        resp.content_length = upstream.content_length
-    await resp.prepare(request)
+    if length is not None and length > cap:
+        plan = router.match_without_body(method, path, request.headers)
+        raise errors.BodyTooLarge(
+            f"request body is {length} bytes; at most {plan.route.max_body if plan else cap} accepted",
+            route=plan.name if plan else None,
+        )
     try:
-        if reply.body:
-            await resp.write(reply.body)
-        async for chunk in upstream.content.iter_any():
-            await resp.write(chunk)
-        await resp.write_eof()
-    except (OSError, AttemptFailed, Exception) as exc:
-        logger.warning("response stream from gateway cut off: %r", exc)
-        if request.transport is not None:
-            request.transport.abort()
-    finally:
-        upstream.release()
-    return resp
+        return await request.read(cap)
+    except BodyOverCap:
+        raise errors.BodyTooLarge(f"request body exceeds {cap} bytes") from None
+    except MalformedBody as exc:
+        raise errors.BadRequest(f"malformed request body: {exc}") from None
+    except BodyTimeout as exc:
+        raise errors.RequestTimeout(str(exc)) from None
+    except ClientClosed as exc:
+        raise errors.ClientClosed(str(exc)) from None

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import errors
@@ -36,6 +35,7 @@ from proxy.idempotency import (
 )
 from proxy.metrics import Metrics
 from proxy.routing import RoutePlan
+from proxy.server import Answer
 
 if TYPE_CHECKING:
     from proxy.attempt import Attempt, Settled
@@ -75,7 +75,7 @@ class Payments:
         raw_path: str,
         headers: CIMultiDictProxy[str],
         body: bytes,
-    ) -> Ticket | web.Response | None:
+    ) -> Ticket | Answer | None:
         """A Ticket to proceed with, a response to send instead (replay, 409, 422), or None
         when the route or method does not use idempotency keys. Raises ProxyError (400)."""
         policy = plan.route.idempotency
@@ -117,11 +117,9 @@ class Payments:
         if isinstance(result, Completed):
             self._count(plan, "replayed")
             stored = result.response
-            out = web.Response(
-                status=stored.status, body=stored.body, headers=CIMultiDict(stored.headers)
-            )
-            out.headers[REPLAYED_HEADER] = "true"
-            return out
+            replayed = CIMultiDict(stored.headers)
+            replayed[REPLAYED_HEADER] = "true"
+            return Answer(stored.status, replayed, stored.body)
         if isinstance(result, InFlight):
             self._count(plan, "conflict")
             raise errors.Conflict(

@@ -1,4 +1,4 @@
-"""Shared test harness: a real payswitch (proxy and admin apps on loopback sockets) over
+"""Shared test harness: a real payswitch (traffic and admin listeners on loopback sockets) over
 real simulated gateways, and a sink that records events."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import textwrap
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.admin import build_admin_app
-from proxy.app import Runtime, proxy_runner
+from proxy.app import Runtime, proxy_server
 from proxy.events import Event, Severity
+from proxy.server import ProxyServer
 from proxy.settings import Settings
 from proxy.sim import FakeGateway, Ledger
 
@@ -59,7 +60,8 @@ class Proxy:
     rules_dir: Path
     events: RecordingSink
     session: aiohttp.ClientSession
-    runners: list[web.BaseRunner] = field(default_factory=list)
+    server: ProxyServer
+    admin: web.BaseRunner
 
     async def post(
         self, path: str = "/v1/deposits", **kw: Any
@@ -97,29 +99,28 @@ async def running_proxy(rules: str, tmp_path: Path, **overrides: Any) -> AsyncIt
     sink = RecordingSink()
     rt = Runtime(settings, sinks=[sink])
     await rt.start()
-    runners: list[web.BaseRunner] = [
-        proxy_runner(rt),
-        web.AppRunner(build_admin_app(rt), access_log=None),
-    ]
-    for r in runners:
-        await r.setup()
-        await web.TCPSite(r, "127.0.0.1", 0).start()
+    traffic = proxy_server(rt)
+    await traffic.start("127.0.0.1", 0)
+    admin = web.AppRunner(build_admin_app(rt), access_log=None)
+    await admin.setup()
+    await web.TCPSite(admin, "127.0.0.1", 0).start()
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     proxy = Proxy(
         rt=rt,
-        url=f"http://127.0.0.1:{_port(runners[0])}",
-        admin_url=f"http://127.0.0.1:{_port(runners[1])}",
+        url=f"http://127.0.0.1:{traffic.port}",
+        admin_url=f"http://127.0.0.1:{_port(admin)}",
         rules_dir=rules_dir,
         events=sink,
         session=session,
-        runners=runners,
+        server=traffic,
+        admin=admin,
     )
     try:
         yield proxy
     finally:
         await session.close()
-        for r in runners:
-            await r.cleanup()
+        await traffic.close(60.0)
+        await admin.cleanup()
         await rt.close()
 
 

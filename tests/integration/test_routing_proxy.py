@@ -195,6 +195,21 @@ async def test_body_over_the_route_cap_gets_413(tmp_path: Path, chunked: bool) -
             assert status == 200
 
 
+async def test_paths_match_decoded_are_forwarded_as_sent_and_dot_segments_refused(
+    tmp_path: Path,
+) -> None:
+    async with gateways("g1") as g:
+        async with running_proxy(rules({"g1": g["g1"].url}, regions={"g1": "eu"}), tmp_path) as p:
+            status, _, _ = await p.post("/v1/%64eposits/a%20b?x=1")
+            assert status == 200
+            assert [s.path for s in g["g1"].requests("/")] == ["/v1/%64eposits/a%20b?x=1"]
+            for sneaky in ("/v1/deposits/../admin", "/v1/deposits/%2e%2e/admin", "/v1/deposits/."):
+                status, _, body = await p.post(sneaky)
+                assert status == 400, sneaky
+                assert "segments" in orjson.loads(body)["detail"]
+            assert len(g["g1"].requests("/")) == 1
+
+
 async def test_error_statuses_have_problem_bodies(tmp_path: Path) -> None:
     async with gateways("g1", "g2") as g:
         text = rules({n: gw.url for n, gw in g.items()}, regions=dict.fromkeys(g, "eu"))
