@@ -11,7 +11,7 @@ import pytest
 
 from proxy.sim import Behaviour
 from proxy.upstream.state import Flag
-from tests.support import gateways, running_proxy
+from tests.support import eventually, gateways, running_proxy
 
 
 def rules(
@@ -208,6 +208,22 @@ async def test_paths_match_decoded_are_forwarded_as_sent_and_dot_segments_refuse
                 assert status == 400, sneaky
                 assert "segments" in orjson.loads(body)["detail"]
             assert len(g["g1"].requests("/")) == 1
+
+
+async def test_a_client_leaving_mid_body_is_counted_and_nothing_is_sent(tmp_path: Path) -> None:
+    async with gateways("g1") as g:
+        async with running_proxy(rules({"g1": g["g1"].url}, regions={"g1": "eu"}), tmp_path) as p:
+            host, port = p.url.removeprefix("http://").split(":")
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/deposits HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+            labels = {"route": "-", "gateway": "-", "outcome": "client-closed"}
+            await eventually(
+                lambda: p.rt.registry.get_sample_value("payswitch_requests_total", labels) == 1
+            )
+            assert not g["g1"].requests()
 
 
 async def test_error_statuses_have_problem_bodies(tmp_path: Path) -> None:
