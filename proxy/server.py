@@ -18,7 +18,10 @@ retries and accounting together. The admin listener stays on aiohttp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -38,11 +41,19 @@ MAX_FIELD = 16384  # one header line
 MAX_HEADERS = 128
 MAX_HEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 16  # parsed requests waiting their turn before reading pauses
+SLICE = 4096  # bytes parsed at a time when a read is larger: the pipelining check's grain
+#: Requests one slice can still hold past MAX_PIPELINED (4096 / 18-byte requests = 228);
+#: more are refused (503).
+MAX_WAITING = 256
+MAX_QUEUED_BODY = 1024 * 1024  # body bytes of waiting requests before reading pauses
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection is closed after this long
-READ_TIMEOUT = 60.0  # a request whose head or body stalls this long gets 408
+READ_TIMEOUT = 60.0  # a request head, or a body, must arrive whole within this long
+WRITE_TIMEOUT = 60.0  # a client that takes none of its answers this long is cut off
+LINGER = 2.0  # after a refusal, what the client still sends is read and dropped this long
 SWEEP_INTERVAL = 1.0
-#: Methods whose request carries a Content-Length even when the body is empty.
+#: Answers that never carry a body.
 _BODILESS_STATUS = frozenset({204, 304})
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 
 
 class BodyError(Exception):
@@ -111,13 +122,14 @@ class Request:
     __slots__ = (
         "_conn",
         "_waiter",
-        "chunks",
+        "body",
         "complete",
         "content_length",
         "error",
         "expect_continue",
         "headers",
         "host",
+        "http11",
         "keep_alive",
         "method",
         "over_cap",
@@ -125,6 +137,7 @@ class Request:
         "raw_path",
         "remote",
         "scheme",
+        "since",
         "size",
     )
 
@@ -136,6 +149,7 @@ class Request:
         headers: CIMultiDictProxy[str],
         content_length: int | None,
         keep_alive: bool,
+        http11: bool,
     ) -> None:
         self._conn: _Connection | None = conn
         self._waiter: asyncio.Future[None] | None = None
@@ -146,15 +160,19 @@ class Request:
         self.headers = headers
         self.content_length = content_length
         self.keep_alive = keep_alive
+        self.http11 = http11
         self.remote = conn.remote
         self.scheme = "http"
         self.host: str | None = headers.get("Host")
         self.expect_continue = False
-        self.chunks: list[bytes] = []
+        # One bytes object for the usual single-piece body; a bytearray once it arrives in
+        # pieces, so a body sent in tiny chunks costs its size, not an object per chunk.
+        self.body: bytes | bytearray = b""
         self.size = 0
         self.complete = False
         self.over_cap = False
         self.error: BodyError | None = None
+        self.since = conn.loop.time()  # when the head was complete
 
     async def read(self, cap: int) -> bytes:
         """The whole body, or a BodyError: over `cap` bytes, malformed, stalled, or the
@@ -177,8 +195,20 @@ class Request:
                 self._waiter = None
         if self.over_cap or self.size > cap:
             raise BodyOverCap(cap)
-        chunks = self.chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = self.body
+        if isinstance(body, bytearray):
+            body = self.body = bytes(body)
+        return body
+
+    def _add(self, piece: bytes) -> None:
+        body = self.body
+        if not body:
+            self.body = piece
+        elif isinstance(body, bytearray):
+            body += piece
+        else:
+            self.body = bytearray(body)
+            self.body += piece
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -196,7 +226,12 @@ class _Refusal(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: requests parsed in order, answered one at a time."""
+    """One client connection: requests parsed in order, answered one at a time.
+
+    Reading stays on while the current request's body is arriving; it pauses while parsed
+    requests wait their turn beyond MAX_PIPELINED or MAX_QUEUED_BODY bytes, and while the
+    client is not reading its answers (the next request is not started until it does).
+    """
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -204,15 +239,27 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.parser = HttpRequestParser(self)
-        self.incoming: Request | None = None  # the request whose head or body is arriving
+        self.incoming: Request | None = None  # the request whose body is arriving
         self.waiting: deque[Request] = deque()  # parsed, not yet handed to the handler
+        self.queued_bytes = 0  # body bytes of the waiting requests
+        self.backlog = b""  # received, not yet parsed: the pipelining limits were reached
         self.current: Request | None = None  # with the handler now
         self.refusal: _Refusal | None = None  # answered once the current request is done
-        self.stop_parsing = False
+        self.stop_parsing = False  # nothing more is read as requests on this connection
+        self.last_answer = False  # the answer being written says Connection: close
+        self.aborted = False
         self.read_paused = False
         self.write_paused = False
+        self.write_paused_at = 0.0
+        self.held = False  # the next request waits until the client reads its answers
         self.drain: asyncio.Future[None] | None = None
-        self.last_read = self.loop.time()
+        self.closing_at: float | None = None  # when close() was asked, for the sweep
+        self.linger_until: float | None = None
+        self.eof = False  # the client half-closed
+        now = self.loop.time()
+        self.idle_since = now
+        self.head_since = now
+        self.unparsed = 0  # bytes fed since the parser last completed anything
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -220,7 +267,9 @@ class _Connection(asyncio.Protocol):
         self.fields: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
         self.length: int | None = None
+        self.chunked = False
         self.expect = False
+        self.hosts = 0
         self.in_head = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -241,31 +290,76 @@ class _Connection(asyncio.Protocol):
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
 
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what was received whole, then close."""
+        if self.backlog and not self.stop_parsing:
+            data, self.backlog = self.backlog, b""
+            self._parse(data)  # at most one read more than the limits: parsed now
+        self.eof = True
+        self.stop_parsing = True
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            incoming.error = ClientClosed("the client closed the connection mid-body")
+            incoming._wake()
+            if incoming in self.waiting:
+                self.waiting.remove(incoming)
+        # Keep the write side open for the answers still owed; else close now.
+        owed = self.current is not None or bool(self.waiting)
+        return owed and self.linger_until is None
+
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.loop.time()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
+        if self.held:
+            self.held = False
+            self._next()
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = self.loop.time()
         if self.stop_parsing:
+            return  # after a refusal or an upgrade: read and dropped (lingering close)
+        if self.backlog:
+            self.backlog += data  # a read that raced the pause
             return
-        if self.in_head or self.incoming is None:
-            # httptools gathers a header line across reads before calling back: bound it.
-            self.head_bytes += len(data)
-            if self.head_bytes > 2 * MAX_HEAD_BYTES:
-                self._refuse(_Refusal(431, f"request head exceeds {MAX_HEAD_BYTES} bytes"))
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data`; past the pipelining limits, keep the rest for later instead.
+
+        A large read is parsed in slices, so a client pipelining many small requests in
+        one write is paused between them rather than parsed all at once (httptools cannot
+        stop part-way through what it is given).
+        """
+        if len(data) <= SLICE:
+            self._parse(data)
+            return
+        for start in range(0, len(data), SLICE):
+            if self.stop_parsing:
                 return
+            if start and not self._room():
+                self.backlog = data[start:]
+                self._update_reading()
+                return
+            self._parse(data[start : start + SLICE])
+
+    def _room(self) -> bool:
+        """May more requests be parsed while earlier ones wait their turn?"""
+        return len(self.waiting) < MAX_PIPELINED and self.queued_bytes <= MAX_QUEUED_BODY
+
+    def _parse(self, data: bytes) -> None:
+        self.unparsed += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
-            # The request before the new protocol was parsed; it is answered over HTTP/1.1
-            # and the connection then closes (no protocol switch is offered).
+            # The bodiless request before the new protocol was parsed (one with a body is
+            # refused in on_headers_complete); it is answered over HTTP/1.1, then the
+            # connection closes: no protocol switch is offered.
             self.stop_parsing = True
-            self._pause_reading()
+            self._update_reading()
         except _Refusal as exc:
             self._refuse(exc)
         except HttpParserError as exc:
@@ -274,12 +368,18 @@ class _Connection(asyncio.Protocol):
                 self._refuse(cause)
             else:
                 self._refuse(_Refusal(400, f"malformed HTTP request: {exc}"))
+        else:
+            # httptools gathers a header line (or a trailer) across reads before calling
+            # back: bound what it can hold without completing anything.
+            if self.unparsed > MAX_HEAD_BYTES:
+                self._refuse(_Refusal(431, f"request head exceeds {MAX_HEAD_BYTES} bytes"))
 
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._reset_head()
         self.in_head = True
+        self.head_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.target += url
@@ -290,13 +390,25 @@ class _Connection(asyncio.Protocol):
         size = len(name) + len(value)
         if size > MAX_FIELD:
             raise _Refusal(431, f"a header field exceeds {MAX_FIELD} bytes")
+        self.head_bytes += size
         fields = self.fields
-        if len(fields) >= MAX_HEADERS:
-            raise _Refusal(431, f"more than {MAX_HEADERS} header fields")
+        if len(fields) >= MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
+            raise _Refusal(
+                431, f"more than {MAX_HEADERS} header fields or {MAX_HEAD_BYTES} bytes of them"
+            )
+        self.unparsed = 0
+        if not self.in_head:
+            return  # a trailer of a chunked body: bounded above, otherwise ignored
         fields.append((name, value))
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
             self.length = int(value)  # httptools has checked it is a number
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise _Refusal(501, "only the chunked transfer coding is supported")
+            self.chunked = True
+        elif n == 4 and name.lower() == b"host":
+            self.hosts += 1
         elif n == 6 and name.lower() == b"expect":
             if value.strip().lower() != b"100-continue":
                 raise _Refusal(417, "only Expect: 100-continue is supported")
@@ -304,6 +416,16 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _Refusal(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+        http11 = version == "1.1"
+        if self.hosts > 1 or (http11 and self.hosts == 0):
+            raise _Refusal(400, "an HTTP/1.1 request needs exactly one Host header")
+        if parser.should_upgrade() and (self.length or self.chunked):
+            # llhttp would hand the body over as the new protocol's bytes: refuse rather
+            # than forward a payment without its body.
+            raise _Refusal(400, "a protocol upgrade with a request body is not supported")
         headers = CIMultiDict(
             [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self.fields]
         )
@@ -314,19 +436,23 @@ class _Connection(asyncio.Protocol):
             CIMultiDictProxy(headers),
             self.length,
             parser.should_keep_alive(),
+            http11,
         )
-        req.expect_continue = self.expect
+        req.expect_continue = self.expect and http11
         self.in_head = False
+        self.unparsed = 0
         self.head_bytes = 0
         self.incoming = req
-        if self.current is None:
+        if self.current is None and not self.held:
             self._start(req)
+        elif len(self.waiting) >= MAX_WAITING:
+            raise _Refusal(503, f"more than {MAX_WAITING} pipelined requests waiting")
         else:
             self.waiting.append(req)
-            if len(self.waiting) >= MAX_PIPELINED:
-                self._pause_reading()
+            self._update_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.unparsed = 0
         req = self.incoming
         if req is None or req.over_cap:
             return
@@ -334,14 +460,19 @@ class _Connection(asyncio.Protocol):
         if req.size > self.server.body_cap():
             # Nothing more is kept; the handler refuses it and the connection closes.
             req.over_cap = True
-            req.chunks = []
+            req.body = b""
             self.stop_parsing = True
-            self._pause_reading()
+            self._update_reading()
         else:
-            req.chunks.append(body)
+            req._add(body)
+            if req is not self.current:
+                self.queued_bytes += len(body)
+                if self.queued_bytes > MAX_QUEUED_BODY:
+                    self._update_reading()
         req._wake()
 
     def on_message_complete(self) -> None:
+        self.unparsed = 0
         req = self.incoming
         if req is not None:
             req.complete = True
@@ -369,6 +500,11 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 logger.exception("writing the answer to %s %s failed", req.method, req.raw_path)
                 self._abort()
+        except BaseException:
+            # Cancelled with no answer written: the client must not read the next
+            # request's answer as this one's.
+            self._abort()
+            raise
         finally:
             self._finished(req)
 
@@ -382,74 +518,106 @@ class _Connection(asyncio.Protocol):
             and not self.server.closing
         )
 
-    def _last(self, req: Request) -> bool:
-        """Is `req`'s answer the last thing written on this connection?"""
-        if not self._keep(req):
-            return True
-        return self.stop_parsing and not self.waiting and self.refusal is None
-
     def _finished(self, req: Request) -> None:
         req._conn = None
         self.current = None
-        self.last_read = self.loop.time()  # keep-alive idles from the answer on
-        transport = self.transport
-        if transport is None:
+        self.idle_since = self.loop.time()
+        if self.transport is None or self.aborted:
             return
-        if self._keep(req):
-            if self.waiting:
-                self._start(self.waiting.popleft())
-                return
-            if not self.stop_parsing:
-                if self.read_paused:
-                    self.read_paused = False
-                    transport.resume_reading()
-                return
+        if self.last_answer or not self._keep(req):
+            self._close(lingering=True)
+        elif self.write_paused:
+            self.held = True  # resume_writing goes on
+        else:
+            self._next()
+
+    def _next(self) -> None:
+        """Serve the next waiting request, or read on; close if nothing more can come."""
+        if self.transport is None or self.aborted or self.current is not None:
+            return
+        if self.waiting:
+            req = self.waiting.popleft()
+            self.queued_bytes = sum(r.size for r in self.waiting if not r.over_cap)
+            self._start(req)
+            if self.backlog and self._room() and not self.stop_parsing:
+                data, self.backlog = self.backlog, b""
+                self._feed(data)
+        elif self.refusal is not None:
             self._send_refusal()
-        transport.close()
+            self._close(lingering=True)
+        elif self.stop_parsing:
+            self._close()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.aborted:
+            return
+        wanted = not self.stop_parsing and not self.backlog and (not self.waiting or self._room())
+        if self.linger_until is not None:
+            wanted = True  # draining what the client still sends, to let it read our answer
+        if wanted and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        elif not wanted and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
 
     async def _write(self, req: Request, answer: Answer) -> None:
+        stream = answer.stream
         transport = self.transport
-        if transport is None:
-            if answer.stream is not None:
-                answer.stream.release()
+        if transport is None or self.aborted:
+            if stream is not None:
+                stream.release()
             return  # the client left; the handler has accounted the request already
         status = answer.status
-        close = self._last(req)
+        # Decided once, before the first byte: the connection ends after this answer when
+        # the request says so, or nothing more will be read and nothing more waits.
+        close = self.last_answer = not self._keep(req) or (
+            self.stop_parsing and not self.waiting and self.refusal is None
+        )
         bodiless = req.method == "HEAD" or status in _BODILESS_STATUS or status < 200
-        stream = answer.stream
+        keep10 = not close and not req.http11  # an HTTP/1.0 client asked for keep-alive
         if stream is None:
             body = answer.body
-            head = _head(status, answer.headers, None if bodiless else len(body), close)
+            head = _head(status, answer.headers, None if bodiless else len(body), close, keep10)
             transport.write(head if bodiless or not body else head + body)
             return
         try:
             if bodiless:
-                transport.write(_head(status, answer.headers, None, close))
+                transport.write(_head(status, answer.headers, None, close, keep10))
                 return
             length = answer.length
-            chunked = length is None and req.keep_alive and not close
-            extra = "Transfer-Encoding: chunked" if chunked else None
+            chunked = length is None and req.http11
             if length is None and not chunked:
-                close = True  # HTTP/1.0 or closing: the body ends when the connection does
-                req.keep_alive = False
-            transport.write(_head(status, answer.headers, length, close, extra))
+                # HTTP/1.0 and no length: the body ends when the connection does.
+                close = self.last_answer = True
+                keep10 = False
+            transport.write(_head(status, answer.headers, length, close, keep10, chunked))
+            sent = 0
             if answer.body:
-                await self._send(answer.body, chunked)
+                sent += await self._send(answer.body, chunked)
             async for chunk in stream.iter_any():
-                await self._send(chunk, chunked)
+                sent += await self._send(chunk, chunked)
+                if length is not None and sent > length:
+                    raise ValueError(f"the gateway sent more than its {length}-byte body")
+            if length is not None and sent != length:
+                raise ValueError(f"the gateway's body ended at {sent} of {length} bytes")
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
+        except ClientClosed:
+            logger.debug("client left mid-answer to %s %s", req.method, req.raw_path)
         except Exception as exc:
-            # A gateway dying mid-body: cut the client off rather than pass off a truncated
-            # body as complete.
+            # A gateway dying mid-body: cut the client off (with a reset, so even a
+            # close-delimited body cannot pass for complete).
             logger.warning("response stream from gateway cut off: %r", exc)
             self._abort()
         finally:
             stream.release()
 
-    async def _send(self, data: bytes, chunked: bool) -> None:
+    async def _send(self, data: bytes, chunked: bool) -> int:
         transport = self.transport
-        if transport is None:
+        if transport is None or self.aborted:
             raise ClientClosed("the client closed the connection mid-answer")
         if chunked:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -461,68 +629,107 @@ class _Connection(asyncio.Protocol):
                 await self.drain
             finally:
                 self.drain = None
+        return len(data)
 
     def _refuse(self, refusal: _Refusal) -> None:
         """A malformed or over-limit request: answered after the requests before it, then
-        the connection closes; nothing after it is read."""
+        the connection closes; nothing after it is parsed."""
         self.stop_parsing = True
-        self._pause_reading()
         incoming, self.incoming = self.incoming, None
         if incoming is not None and incoming is self.current:
             # Its body broke off mid-way: the handler's read fails and it answers.
             incoming.error = MalformedBody(refusal.detail)
             incoming._wake()
+            self._update_reading()
             return
         if incoming is not None and incoming in self.waiting:
             self.waiting.remove(incoming)
         if self.refusal is None:
             self.refusal = refusal
         if self.current is None:
-            self._send_refusal()
-            if self.transport is not None:
-                self.transport.close()
+            self._next()
+        else:
+            self._update_reading()
 
     def _send_refusal(self) -> None:
-        refusal = self.refusal
+        refusal, self.refusal = self.refusal, None
         if refusal is None or self.transport is None:
             return
         status = refusal.status
-        title = HTTPStatus(status).phrase
-        answer = problem(status, title, refusal.detail)
-        self.transport.write(_head(status, answer.headers, len(answer.body), True) + answer.body)
+        answer = problem(status, HTTPStatus(status).phrase, refusal.detail)
+        self.transport.write(
+            _head(status, answer.headers, len(answer.body), True, False) + answer.body
+        )
         self.server.refused += 1
 
-    def _pause_reading(self) -> None:
-        if not self.read_paused and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
+    def _close(self, *, lingering: bool = False) -> None:
+        """Close after what is written has gone out. Lingering: first stop sending, then
+        read and drop what the client still sends for a moment, so it can read our answer
+        instead of a reset for the bytes it had in flight."""
+        transport = self.transport
+        if transport is None or self.closing_at is not None:
+            return
+        self.stop_parsing = True
+        now = self.loop.time()
+        if lingering and not self.eof and transport.can_write_eof():
+            self.linger_until = now + LINGER
+            transport.write_eof()
+            self._update_reading()
+            return
+        self.closing_at = now
+        transport.close()
 
     def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """Cut the connection with a reset; nothing more is served on it."""
+        self.aborted = True
+        self.stop_parsing = True
+        self.waiting.clear()
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
 
     def idle(self) -> bool:
         return self.current is None and self.incoming is None and not self.in_head
 
     def sweep(self, now: float) -> None:
-        """Close this connection if it idled past keep-alive; refuse a request whose head
-        or body stalled past the read timeout."""
+        """Enforce the connection's deadlines: keep-alive idle, the request head and body
+        (whole, not between bytes: a trickle does not hold a connection), the client
+        reading its answers, and lingering and graceful closes."""
         transport = self.transport
+        server = self.server
         if transport is None:
             return
-        quiet = now - self.last_read
-        if self.current is None:
-            if self.in_head:
-                if quiet > self.server.read_timeout:
-                    self._refuse(_Refusal(408, "the request head did not arrive in time"))
-            elif quiet > self.server.keepalive_timeout:
+        if self.write_paused and now - self.write_paused_at > server.write_timeout:
+            self._abort()  # the client stopped reading its answers
+        elif self.closing_at is not None:
+            if now - self.closing_at > server.write_timeout:
+                self._abort()  # a close still waiting for the client to take our bytes
+        elif self.linger_until is not None:
+            if now > self.linger_until and self.current is None:
+                self.closing_at = now
                 transport.close()
-            return
-        incoming = self.incoming
-        stalled = quiet > self.server.read_timeout
-        if stalled and incoming is self.current and incoming is not None and not incoming.error:
-            incoming.error = BodyTimeout("the request body stalled")
-            incoming._wake()
+        elif self.current is None:
+            if self.in_head:
+                if now - self.head_since > server.read_timeout:
+                    self._refuse(_Refusal(408, "the request head did not arrive in time"))
+            elif now - self.idle_since > server.keepalive_timeout:
+                self.closing_at = now
+                transport.close()
+        else:
+            incoming = self.incoming
+            if (
+                incoming is self.current
+                and incoming is not None
+                and incoming.error is None
+                and now - incoming.since > server.read_timeout
+            ):
+                incoming.error = BodyTimeout("the request body did not arrive in time")
+                incoming._wake()
 
 
 class ProxyServer:
@@ -535,11 +742,13 @@ class ProxyServer:
         *,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.handler = handler
         self.body_cap = body_cap  # the most any route accepts, read when a body arrives
         self.keepalive_timeout = keepalive_timeout
         self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
         self.conns: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # one per request being served
         self.closing = False
@@ -626,18 +835,21 @@ def _head(
     headers: Mapping[str, str],
     length: int | None,
     close: bool,
-    extra: str | None = None,
+    keep10: bool,
+    chunked: bool = False,
 ) -> bytes:
     lines = [_status_line(status)]
     lines.extend(map(": ".join, headers.items()))
     if length is not None:
         lines.append(f"Content-Length: {length}")
-    if extra is not None:
-        lines.append(extra)
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked")
     if "Date" not in headers:
         lines.append(_date_line())
     if close:
         lines.append("Connection: close")
+    elif keep10:
+        lines.append("Connection: keep-alive")
     lines.append("\r\n")
     head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
     # One CR LF per line plus the blank line: any other CR or LF would split a header.

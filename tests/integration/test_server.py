@@ -22,14 +22,15 @@ CAP = 1024
 class Echo:
     """A handler that answers with what it read, and remembers every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = CAP) -> None:
+        self.cap = cap
         self.seen: list[tuple[str, str, bytes | str]] = []
         self.finished: list[str] = []
         self.gate: asyncio.Event | None = None  # when set, handlers wait for it
 
     async def __call__(self, req: Request) -> Answer:
         try:
-            body: bytes | str = await req.read(CAP)
+            body: bytes | str = await req.read(self.cap)
         except BodyError as exc:
             self.seen.append((req.method, req.raw_path, type(exc).__name__))
             status = 413 if isinstance(exc, srv.BodyOverCap) else 400
@@ -48,10 +49,10 @@ class Echo:
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: Callable[[Request], Awaitable[Answer]] | None = None, **kw: float
+    handler: Callable[[Request], Awaitable[Answer]] | None = None, cap: int = CAP, **kw: float
 ) -> AsyncIterator[tuple[ProxyServer, Echo]]:
-    echo = Echo()
-    server = ProxyServer(handler or echo, lambda: CAP, **kw)
+    echo = Echo(cap)
+    server = ProxyServer(handler or echo, lambda: cap, **kw)
     await server.start(HOST, 0)
     try:
         yield server, echo
@@ -162,6 +163,20 @@ async def test_body_arriving_in_pieces_is_waited_for() -> None:
             "malformed HTTP request",
         ),
         (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "malformed"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "exactly one Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "exactly one Host"),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "chunked transfer coding",
+        ),
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505, "HTTP/2.0"),
+        (
+            b"POST /pay HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            400,
+            "upgrade with a request body",
+        ),
     ],
     ids=[
         "garbage",
@@ -172,6 +187,11 @@ async def test_body_arriving_in_pieces_is_waited_for() -> None:
         "unknown-expectation",
         "length-and-chunked",
         "negative-length",
+        "no-host",
+        "two-hosts",
+        "other-transfer-coding",
+        "http-2-line",
+        "upgrade-with-body",
     ],
 )
 async def test_malformed_requests_get_a_problem_and_the_connection_closes(
@@ -438,3 +458,204 @@ async def test_close_drains_in_flight_requests_and_closes_idle_connections() -> 
         await asyncio.wait_for(closing, 5)
         idle_writer.close()
         writer.close()
+
+
+async def test_large_bodies_back_to_back_on_one_connection() -> None:
+    big = b"x" * 900_000
+    async with serving(cap=1024 * 1024) as (server, _echo):
+        reader, writer = await connect(server)
+        for _ in range(3):
+            writer.write(post("/big", big))
+            status, _, body = await read_answer(reader)
+            assert (status, len(body)) == (200, len(big) + 5)
+        writer.close()
+
+
+async def test_a_half_closed_client_still_gets_its_answer() -> None:
+    async with serving() as (server, echo):
+        echo.gate = asyncio.Event()
+        reader, writer = await connect(server)
+        writer.write(post("/pay", b"{}"))
+        writer.write_eof()
+        await eventually(lambda: bool(echo.seen))
+        echo.gate.set()
+        status, headers, body = await read_answer(reader)
+        assert (status, body, headers["connection"]) == (200, b"echo:{}", "close")
+        assert await closed(reader)
+        writer.close()
+
+
+async def test_a_deep_pipeline_is_parsed_a_slice_at_a_time_and_served_whole() -> None:
+    async with serving() as (server, echo):
+        echo.gate = asyncio.Event()
+        reader, writer = await connect(server)
+        writer.write(b"".join(post(f"/{i}", b"") for i in range(1000)))
+        await eventually(lambda: bool(echo.seen))
+        await asyncio.sleep(0.1)
+        (conn,) = server.conns
+        assert srv.MAX_PIPELINED <= len(conn.waiting) < srv.MAX_WAITING
+        assert conn.read_paused and conn.backlog
+        echo.gate.set()
+        paths = [(await read_answer(reader))[1]["x-path"] for _ in range(1000)]
+        assert paths == [f"/{i}" for i in range(1000)]
+        writer.close()
+
+
+async def test_the_last_pipelined_request_gets_its_body_while_earlier_ones_wait() -> None:
+    async with serving(read_timeout=5.0) as (server, echo):
+        echo.gate = asyncio.Event()
+        reader, writer = await connect(server)
+        queued = b"".join(post(f"/{i}", b"q") for i in range(srv.MAX_PIPELINED - 1))
+        writer.write(post("/slow", b"s") + queued + post("/last", b"abcdefghij")[:-7])
+        await eventually(lambda: bool(echo.seen))
+        echo.gate.set()
+        await asyncio.sleep(0.1)
+        writer.write(b"defghij")
+        started = asyncio.get_running_loop().time()
+        bodies = [(await read_answer(reader))[2] for _ in range(srv.MAX_PIPELINED + 1)]
+        assert bodies[-1] == b"echo:abcdefghij"
+        assert asyncio.get_running_loop().time() - started < 2.0
+        writer.close()
+
+
+async def test_a_client_not_reading_its_answers_stops_being_read() -> None:
+    async def handler(req: Request) -> Answer:
+        await req.read(CAP)
+        return Answer(200, {}, b"a" * 4096)
+
+    async with serving(handler) as (server, _):
+        _reader, writer = await connect(server)
+        request = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                for _ in range(100_000):
+                    writer.write(request * 10)
+                    await writer.drain()  # blocks once the server stops reading
+        (conn,) = server.conns
+        assert conn.read_paused and conn.held
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() < 1024 * 1024
+        writer.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout() -> None:
+    stream = Chunks([b"x" * 65536] * 2000)
+
+    async def handler(req: Request) -> Answer:
+        return Answer(200, {}, b"", stream=stream, length=65536 * 2000)
+
+    async with serving(handler, write_timeout=0.5) as (server, _):
+        _reader, writer = await connect(server)
+        writer.write(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(lambda: stream.released and not server.conns and not server.tasks)
+        writer.close()
+
+
+async def test_after_an_abort_nothing_more_is_served_on_the_connection() -> None:
+    stream = Chunks([b"part"], fail=True)
+    served: list[str] = []
+
+    async def handler(req: Request) -> Answer:
+        served.append(req.raw_path)
+        await req.read(CAP)
+        if req.raw_path == "/stream":
+            return Answer(200, {}, b"", stream=stream)
+        return Answer(200, {}, b"paid")
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n" + post("/pay", b"{}"))
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        await asyncio.sleep(0.1)
+        assert served == ["/stream"]
+        writer.close()
+
+
+async def test_a_cancelled_handler_resets_the_connection() -> None:
+    served: list[str] = []
+
+    async def handler(req: Request) -> Answer:
+        served.append(req.raw_path)
+        if req.raw_path == "/pay":
+            raise asyncio.CancelledError
+        return Answer(200, {}, b"next")
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(post("/pay", b"") + post("/next", b""))
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert served == ["/pay"]
+        writer.close()
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(10, b"short"), (3, b"too long")])
+async def test_a_streamed_body_that_breaks_its_length_resets_the_connection(
+    declared: int, sent: bytes
+) -> None:
+    stream = Chunks([sent])
+
+    async def handler(req: Request) -> Answer:
+        return Answer(200, {}, b"", stream=stream, length=declared)
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\nGET /s HTTP/1.1\r\nHost: t\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            data = await asyncio.wait_for(reader.read(), 5)
+            assert data.count(b"HTTP/1.1 200") == 1
+        writer.close()
+
+
+async def test_http_1_0_keep_alive_is_honoured_without_chunked_framing() -> None:
+    stream = Chunks([b"abc"])
+
+    async def handler(req: Request) -> Answer:
+        if req.raw_path == "/s":
+            return Answer(200, {}, b"", stream=stream)
+        return Answer(200, {}, b"whole")
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /w HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        assert (status, body, headers["connection"]) == (200, b"whole", "keep-alive")
+        writer.write(b"GET /s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        assert (status, body, headers["connection"]) == (200, b"abc", "close")
+        assert "transfer-encoding" not in headers
+        writer.close()
+
+
+async def test_endless_trailers_are_refused() -> None:
+    async with serving() as (server, _echo):
+        reader, writer = await connect(server)
+        writer.write(
+            b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Trailer: "
+        )
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                writer.write(b"v" * 4096)
+                await writer.drain()
+        status, _, body = await read_answer(reader)
+        assert status in (400, 431), body
+        writer.close()
+
+
+async def test_trickling_bytes_does_not_hold_a_connection() -> None:
+    async with serving(read_timeout=0.5, keepalive_timeout=0.5) as (server, _echo):
+        head_reader, head = await connect(server)
+        _, crlf = await connect(server)
+        head.write(b"GET / HTTP/1.1\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(12):
+                await asyncio.sleep(0.2)
+                head.write(b"X")
+                crlf.write(b"\r\n")
+        status, _, _ = await read_answer(head_reader)
+        assert status == 408
+        await eventually(lambda: len(server.conns) <= 1, within=5.0)
+        head.close()
+        crlf.close()
