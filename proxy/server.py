@@ -265,6 +265,7 @@ class _Connection(asyncio.Protocol):
     def _reset_head(self) -> None:
         self.target = b""
         self.fields: list[tuple[bytes, bytes]] = []
+        self.field_count = 0  # of the head, then (reset) of the trailers
         self.head_bytes = 0
         self.length: int | None = None
         self.chunked = False
@@ -282,7 +283,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.server.conns.discard(self)
+        server = self.server
+        server.conns.discard(self)
+        if server.closing and not server.conns:
+            server._all_gone.set()
         self.waiting.clear()
         incoming, self.incoming = self.incoming, None
         if incoming is not None:
@@ -332,25 +336,34 @@ class _Connection(asyncio.Protocol):
 
         A large read is parsed in slices, so a client pipelining many small requests in
         one write is paused between them rather than parsed all at once (httptools cannot
-        stop part-way through what it is given).
+        stop part-way through what it is given). The rest of a body of known length holds
+        no new request, so it goes to the parser in one piece.
         """
-        if len(data) <= SLICE:
+        size = len(data)
+        if size <= SLICE:
             self._parse(data)
             return
-        for start in range(0, len(data), SLICE):
+        view = memoryview(data)
+        start = 0
+        while start < size:
             if self.stop_parsing:
                 return
             if start and not self._room():
-                self.backlog = data[start:]
+                self.backlog = bytes(view[start:])
                 self._update_reading()
                 return
-            self._parse(data[start : start + SLICE])
+            step = SLICE
+            incoming = self.incoming
+            if incoming is not None and incoming.content_length is not None:
+                step = max(SLICE, incoming.content_length - incoming.size)
+            self._parse(view[start : start + step])
+            start += step
 
     def _room(self) -> bool:
         """May more requests be parsed while earlier ones wait their turn?"""
         return len(self.waiting) < MAX_PIPELINED and self.queued_bytes <= MAX_QUEUED_BODY
 
-    def _parse(self, data: bytes) -> None:
+    def _parse(self, data: bytes | memoryview) -> None:
         self.unparsed += len(data)
         try:
             self.parser.feed_data(data)
@@ -390,15 +403,17 @@ class _Connection(asyncio.Protocol):
         size = len(name) + len(value)
         if size > MAX_FIELD:
             raise _Refusal(431, f"a header field exceeds {MAX_FIELD} bytes")
-        self.head_bytes += size
-        fields = self.fields
-        if len(fields) >= MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
-            raise _Refusal(
-                431, f"more than {MAX_HEADERS} header fields or {MAX_HEAD_BYTES} bytes of them"
-            )
         self.unparsed = 0
+        self.head_bytes += size
+        self.field_count += 1
+        if self.field_count > MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
+            what = "header" if self.in_head else "trailer"
+            raise _Refusal(
+                431, f"more than {MAX_HEADERS} {what} fields or {MAX_HEAD_BYTES} bytes of them"
+            )
         if not self.in_head:
-            return  # a trailer of a chunked body: bounded above, otherwise ignored
+            return  # a trailer of a chunked body: counted like the head, otherwise ignored
+        fields = self.fields
         fields.append((name, value))
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
@@ -441,7 +456,7 @@ class _Connection(asyncio.Protocol):
         req.expect_continue = self.expect and http11
         self.in_head = False
         self.unparsed = 0
-        self.head_bytes = 0
+        self.head_bytes = self.field_count = 0
         self.incoming = req
         if self.current is None and not self.held:
             self._start(req)
@@ -483,6 +498,7 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, req: Request) -> None:
         self.current = req
+        req.since = self.loop.time()  # the body deadline runs from here, not while queued
         server = self.server
         task = self.loop.create_task(self._serve(req))
         server.tasks.add(task)
@@ -533,9 +549,17 @@ class _Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Serve the next waiting request, or read on; close if nothing more can come."""
-        if self.transport is None or self.aborted or self.current is not None:
+        transport = self.transport
+        if transport is None or self.aborted or self.current is not None:
             return
-        if self.waiting:
+        if self.closing_at is not None or transport.is_closing():
+            return
+        if self.held or self.write_paused:
+            self.held = True  # resume_writing goes on
+            return
+        if self.waiting and self.server.closing:
+            self._close()  # draining: what has not started is not started now
+        elif self.waiting:
             req = self.waiting.popleft()
             self.queued_bytes = sum(r.size for r in self.waiting if not r.over_cap)
             self._start(req)
@@ -598,9 +622,11 @@ class _Connection(asyncio.Protocol):
             if answer.body:
                 sent += await self._send(answer.body, chunked)
             async for chunk in stream.iter_any():
-                sent += await self._send(chunk, chunked)
-                if length is not None and sent > length:
+                if not chunk:
+                    continue  # an empty chunk would end a chunked body early
+                if length is not None and sent + len(chunk) > length:
                     raise ValueError(f"the gateway sent more than its {length}-byte body")
+                sent += await self._send(chunk, chunked)
             if length is not None and sent != length:
                 raise ValueError(f"the gateway's body ended at {sent} of {length} bytes")
             if chunked and self.transport is not None:
@@ -635,6 +661,7 @@ class _Connection(asyncio.Protocol):
         """A malformed or over-limit request: answered after the requests before it, then
         the connection closes; nothing after it is parsed."""
         self.stop_parsing = True
+        self.in_head = False
         incoming, self.incoming = self.incoming, None
         if incoming is not None and incoming is self.current:
             # Its body broke off mid-way: the handler's read fails and it answers.
@@ -672,10 +699,14 @@ class _Connection(asyncio.Protocol):
         self.stop_parsing = True
         now = self.loop.time()
         if lingering and not self.eof and transport.can_write_eof():
-            self.linger_until = now + LINGER
-            transport.write_eof()
-            self._update_reading()
-            return
+            try:
+                transport.write_eof()
+            except OSError:  # the client is already gone (a reset we have not read yet)
+                pass
+            else:
+                self.linger_until = now + LINGER
+                self._update_reading()
+                return
         self.closing_at = now
         transport.close()
 
@@ -694,7 +725,14 @@ class _Connection(asyncio.Protocol):
         transport.abort()
 
     def idle(self) -> bool:
-        return self.current is None and self.incoming is None and not self.in_head
+        """Between requests, with nothing waiting: safe to close."""
+        return (
+            self.current is None
+            and self.incoming is None
+            and not self.in_head
+            and not self.waiting
+            and not self.backlog
+        )
 
     def sweep(self, now: float) -> None:
         """Enforce the connection's deadlines: keep-alive idle, the request head and body
@@ -713,11 +751,11 @@ class _Connection(asyncio.Protocol):
             if now > self.linger_until and self.current is None:
                 self.closing_at = now
                 transport.close()
-        elif self.current is None:
+        elif self.current is None and not self.held:
             if self.in_head:
-                if now - self.head_since > server.read_timeout:
+                if now - self.head_since > server.read_timeout and not self.backlog:
                     self._refuse(_Refusal(408, "the request head did not arrive in time"))
-            elif now - self.idle_since > server.keepalive_timeout:
+            elif self.idle() and now - self.idle_since > server.keepalive_timeout:
                 self.closing_at = now
                 transport.close()
         else:
@@ -751,6 +789,7 @@ class ProxyServer:
         self.write_timeout = write_timeout
         self.conns: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # one per request being served
+        self._all_gone = asyncio.Event()  # set once closing and the last connection ended
         self.closing = False
         self.refused = 0  # requests refused before the handler, as malformed or over limits
         self._server: asyncio.Server | None = None
@@ -771,22 +810,33 @@ class ProxyServer:
 
     def _sweep(self) -> None:
         now = self.loop.time()
-        for conn in list(self.conns):
-            conn.sweep(now)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        for conn in list(self.conns):
+            try:
+                conn.sweep(now)
+            except Exception:
+                logger.exception("connection sweep failed; closing that connection")
+                conn._abort()
 
     async def close(self, deadline: float = 60.0) -> None:
         """Stop accepting, close idle connections, give in-flight requests `deadline`
-        seconds to be answered, then cut off whatever is left."""
+        seconds to be answered and their answers to go out, then cut off what is left."""
         self.closing = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
-            if conn.idle() and conn.transport is not None:
-                conn.transport.close()
+            if conn.idle():
+                conn._close()
         end = time.monotonic() + deadline
         while self.tasks and time.monotonic() < end:
             await asyncio.wait(set(self.tasks), timeout=end - time.monotonic())
+        for conn in list(self.conns):
+            if conn.current is None:
+                conn._close()  # after what is written has gone out
+        if self.conns:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, end - time.monotonic())):
+                    await self._all_gone.wait()
         for conn in list(self.conns):
             conn._abort()
         if self._sweeper is not None:

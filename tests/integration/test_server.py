@@ -605,6 +605,7 @@ async def test_a_streamed_body_that_breaks_its_length_resets_the_connection(
         with contextlib.suppress(ConnectionResetError):
             data = await asyncio.wait_for(reader.read(), 5)
             assert data.count(b"HTTP/1.1 200") == 1
+            assert b"too long" not in data
         writer.close()
 
 
@@ -659,3 +660,62 @@ async def test_trickling_bytes_does_not_hold_a_connection() -> None:
         await eventually(lambda: len(server.conns) <= 1, within=5.0)
         head.close()
         crlf.close()
+
+
+async def test_close_lets_written_answers_reach_the_client() -> None:
+    big = b"x" * (8 * 1024 * 1024)
+    answered: list[str] = []
+
+    async def handler(req: Request) -> Answer:
+        answered.append(req.raw_path)
+        return Answer(200, {}, big)
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(lambda: bool(answered) and not server.tasks)
+        closing = asyncio.get_running_loop().create_task(server.close(5.0))
+        status, _headers, body = await read_answer(reader)
+        assert (status, len(body)) == (200, len(big))
+        await asyncio.wait_for(closing, 5)
+        writer.close()
+
+
+async def test_trailers_have_their_own_field_budget_and_empty_stream_pieces_are_skipped() -> None:
+    stream = Chunks([b"ab", b"", b"cd"])
+
+    async def handler(req: Request) -> Answer:
+        body = await req.read(CAP)
+        return Answer(200, {"X-Got": body.decode()}, b"", stream=stream)
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        fields = b"".join(b"X-%d: 1\r\n" % i for i in range(srv.MAX_HEADERS - 2))
+        writer.write(
+            b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n" + fields + b"\r\n"
+            b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        )
+        status, headers, body = await read_answer(reader)
+        assert (status, headers["x-got"], body) == (200, "abc", b"abcd")
+        writer.close()
+
+
+async def test_close_never_starts_a_request_held_behind_an_unread_answer() -> None:
+    served: list[str] = []
+
+    async def handler(req: Request) -> Answer:
+        served.append(req.raw_path)
+        await req.read(CAP)
+        return Answer(200, {}, b"x" * (16 * 1024 * 1024) if req.raw_path == "/big" else b"ok")
+
+    async with serving(handler) as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" + post("/pay", b"{}"))
+        await eventually(lambda: any(c.held for c in server.conns))
+        closing = asyncio.get_running_loop().create_task(server.close(5.0))
+        status, _, body = await read_answer(reader)
+        assert (status, len(body)) == (200, 16 * 1024 * 1024)
+        assert await closed(reader)
+        await asyncio.wait_for(closing, 5)
+        assert served == ["/big"]
+        writer.close()
