@@ -650,11 +650,12 @@ async def test_trickling_bytes_does_not_hold_a_connection() -> None:
         head_reader, head = await connect(server)
         _, crlf = await connect(server)
         head.write(b"GET / HTTP/1.1\r\n")
-        with contextlib.suppress(ConnectionError):
-            for _ in range(12):
-                await asyncio.sleep(0.2)
-                head.write(b"X")
-                crlf.write(b"\r\n")
+        for _ in range(12):
+            await asyncio.sleep(0.2)
+            for writer, byte in ((head, b"X"), (crlf, b"\r\n")):
+                if not writer.is_closing():
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(byte)
         status, _, _ = await read_answer(head_reader)
         assert status == 408
         await eventually(lambda: len(server.conns) <= 1, within=5.0)
