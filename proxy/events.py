@@ -10,7 +10,6 @@ counts, never waits. Delivery happens in background tasks started by `EventBus.s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -120,30 +120,17 @@ def _fallback(value: object) -> object:
     return str(value)
 
 
-try:
-    import orjson
+_LINE = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
-    def encode(event: Event) -> bytes:
-        """The event as one line of JSON (no trailing newline)."""
-        return orjson.dumps(event.as_dict(), default=_fallback, option=orjson.OPT_NON_STR_KEYS)
 
-    _LINE = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+def encode(event: Event) -> bytes:
+    """The event as one line of JSON (no trailing newline)."""
+    return orjson.dumps(event.as_dict(), default=_fallback, option=orjson.OPT_NON_STR_KEYS)
 
-    def encode_line(event: Event) -> bytes:
-        """The event as one line of JSON, newline included."""
-        return orjson.dumps(event.as_dict(), default=_fallback, option=_LINE)
 
-except ImportError:  # pragma: no cover - orjson is optional
-
-    def encode(event: Event) -> bytes:
-        """The event as one line of JSON (no trailing newline)."""
-        return json.dumps(
-            event.as_dict(), default=_fallback, separators=(",", ":"), ensure_ascii=False
-        ).encode()
-
-    def encode_line(event: Event) -> bytes:
-        """The event as one line of JSON, newline included."""
-        return encode(event) + b"\n"
+def encode_line(event: Event) -> bytes:
+    """The event as one line of JSON, newline included."""
+    return orjson.dumps(event.as_dict(), default=_fallback, option=_LINE)
 
 
 class Sink(Protocol):

@@ -241,7 +241,6 @@ class _Connection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.incoming: Request | None = None  # the request whose body is arriving
         self.waiting: deque[Request] = deque()  # parsed, not yet handed to the handler
-        self.queued_bytes = 0  # body bytes of the waiting requests
         self.backlog = b""  # received, not yet parsed: the pipelining limits were reached
         self.current: Request | None = None  # with the handler now
         self.refusal: _Refusal | None = None  # answered once the current request is done
@@ -361,7 +360,11 @@ class _Connection(asyncio.Protocol):
 
     def _room(self) -> bool:
         """May more requests be parsed while earlier ones wait their turn?"""
-        return len(self.waiting) < MAX_PIPELINED and self.queued_bytes <= MAX_QUEUED_BODY
+        waiting = self.waiting
+        return (
+            len(waiting) < MAX_PIPELINED
+            and sum(r.size for r in waiting if not r.over_cap) <= MAX_QUEUED_BODY
+        )
 
     def _parse(self, data: bytes | memoryview) -> None:
         self.unparsed += len(data)
@@ -481,9 +484,7 @@ class _Connection(asyncio.Protocol):
         else:
             req._add(body)
             if req is not self.current:
-                self.queued_bytes += len(body)
-                if self.queued_bytes > MAX_QUEUED_BODY:
-                    self._update_reading()
+                self._update_reading()  # a waiting request's body counts against the queue
         req._wake()
 
     def on_message_complete(self) -> None:
@@ -561,7 +562,6 @@ class _Connection(asyncio.Protocol):
             self._close()  # draining: what has not started is not started now
         elif self.waiting:
             req = self.waiting.popleft()
-            self.queued_bytes = sum(r.size for r in self.waiting if not r.over_cap)
             self._start(req)
             if self.backlog and self._room() and not self.stop_parsing:
                 data, self.backlog = self.backlog, b""
