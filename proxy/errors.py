@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.server import Answer
+from proxy.server import Answer, problem_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,12 +120,7 @@ class OutcomeUnknown(ProxyError):
 
 
 def problem_body(err: ProxyError, transaction_id: str | None = None) -> bytes:
-    body: dict[str, object] = {
-        "type": f"https://payswitch.dev/problems/{err.slug}",
-        "title": err.title,
-        "status": err.status,
-        "detail": err.detail,
-    }
+    body = problem_fields(err.status, err.title, err.detail, err.slug)
     if err.route is not None:
         body["route"] = err.route
     if err.region is not None:

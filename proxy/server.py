@@ -511,7 +511,9 @@ class _Connection(asyncio.Protocol):
                 answer = await self.server.handler(req)
             except Exception:
                 logger.exception("request handler failed for %s %s", req.method, req.raw_path)
-                answer = problem(500, "Internal proxy error", "the proxy failed this request")
+                answer = problem(
+                    500, "Internal proxy error", "the proxy failed this request", "internal"
+                )
             try:
                 await self._write(req, answer)
             except Exception:
@@ -683,7 +685,8 @@ class _Connection(asyncio.Protocol):
         if refusal is None or self.transport is None:
             return
         status = refusal.status
-        answer = problem(status, HTTPStatus(status).phrase, refusal.detail)
+        title = HTTPStatus(status).phrase
+        answer = problem(status, title, refusal.detail, title.lower().replace(" ", "-"))
         self.transport.write(
             _head(status, answer.headers, len(answer.body), True, False) + answer.body
         )
@@ -847,9 +850,17 @@ class ProxyServer:
         await asyncio.sleep(0)  # let the transports finish closing their sockets
 
 
-def problem(status: int, title: str, detail: str) -> Answer:
+PROBLEM_TYPES = "https://payswitch.dev/problems/"
+
+
+def problem_fields(status: int, title: str, detail: str, slug: str) -> dict[str, object]:
+    """The RFC 9457 members every payswitch problem body starts with."""
+    return {"type": PROBLEM_TYPES + slug, "title": title, "status": status, "detail": detail}
+
+
+def problem(status: int, title: str, detail: str, slug: str) -> Answer:
     """A problem+json answer for refusals made before any route is known."""
-    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    body = orjson.dumps(problem_fields(status, title, detail, slug))
     return Answer(status, {"Content-Type": "application/problem+json"}, body)
 
 
