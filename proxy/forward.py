@@ -26,6 +26,7 @@ from proxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
 )
+from proxy.upstream.phase import Phase, Progress
 from proxy.upstream.state import Outcome
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Forwarder:
         *,
         connect_timeout: float,
         within: float,
+        progress: Progress | None = None,
     ) -> asyncio.Future[Reply | AttemptFailed]:
         """Send once; the future resolves to the reply or the typed failure (see
         `outcome_of`). On a pooled connection no task is made: the exchange is driven by the
@@ -163,6 +165,8 @@ class Forwarder:
             return done
         conn = client.idle(origin)
         if conn is not None:
+            if progress is not None:
+                progress.advance(Phase.SENT)
             return client.begin(
                 conn,
                 data,
@@ -172,7 +176,7 @@ class Forwarder:
                 convert=outcome_of,
             )
         return asyncio.get_running_loop().create_task(
-            self._connect_then(origin, data, head_only, connect_timeout, within),
+            self._connect_then(origin, data, head_only, connect_timeout, within, progress),
             name=f"connect:{gw.name}",
         )
 
@@ -183,11 +187,15 @@ class Forwarder:
         head_only: bool,
         connect_timeout: float,
         within: float,
+        progress: Progress | None,
     ) -> Reply | AttemptFailed:
         try:
             conn = await self._client.connect(origin, connect_timeout)
         except ConnectFailed as exc:
             return outcome_of(exc)
+        if progress is not None:
+            # Written in one call on a fresh connection: treated as handed over at once.
+            progress.advance(Phase.SENT)
         fut = self._client.begin(
             conn, data, head_only=head_only, limit=BUFFER_LIMIT, within=within, convert=outcome_of
         )
