@@ -38,6 +38,7 @@ from proxy.idempotency import (
     RedisTransactionStore,
     TransactionStore,
 )
+from proxy.logs import WriterCollector
 from proxy.metrics import Metrics
 from proxy.payments import Payments
 from proxy.retry import Dispatch
@@ -71,6 +72,7 @@ class Runtime:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.registry.register(WriterCollector())
         self.events = EventBus(
             [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
         )
