@@ -17,14 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import os
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Final, cast
 from urllib.parse import unquote
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -48,6 +53,7 @@ from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
 
 from proxy.aio import spawn
+from proxy.config.model import Gateway
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ _SDK_ATTRIBUTES: Final[Mapping[str, AttributeValue]] = {
     "telemetry.sdk.name": "opentelemetry",
     "telemetry.sdk.version": _sdk_version,
 }
-_TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+_DEFAULT_PROPAGATORS: Final = "tracecontext,baggage"
 _KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
@@ -89,7 +95,7 @@ _SAMPLERS: Final[Mapping[str, Callable[[float], Sampler]]] = {
 class Tracing:
     """Spans for requests and attempts; a no-op unless built with at least one processor."""
 
-    __slots__ = ("_closing", "_propagator", "_provider", "_tracer", "enabled")
+    __slots__ = ("_closing", "_fields", "_propagator", "_provider", "_tracer", "enabled")
 
     def __init__(
         self,
@@ -97,9 +103,11 @@ class Tracing:
         *,
         resource: Resource | None = None,
         sampler: Sampler = DEFAULT_ON,
+        propagator: TextMapPropagator | None = None,
     ) -> None:
         self.enabled: bool = bool(processors)
-        self._propagator = TraceContextTextMapPropagator()
+        self._propagator = propagator or TraceContextTextMapPropagator()
+        self._fields = frozenset(f.lower() for f in self._propagator.fields)
         self._closing: asyncio.Task[None] | None = None
         self._provider: TracerProvider | None = None
         self._tracer: trace.Tracer = trace.NoOpTracer()
@@ -117,22 +125,36 @@ class Tracing:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Tracing:
-        """Tracing as the `OTEL_*` variables in `env` ask for; off unless an exporter is set.
+        """Tracing as the `OTEL_*` variables in `env` ask for.
 
-        Unlike the OpenTelemetry default (otlp), an unset OTEL_TRACES_EXPORTER means off:
-        a sidecar must not keep failing exports to a collector nobody deployed.
+        OTEL_TRACES_EXPORTER names the exporters (otlp, console, none). Left unset, it is
+        otlp when an OTLP endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT or
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) and off otherwise, rather than the spec's
+        otlp-to-localhost: a sidecar must not keep failing exports to a collector nobody
+        deployed. Sampler, resource, propagators and batch settings follow the spec's
+        variables.
         """
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return cls()
+        exporter_names = env.get("OTEL_TRACES_EXPORTER")
+        if exporter_names is None and (
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        ):
+            exporter_names = "otlp"
         exporters: list[SpanExporter] = []
-        for name in _names(env.get("OTEL_TRACES_EXPORTER", "")):
+        for name in _names(exporter_names or ""):
             exporter = _exporter(name, env)
             if exporter is not None:
                 exporters.append(exporter)
         if not exporters:
             return cls()
         processors = [_batch_processor(e, env) for e in exporters]
-        tracing = cls(processors, resource=_resource(env), sampler=_sampler(env))
+        tracing = cls(
+            processors,
+            resource=_resource(env),
+            sampler=_sampler(env),
+            propagator=propagator_from_env(env),
+        )
         logger.info(
             "tracing on: exporters=%s",
             ",".join(type(e).__name__ for e in exporters),
@@ -142,9 +164,16 @@ class Tracing:
     # -- request path ----------------------------------------------------------------
 
     def request_span(
-        self, method: str, route: str | None, headers: Mapping[str, str]
+        self,
+        method: str,
+        route: str | None,
+        headers: Mapping[str, str],
+        *,
+        path: str | None = None,
+        region: str | None = None,
+        transaction_id: str | None = None,
     ) -> AbstractContextManager[Span]:
-        """The SERVER span of one client request, child of the client's `traceparent`.
+        """The SERVER span of one client request, child of the client's trace context.
 
         `headers` should look keys up case-insensitively (aiohttp's request headers do).
         """
@@ -152,42 +181,82 @@ class Tracing:
             return NOOP_SPAN
         parent = self._propagator.extract(headers)
         known = method if method in _KNOWN_METHODS else "_OTHER"
-        attributes: dict[str, AttributeValue] = {"http.request.method": known}
+        attributes: dict[str, AttributeValue] = {"http.request.method": known, "url.scheme": "http"}
         if known != method:
             attributes["http.request.method_original"] = method
+        if path is not None:
+            attributes["url.path"] = path
         if route is not None:
             attributes["payswitch.route"] = route
+        if region is not None:
+            attributes["payswitch.region"] = region
+        if transaction_id is not None:
+            attributes["payswitch.transaction_id"] = transaction_id
         name = f"{known} {route}" if route is not None else known
-        return self._tracer.start_as_current_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
+        return self._server_span(name, parent, attributes)
+
+    @contextlib.contextmanager
+    def _server_span(
+        self, name: str, parent: Context, attributes: Mapping[str, AttributeValue]
+    ) -> Iterator[Span]:
+        # The client's whole context is made current, not only used as the parent, so
+        # what other propagators extracted (baggage) is injected upstream too.
+        token = otel_context.attach(parent)
+        try:
+            with self._tracer.start_as_current_span(
+                name, kind=SpanKind.SERVER, attributes=attributes
+            ) as span:
+                yield span
+        finally:
+            otel_context.detach(token)
 
     def attempt_span(
-        self, gateway: str, attempt_id: str, attempt_no: int
+        self,
+        gateway: Gateway,
+        *,
+        route: str,
+        region: str,
+        method: str,
+        path_qs: str,
+        attempt_id: str,
+        attempt_no: int,
+        transaction_id: str,
     ) -> AbstractContextManager[Span]:
-        """The CLIENT span of one attempt at `gateway`, child of the current span."""
+        """The CLIENT span of one attempt at `gateway`, child of the current span, with
+        the HTTP client semantic-convention attributes and payswitch's own."""
         if not self.enabled:
             return NOOP_SPAN
+        known = method if method in _KNOWN_METHODS else "_OTHER"
         attributes: dict[str, AttributeValue] = {
-            "payswitch.gateway": gateway,
+            "http.request.method": known,
+            "server.address": gateway.host,
+            "server.port": gateway.port,
+            "url.full": gateway.url + path_qs,
+            "payswitch.gateway": gateway.name,
+            "payswitch.provider": gateway.provider,
+            "payswitch.route": route,
+            "payswitch.region": region,
             "payswitch.attempt_id": attempt_id,
             "payswitch.attempt_no": attempt_no,
+            "payswitch.transaction_id": transaction_id,
         }
+        if known != method:
+            attributes["http.request.method_original"] = method
         if attempt_no > 1:
             attributes["http.request.resend_count"] = attempt_no - 1
         return self._tracer.start_as_current_span(
-            f"attempt {gateway}", kind=SpanKind.CLIENT, attributes=attributes
+            f"attempt {gateway.name}", kind=SpanKind.CLIENT, attributes=attributes
         )
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
-        """Point the upstream request's `traceparent`/`tracestate` at the current span.
+        """Point the upstream request's trace headers at the current span.
 
-        Any copy of the client's trace headers is replaced, whatever its case, so the
-        gateway never sees two parents.
+        Any copy of the client's headers of the configured propagators is replaced,
+        whatever its case, so the gateway never sees two parents.
         """
         if not self.enabled or not trace.get_current_span().get_span_context().is_valid:
             return
-        for key in [k for k in headers if k.lower() in _TRACE_HEADERS]:
+        for key in [k for k in headers if k.lower() in self._fields]:
             headers.pop(key, None)
         self._propagator.inject(headers)
 
@@ -224,6 +293,20 @@ class Tracing:
                 asyncio.to_thread(self._provider.shutdown), name="tracing-shutdown"
             )
         await asyncio.shield(self._closing)
+
+
+def propagator_from_env(env: Mapping[str, str]) -> TextMapPropagator:
+    """The propagators OTEL_PROPAGATORS names (default tracecontext,baggage), found the way
+    the SDK finds them: by the `opentelemetry_propagator` entry point of that name."""
+    found: list[TextMapPropagator] = []
+    for name in _names(env.get("OTEL_PROPAGATORS", _DEFAULT_PROPAGATORS)):
+        points = importlib.metadata.entry_points(group="opentelemetry_propagator", name=name)
+        point = next(iter(points), None)
+        if point is None:
+            logger.warning("OTEL_PROPAGATORS: %s is not installed; skipped", name)
+            continue
+        found.append(point.load()())
+    return CompositePropagator(found)
 
 
 def _names(value: str) -> list[str]:

@@ -33,17 +33,27 @@ from tests.support import gateways
 KEYED_RULES_TAIL = "    idempotency: {header: Idempotency-Key, ttl: 1h}\n"
 
 
-def _start(
-    rules: Path, listen: int, admin: int, stdout: int, stderr: int, *flags: str
+def start(
+    rules: Path,
+    listen: int,
+    admin: int,
+    stdout: int,
+    stderr: int,
+    *flags: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """`payswitch run` on `rules`, its outputs on the given descriptors."""
     env = {
-        **os.environ,
+        **(os.environ if env is None else env),
         "PAYSWITCH_SHUTDOWN_GRACE": str(GRACE),
         "PAYSWITCH_SHUTDOWN_DEADLINE": str(DEADLINE),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--rules", str(rules)]
-        + ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}", *flags],
+        [
+            *(sys.executable, "-m", "proxy", "run", "--rules", str(rules)),
+            *("--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"),
+            *flags,
+        ],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -84,7 +94,7 @@ async def test_a_fifo_nobody_reads_freezes_neither_traffic_metrics_nor_sigterm(
     listen, admin = free_port(), free_port()
     async with gateways("g1") as g:
         (rules / "rules.yaml").write_text(rules_text({"g1": g["g1"].url}, "g1"), encoding="utf-8")
-        proc = _start(rules, listen, admin, writer, writer, "--log-level", "debug")
+        proc = start(rules, listen, admin, writer, writer, "--log-level", "debug")
         os.close(writer)
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
@@ -140,7 +150,7 @@ async def test_every_line_is_json_under_redis_outage_refused_reload_and_crashing
             keyed = rules_text(urls, "g1, g2") + KEYED_RULES_TAIL
             (rules / "rules.yaml").write_text(keyed, encoding="utf-8")
             with out_path.open("wb") as out, err_path.open("wb") as err:
-                proc = _start(
+                proc = start(
                     rules,
                     listen,
                     admin,
