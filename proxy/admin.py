@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import dashboard
 from proxy.config import admin as config_admin
+from proxy.metrics import render
 from proxy.upstream import admin as gateways_admin
 
 if TYPE_CHECKING:
@@ -62,9 +62,10 @@ def build_admin_app(rt: Runtime) -> web.Application:
             return web.json_response({"status": "rules not loaded"}, status=503)
         return web.json_response({"status": "ready", "generation": rt.store.current.generation})
 
-    async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(rt.registry))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = render(rt.registry, request.headers.get("Accept"))
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
         return resp
 
     async def transaction(request: web.Request) -> web.Response:

@@ -38,8 +38,9 @@ from proxy.idempotency import (
     RedisTransactionStore,
     TransactionStore,
 )
+from proxy.idempotency.metered import MeteredIdempotencyStore
 from proxy.logs import WriterCollector
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, register_process_collectors
 from proxy.payments import Payments
 from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
@@ -72,6 +73,7 @@ class Runtime:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        register_process_collectors(self.registry)
         self.registry.register(WriterCollector())
         self.events = EventBus(
             [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
@@ -88,7 +90,9 @@ class Runtime:
             registry=self.registry,
         )
         self.tracing = Tracing.from_env(os.environ)
-        self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
+        self.metrics.exemplars = self.tracing.enabled
+        keys, log = _payment_stores(settings, clock)
+        self.payments = Payments(MeteredIdempotencyStore(keys, self.registry), log, self.metrics)
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
         self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
@@ -282,7 +286,9 @@ def _sinks(settings: Settings) -> list[Sink]:
 def proxy_server(rt: Runtime) -> ProxyServer:
     """The traffic listener: every request goes to the proxy handler."""
     handler = ProxyHandler(rt)
-    return ProxyServer(handler.handle, handler.body_cap)
+    server = ProxyServer(handler.handle, handler.body_cap)
+    server.on_refusal = rt.metrics.refused
+    return server
 
 
 #: Allocations between young-generation collections. CPython's 700 makes a proxy at a few
