@@ -74,7 +74,8 @@ async def test_metrics_are_promtool_clean_and_negotiate_openmetrics(tmp_path: Pa
     done = await asyncio.to_thread(promtool_check, text)
     assert done.returncode == 0, done.stdout + done.stderr
 
-    families = {f.name: f for f in text_string_to_metric_families(om)}
+    parsed = text_string_to_metric_families(om)  # type: ignore[no-untyped-call]
+    families = {f.name: f for f in parsed}
     for name in (
         "process_resident_memory_bytes",
         "process_open_fds",
