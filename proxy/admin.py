@@ -82,5 +82,7 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_routes(config_admin.routes(rt.store))
     app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
-    app.router.add_routes(dashboard.routes())
+    app.router.add_routes(
+        dashboard.routes(rt.windows.view, rt.tail, lambda: rt.shutting_down or rt.stopping.is_set())
+    )
     return app

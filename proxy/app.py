@@ -46,11 +46,13 @@ from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
 from proxy.server import ProxyServer
 from proxy.settings import Settings
+from proxy.tail import TailSink
 from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.health import Health
-from proxy.upstream.state import StateRegistry
+from proxy.upstream.state import GatewayState, StateRegistry
+from proxy.windows import Windows
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +77,12 @@ class Runtime:
         self.metrics = Metrics(self.registry)
         register_process_collectors(self.registry)
         self.registry.register(WriterCollector())
+        self.tail = TailSink()
         self.events = EventBus(
-            [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
+            [*_sinks(settings), self.tail, *(sinks or [])], clock=clock, registry=self.registry
         )
-        self.states = StateRegistry()
+        self.states = StateRegistry(on_create=self._on_gateway)
+        self.windows = Windows(self.metrics, self.states, clock=clock)
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
         self.balancer = Balancer(self.states)
         self.store: ConfigStore[Router] = ConfigStore(
@@ -100,6 +104,9 @@ class Runtime:
         self.shutting_down = False  # readiness fails; requests are still served
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+
+    def _on_gateway(self, st: GatewayState) -> None:
+        self.windows.attach(st)
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -228,6 +235,7 @@ class Runtime:
             await self.access_log.start()
         if self.settings.watch:
             self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
+        self._tasks.append(spawn(self.windows.run(), name="dashboard-windows"))
 
     async def close(self) -> None:
         self.stopping.set()

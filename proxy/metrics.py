@@ -31,6 +31,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.registry import Collector
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS = _BUCKETS
 _LE = [repr(b) for b in _BUCKETS]
 _LABELS = ("route", "gateway", "outcome")
 
@@ -172,6 +173,12 @@ class Metrics:
 
     def attempt(self, route: str, gateway: str, outcome: str, seconds: float) -> None:
         self._attempts.observe((route, gateway, outcome), seconds, self.exemplars)
+
+    def request_counts(self) -> Iterator[tuple[str, str, int, list[int]]]:
+        """(route, outcome, count, per-bucket counts) of every request series, for the
+        dashboard's windows; bucket i counts values <= BUCKETS[i], the last is +Inf."""
+        for (route, _, outcome), s in list(self._requests.series.items()):
+            yield route, outcome, s.count, s.buckets
 
     def refused(self, reason: str) -> None:
         """The listener refused a request or connection before routing it; `reason` is a
