@@ -14,8 +14,9 @@ from proxy.logs import LineWriter, encode, stdout_writer
 
 
 class AccessLog:
-    def __init__(self, writer: LineWriter | None = None) -> None:
+    def __init__(self, writer: LineWriter | None = None, *, trace_ids: bool = True) -> None:
         self._writer = writer if writer is not None else stdout_writer()
+        self._trace_ids = trace_ids  # off with tracing: no span to look up
 
     @property
     def dropped(self) -> int:
@@ -24,7 +25,7 @@ class AccessLog:
 
     def log(self, record: dict[str, object]) -> None:
         """Write `record` as one JSON line; a `ts` (unix seconds) becomes its `time`."""
-        self._writer.offer(encode(record))
+        self._writer.offer(encode(record, trace_ids=self._trace_ids))
 
     async def start(self) -> None:
         """Nothing to start: the writer's thread runs from its creation."""

@@ -97,7 +97,9 @@ class Runtime:
         self.metrics.exemplars = self.tracing.enabled
         keys, log = _payment_stores(settings, clock)
         self.payments = Payments(MeteredIdempotencyStore(keys, self.registry), log, self.metrics)
-        self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
+        self.access_log: AccessLog | None = (
+            AccessLog(trace_ids=self.tracing.enabled) if settings.access_log else None
+        )
         self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
         self._all_down_at: dict[str, float] = {}

@@ -199,8 +199,7 @@ EventDict = MutableMapping[str, Any]
 
 
 def add_time(_: object, __: str, event: EventDict) -> EventDict:
-    ts = event.pop("ts", None)
-    event["time"] = iso_millis(ts if isinstance(ts, int | float) else time.time())
+    event["time"] = iso_millis(time.time())
     return event
 
 
@@ -213,22 +212,24 @@ def add_trace_ids(_: object, __: str, event: EventDict) -> EventDict:
     return event
 
 
-#: Run on every line, app or access, before rendering.
-SHARED: Final = (add_time, add_trace_ids)
-
-
 def _default(value: object) -> object:
     if isinstance(value, set | frozenset | tuple):
         return list(value)
     return str(value)
 
 
-def encode(record: dict[str, object]) -> bytes:
-    """An access-log record as one JSON line through the shared chain; cheap enough for
-    the request path (a dict copy, two function calls and orjson). `time` comes first."""
-    event: EventDict = {"time": None, **record}
-    for step in SHARED:
-        event = step(None, "info", event)
+def encode(record: dict[str, object], *, trace_ids: bool = True) -> bytes:
+    """An access-log record as one JSON line with the same `time` and trace ids as every
+    other line (`time` first; a `ts` in unix seconds gives it). Cheap enough for the
+    request path: one dict and orjson. `trace_ids=False` skips the span lookup, for when
+    tracing is off."""
+    ts = record.pop("ts", None)
+    event: EventDict = {
+        "time": iso_millis(ts if type(ts) is float else time.time()),
+        **record,
+    }
+    if trace_ids:
+        add_trace_ids(None, "info", event)
     return orjson.dumps(event, default=_default, option=orjson.OPT_APPEND_NEWLINE)
 
 

@@ -122,6 +122,13 @@ def test_lines_made_inside_a_span_carry_its_ids() -> None:
     assert "trace_id" not in json.loads(encode({"log": "access"}))
 
 
+def test_with_tracing_off_the_access_log_does_not_look_for_a_span() -> None:
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("t")
+    with tracer.start_as_current_span("request"):
+        record = json.loads(encode({"log": "access"}, trace_ids=False))
+    assert "trace_id" not in record and "span_id" not in record
+
+
 def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
     exc_info = None
     if exc:
