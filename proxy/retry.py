@@ -310,7 +310,7 @@ class Dispatch:
             self.tried.append(
                 errors.Tried(
                     gateway=att.gateway.name,
-                    outcome=f"status_{status}",
+                    outcome=str(status),  # as the rules spell it (retry.on: [503])
                     status=status,
                     attempt_id=att.attempt_id,
                 )
