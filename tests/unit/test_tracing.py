@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.tracing import NOOP_SPAN, Tracing, propagator_from_env
+from proxy.tracing import NOOP_SPAN, Tracing
+from proxy.tracing_env import propagator_from_env
 from tests.unit.upstream.health_support import gateway as make_gateway
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -356,7 +357,7 @@ async def test_otlp_without_its_package_warns_and_stays_off(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, OTLP_HTTP, None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="proxy.tracing"):
+    with caplog.at_level(logging.WARNING, logger="proxy.tracing_env"):
         t = Tracing.from_env({"OTEL_TRACES_EXPORTER": "otlp"})
     assert t.enabled is False
     assert "opentelemetry-exporter-otlp-proto-http is not installed" in caplog.text
@@ -436,22 +437,6 @@ async def test_an_explicit_none_wins_over_an_endpoint() -> None:
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "none"}
     )
     assert t.enabled is False
-
-
-@pytest.mark.parametrize(
-    ("value", "fields"),
-    [
-        (None, {"traceparent", "tracestate", "baggage"}),
-        ("tracecontext", {"traceparent", "tracestate"}),
-        ("baggage", {"baggage"}),
-        ("none", set()),
-        ("tracecontext,not-installed", {"traceparent", "tracestate"}),
-    ],
-    ids=["default", "tracecontext", "baggage", "none", "unknown-skipped"],
-)
-def test_otel_propagators_choose_the_propagators(value: str | None, fields: set[str]) -> None:
-    env = {} if value is None else {"OTEL_PROPAGATORS": value}
-    assert set(propagator_from_env(env).fields) == fields
 
 
 def test_baggage_propagates_when_configured(exporter: InMemorySpanExporter) -> None:
