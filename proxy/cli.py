@@ -78,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
         help="memory (default) or redis://HOST:PORT/DB",
     )
     run.add_argument(
+        "--idempotency-memory",
+        dest="idempotency_memory_bytes",
+        help="byte budget of the in-memory idempotency store (default 16MiB)",
+    )
+    run.add_argument(
+        "--idempotency-when-full",
+        dest="idempotency_when_full",
+        choices=["evict", "refuse"],
+        help="in-memory store full: evict the oldest completed keys (default) or refuse new ones",
+    )
+    run.add_argument(
+        "--transaction-log-memory",
+        dest="transaction_log_bytes",
+        help="byte budget of the in-memory transaction log (default 6MiB)",
+    )
+    run.add_argument(
         "--no-watch",
         dest="watch",
         action="store_const",

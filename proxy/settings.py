@@ -37,6 +37,10 @@ class Settings:
     webhook_format: str = "event"  # event | alertmanager
     idempotency_store: str = "memory"  # memory | redis://host:port/db
     idempotency_prefix: str = "payswitch:"
+    # The in-memory stores' budgets (see README "Memory"); Redis keeps no such bound.
+    idempotency_memory_bytes: int = 16 * 1024 * 1024
+    idempotency_when_full: str = "evict"  # evict | refuse
+    transaction_log_bytes: int = 6 * 1024 * 1024
     watch: bool = True
     shutdown_grace: float = 2.0  # readiness fails, traffic still served
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
@@ -60,6 +64,9 @@ ENV = {
     "webhook_format": "PAYSWITCH_WEBHOOK_FORMAT",
     "idempotency_store": "PAYSWITCH_IDEMPOTENCY_STORE",
     "idempotency_prefix": "PAYSWITCH_IDEMPOTENCY_PREFIX",
+    "idempotency_memory_bytes": "PAYSWITCH_IDEMPOTENCY_MEMORY",
+    "idempotency_when_full": "PAYSWITCH_IDEMPOTENCY_WHEN_FULL",
+    "transaction_log_bytes": "PAYSWITCH_TRANSACTION_LOG_MEMORY",
     "watch": "PAYSWITCH_WATCH",
     "shutdown_grace": "PAYSWITCH_SHUTDOWN_GRACE",
     "shutdown_deadline": "PAYSWITCH_SHUTDOWN_DEADLINE",
@@ -74,6 +81,18 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected on/off, got {text!r}")
+
+
+def _size(text: str, var: str) -> int:
+    from proxy.config.units import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise ValueError(f"{var}: {exc}") from None
+    if size < 64 * 1024:
+        raise ValueError(f"{var}: at least 64KiB, got {text!r}")
+    return size
 
 
 def from_sources(
@@ -97,6 +116,12 @@ def from_sources(
             values[name] = raw if isinstance(raw, bool) else _bool(str(raw))
         elif name in ("shutdown_grace", "shutdown_deadline"):
             values[name] = float(str(raw))
+        elif name in ("idempotency_memory_bytes", "transaction_log_bytes"):
+            values[name] = _size(str(raw), var)
+        elif name == "idempotency_when_full":
+            if str(raw) not in ("evict", "refuse"):
+                raise ValueError(f"{var}: expected evict or refuse, got {raw!r}")
+            values[name] = str(raw)
         else:
             values[name] = str(raw)
     return Settings(**values)  # type: ignore[arg-type]
