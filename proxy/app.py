@@ -30,6 +30,7 @@ from proxy.errors import Tried
 from proxy.events import EventBus, Severity, Sink, StreamSink
 from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
 from proxy.handler import ProxyHandler
+from proxy.headers import HeaderPolicy, parse_networks
 from proxy.idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
@@ -96,6 +97,10 @@ class Runtime:
             fallback=MemoryIdempotencyStore(
                 clock=clock, max_bytes=settings.idempotency_memory_bytes
             ),
+        )
+        self.header_policy = HeaderPolicy(
+            trusted_proxies=parse_networks(settings.trusted_proxies),
+            drop_underscores=settings.underscore_headers == "drop",
         )
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
         self.session: UpstreamClient | None = None

@@ -33,6 +33,7 @@ from proxy.idempotency import (
     TransactionStore,
     Unresolved,
     fingerprint,
+    gateway_key,
     scoped_key,
     validate_key,
 )
@@ -62,6 +63,7 @@ class Ticket:
     transaction_id: str
     forced_gateway: str | None  # an unresolved key goes back to the gateway that saw it
     store: IdempotencyStore  # where the key is held: the store, or the local fallback
+    forward_key: str  # the key the gateway gets: see idempotency.gateway_key
 
 
 #: Retry-After, in seconds, on a keyed payment refused while the store is down.
@@ -116,6 +118,7 @@ class Payments:
             raise errors.BadRequest(str(exc), route=plan.name) from None
         scope = headers.get(policy.scope_header) if policy.scope_header else None
         skey = scoped_key(key, scope)
+        fkey = gateway_key(key, scope)
         fp = fingerprint(method, raw_path, body)
         store, result = await self._claim(plan, skey, fp)
         if isinstance(result, Claimed):
@@ -124,9 +127,10 @@ class Payments:
                 key=skey,
                 lease=result.lease,
                 policy=policy,
-                transaction_id=key,
+                transaction_id=fkey,
                 forced_gateway=None,
                 store=store,
+                forward_key=fkey,
             )
         if isinstance(result, Unresolved):
             self._count(plan, "unresolved_retry")
@@ -134,9 +138,10 @@ class Payments:
                 key=skey,
                 lease=result.lease,
                 policy=policy,
-                transaction_id=result.transaction_id or key,
+                transaction_id=result.transaction_id or fkey,
                 forced_gateway=result.last_gateway,
                 store=store,
+                forward_key=fkey,
             )
         if isinstance(result, Completed):
             self._count(plan, "replayed")

@@ -9,6 +9,7 @@ from proxy.idempotency.keys import (
     MAX_KEY_LENGTH,
     InvalidIdempotencyKey,
     fingerprint,
+    gateway_key,
     scoped_key,
     validate_key,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "UnresolvedCause",
     "end_to_end_headers",
     "fingerprint",
+    "gateway_key",
     "scoped_key",
     "validate_key",
 ]

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from proxy.forward import HOP_BY_HOP
+from proxy.headers import HOP_BY_HOP
 
 logger = logging.getLogger(__name__)
 
