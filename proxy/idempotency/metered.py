@@ -1,8 +1,10 @@
 """Metrics around any idempotency store: operations, errors, latency, evictions, keys held.
 
 Owns: `MeteredIdempotencyStore`, a pass-through `IdempotencyStore` that counts every call
-by operation and result (ok / error) with its latency, and reads the wrapped store's
-eviction count and keys held (when it keeps them: the memory store) at scrape time.
+by operation and result (ok; refused: the memory store was full; error: the store failed)
+with its latency, and reads the wrapped store's evictions by state, refusals, keys held
+and bytes held (when it keeps them: the memory store) at scrape time. Whether the store is
+up is proxy.idempotency.guard's.
 Must not: change any result or swallow any error; nor cost the request path more than two
 clock reads and two dict updates per call.
 """
@@ -23,21 +25,22 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.idempotency.store import ClaimResult, IdempotencyStore, StoredResponse
+from proxy.idempotency.store import ClaimResult, IdempotencyStore, StoredResponse, StoreFull
 
 T = TypeVar("T")
 
 #: Seconds; a store call is a hash lookup in memory or one Redis round trip.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-OPERATIONS = ("claim", "record_attempt", "complete", "mark_unknown", "release")
+OPERATIONS = ("claim", "record_attempt", "complete", "mark_unknown", "release", "ping")
 _STATES = ("inflight", "completed", "unresolved")
 
 
 class _Op:
-    __slots__ = ("buckets", "errors", "ok", "sum")
+    __slots__ = ("buckets", "errors", "ok", "refused", "sum")
 
     def __init__(self) -> None:
         self.ok = 0
+        self.refused = 0
         self.errors = 0
         self.sum = 0.0
         self.buckets = [0] * (len(BUCKETS) + 1)
@@ -57,6 +60,9 @@ class MeteredIdempotencyStore:
         started = time.perf_counter()
         try:
             result = await call
+        except StoreFull:
+            stats.refused += 1
+            raise
         except BaseException:
             stats.errors += 1
             raise
@@ -113,6 +119,9 @@ class MeteredIdempotencyStore:
     async def release(self, key: str, lease: str) -> bool:
         return await self._timed("release", self.inner.release(key, lease))
 
+    async def ping(self) -> None:
+        await self._timed("ping", self.inner.ping())
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -124,7 +133,8 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         ops = CounterMetricFamily(
             "payswitch_idempotency_store_operations",
-            "Idempotency-store calls, by operation and result (ok, or error: the store failed).",
+            "Idempotency-store calls, by operation and result (ok; refused: the in-memory store "
+            "was full; error: the store failed).",
             labels=("operation", "result"),
         )
         latency = HistogramMetricFamily(
@@ -134,6 +144,7 @@ class _StoreCollector(Collector):
         )
         for name, op in self._store._ops.items():
             ops.add_metric([name, "ok"], float(op.ok))
+            ops.add_metric([name, "refused"], float(op.refused))
             ops.add_metric([name, "error"], float(op.errors))
             running = 0
             buckets: list[tuple[str, float]] = []
@@ -145,11 +156,22 @@ class _StoreCollector(Collector):
         yield latency
         inner = self._store.inner
         evictions = getattr(inner, "evictions", None)
-        if isinstance(evictions, int):
-            yield CounterMetricFamily(
+        if isinstance(evictions, dict):
+            evicted = CounterMetricFamily(
                 "payswitch_idempotency_store_evictions",
-                "Keys the in-memory store forgot before their TTL to stay within its bounds.",
-                value=float(evictions),
+                "Keys the in-memory store forgot before their TTL to stay within its bytes, "
+                "by state (completed: a retry is no longer replayed).",
+                labels=("state",),
+            )
+            for state, n in evictions.items():
+                evicted.add_metric([str(state)], float(n))
+            yield evicted
+        refusals = getattr(inner, "refusals", None)
+        if isinstance(refusals, int):
+            yield CounterMetricFamily(
+                "payswitch_idempotency_store_full_refusals",
+                "New keys the in-memory store refused because it was full of unexpired keys.",
+                value=float(refusals),
             )
         count = getattr(inner, "count", None)
         if callable(count):
@@ -161,3 +183,10 @@ class _StoreCollector(Collector):
             for state in _STATES:
                 keys.add_metric([state], float(count(state)))
             yield keys
+        held = getattr(inner, "held_bytes", None)
+        if isinstance(held, int):
+            yield GaugeMetricFamily(
+                "payswitch_idempotency_store_bytes",
+                "Bytes the in-memory store charges its entries now, against its budget.",
+                value=float(held),
+            )

@@ -13,10 +13,12 @@ from proxy.idempotency import (
     Claimed,
     Completed,
     MemoryIdempotencyStore,
-    RedisIdempotencyStore,
     StoredResponse,
 )
+from proxy.idempotency.memory import ENTRY_OVERHEAD
 from proxy.idempotency.metered import MeteredIdempotencyStore
+from proxy.idempotency.redis_store import RedisIdempotencyStore
+from proxy.idempotency.store import StoreFull
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -48,16 +50,38 @@ async def test_calls_pass_through_and_are_counted_with_latency() -> None:
     assert value(registry, "payswitch_idempotency_store_keys", state="inflight") == 0
 
 
-async def test_evictions_are_counted() -> None:
+async def test_evictions_by_state_and_bytes_held_are_counted() -> None:
     registry = CollectorRegistry()
-    inner = MemoryIdempotencyStore(clock=ManualClock(), max_entries=2)
+    inner = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=ENTRY_OVERHEAD * 8)
     store = MeteredIdempotencyStore(inner, registry)
-    for i in range(4):
+    for i in range(40):
         claim = await store.claim(f"k{i}", "fp", 60.0)
         assert isinstance(claim, Claimed)
         await store.complete(f"k{i}", claim.lease, response(), 60.0)
-    assert value(registry, "payswitch_idempotency_store_evictions_total") == 2
-    assert value(registry, "payswitch_idempotency_store_keys", state="completed") == 2
+    evicted = value(registry, "payswitch_idempotency_store_evictions_total", state="completed")
+    held = value(registry, "payswitch_idempotency_store_keys", state="completed")
+    assert evicted is not None and held is not None
+    assert evicted > 0 and evicted + held == 40
+    assert value(registry, "payswitch_idempotency_store_bytes") == inner.held_bytes
+
+
+async def test_a_full_store_that_refuses_counts_refusals_not_errors() -> None:
+    registry = CollectorRegistry()
+    inner = MemoryIdempotencyStore(
+        clock=ManualClock(), max_bytes=ENTRY_OVERHEAD * 4, when_full="refuse"
+    )
+    store = MeteredIdempotencyStore(inner, registry)
+    refused = 0
+    for i in range(20):
+        try:
+            await store.claim(f"k{i}", "fp", 60.0)
+        except StoreFull:
+            refused += 1
+    assert refused > 0
+    ops = "payswitch_idempotency_store_operations_total"
+    assert value(registry, ops, operation="claim", result="refused") == refused
+    assert value(registry, ops, operation="claim", result="error") == 0
+    assert value(registry, "payswitch_idempotency_store_full_refusals_total") == refused
 
 
 async def test_a_failing_store_counts_errors_and_raises_them_unchanged() -> None:
