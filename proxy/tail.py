@@ -22,7 +22,7 @@ from proxy.events import Event, Severity, encode
 
 logger = logging.getLogger(__name__)
 
-RECENT = 200  # events replayed to a new subscriber
+RECENT = 200  # events replayed to a new subscriber, per ring
 QUEUE = 1000  # events a subscriber may fall behind by before losing some
 HEARTBEAT = 1.0  # seconds between checks for shutdown, with a comment line every 15
 
@@ -33,6 +33,9 @@ class TailSink:
     def __init__(self, *, min_severity: Severity = Severity.INFO) -> None:
         self.min_severity = min_severity
         self._recent: deque[Event] = deque(maxlen=RECENT)
+        # Warnings and worse in a ring of their own, so a burst of routine events (two per
+        # payment) cannot push an ejection out of what a newly opened page sees.
+        self._notable: deque[Event] = deque(maxlen=RECENT)
         self._subscribers: dict[asyncio.Queue[Event | None], Severity] = {}
         self._dropped = 0
         self._closed = False
@@ -42,7 +45,10 @@ class TailSink:
         return self._dropped
 
     def offer(self, event: Event) -> bool:
-        self._recent.append(event)
+        if event.severity >= Severity.WARNING:
+            self._notable.append(event)
+        else:
+            self._recent.append(event)
         for queue, min_severity in self._subscribers.items():
             if event.severity < min_severity:
                 continue
@@ -59,7 +65,9 @@ class TailSink:
         if self._closed:
             queue.put_nowait(None)
         self._subscribers[queue] = min_severity
-        return [e for e in self._recent if e.severity >= min_severity], queue
+        backlog = [e for e in (*self._recent, *self._notable) if e.severity >= min_severity]
+        backlog.sort(key=lambda e: e.ts)
+        return backlog, queue
 
     def unsubscribe(self, queue: asyncio.Queue[Event | None]) -> None:
         self._subscribers.pop(queue, None)

@@ -90,7 +90,7 @@
   }
 
   function fmtTime(epochSeconds) {
-    return new Date(epochSeconds * 1000).toLocaleTimeString();
+    return new Date(epochSeconds * 1000).toLocaleTimeString([], { hour12: false });
   }
 
   function chip(status, minor) {
@@ -513,7 +513,7 @@
       renderConfig(cfg);
       $("gateways").classList.remove("stale");
       setConn(cfg.status === 503 ? "wait" : "live", cfg.status === 503 ? "rules not loaded" : "live");
-      $("updated").textContent = new Date().toLocaleTimeString();
+      $("updated").textContent = new Date().toLocaleTimeString([], { hour12: false });
     } catch (err) {
       $("gateways").classList.add("stale");
       setConn("down", "admin API unreachable — retrying");

@@ -31,6 +31,18 @@ async def test_subscribers_get_the_recent_events_at_their_severity() -> None:
     assert [e.kind for e in backlog] == ["gateway.ejected"]
 
 
+async def test_a_burst_of_routine_events_does_not_push_out_a_warning() -> None:
+    tail = TailSink()
+    bus = EventBus([tail])
+    bus.emit("gateway.ejected", Severity.WARNING, gateway="g1", reason="r", duration_s=1.0)
+    for i in range(1000):
+        bus.emit("gateway.drained", Severity.INFO, gateway=f"g{i}")
+    warnings, _ = tail.subscribe(Severity.WARNING)
+    assert [e.kind for e in warnings] == ["gateway.ejected"]
+    everything, _ = tail.subscribe(Severity.INFO)
+    assert everything[0].kind == "gateway.ejected" and len(everything) == 201
+
+
 async def test_sse_stream_filters_by_severity_and_ends_on_close() -> None:
     tail = TailSink()
     bus = EventBus([tail])
