@@ -1,59 +1,34 @@
 """One structured line per request: route, region, every gateway tried and why it was
 left, final status and durations.
 
-Owns: `AccessLog`, which buffers lines and writes them in batches from a background task,
-so a slow stdout costs the request path one list append.
+Owns: `AccessLog`, which encodes a record through the shared log encoder (proxy.logs:
+RFC 3339 `time`, the current span's `trace_id`/`span_id`) and queues it on a
+`LineWriter`, so a slow or stuck stdout costs the request path one encode and one append,
+and a full queue drops and counts instead of waiting.
 Must not: decide what happened to a request; the handler tells it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
-from typing import BinaryIO
-
-import orjson
-
-from proxy.aio import cancel_and_wait, spawn
-
-logger = logging.getLogger(__name__)
-
-MAX_BUFFERED = 10_000
+from proxy.logs import LineWriter, encode, stdout_writer
 
 
 class AccessLog:
-    def __init__(self, stream: BinaryIO | None = None, *, interval: float = 0.1) -> None:
-        self._stream = stream if stream is not None else sys.stdout.buffer
-        self._buf: list[bytes] = []
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
-        self.dropped = 0
+    def __init__(self, writer: LineWriter | None = None, *, trace_ids: bool = True) -> None:
+        self._writer = writer if writer is not None else stdout_writer()
+        self._trace_ids = trace_ids  # off with tracing: no span to look up
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost on this log's output (shared with whatever else writes there)."""
+        return self._writer.dropped
 
     def log(self, record: dict[str, object]) -> None:
-        if len(self._buf) >= MAX_BUFFERED:
-            self.dropped += 1
-            return
-        self._buf.append(orjson.dumps(record) + b"\n")
+        """Write `record` as one JSON line; a `ts` (unix seconds) becomes its `time`."""
+        self._writer.offer(encode(record, trace_ids=self._trace_ids))
 
     async def start(self) -> None:
-        self._task = spawn(self._run(), name="access-log-writer")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        data, self._buf = b"".join(self._buf), []
-        try:
-            self._stream.write(data)
-            self._stream.flush()
-        except (OSError, ValueError):
-            logger.warning("access log write failed; %d bytes dropped", len(data))
+        """Nothing to start: the writer's thread runs from its creation."""
 
     async def close(self) -> None:
-        await cancel_and_wait(self._task)
-        self.flush()
+        """Nothing to stop: the process's writers are flushed at exit (proxy.logs)."""

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import dashboard
 from proxy.config import admin as config_admin
+from proxy.metrics import render
 from proxy.upstream import admin as gateways_admin
 
 if TYPE_CHECKING:
@@ -70,9 +70,10 @@ def build_admin_app(rt: Runtime) -> web.Application:
             }
         )
 
-    async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(rt.registry))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = render(rt.registry, request.headers.get("Accept"))
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
         return resp
 
     async def transaction(request: web.Request) -> web.Response:
@@ -89,5 +90,7 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_routes(config_admin.routes(rt.store))
     app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
-    app.router.add_routes(dashboard.routes())
+    app.router.add_routes(
+        dashboard.routes(rt.windows.view, rt.tail, lambda: rt.shutting_down or rt.stopping.is_set())
+    )
     return app

@@ -38,17 +38,21 @@ from proxy.idempotency import (
     TransactionStore,
 )
 from proxy.idempotency.guard import StoreGuard
-from proxy.metrics import Metrics
+from proxy.idempotency.metered import MeteredIdempotencyStore
+from proxy.logs import WriterCollector
+from proxy.metrics import Metrics, register_process_collectors
 from proxy.payments import Payments
 from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
 from proxy.server import ProxyServer
 from proxy.settings import Settings
+from proxy.tail import TailSink
 from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.health import Health
-from proxy.upstream.state import StateRegistry
+from proxy.upstream.state import GatewayState, StateRegistry
+from proxy.windows import Windows
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +75,14 @@ class Runtime:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        register_process_collectors(self.registry)
+        self.registry.register(WriterCollector())
+        self.tail = TailSink()
         self.events = EventBus(
-            [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
+            [*_sinks(settings), self.tail, *(sinks or [])], clock=clock, registry=self.registry
         )
-        self.states = StateRegistry()
+        self.states = StateRegistry(on_create=self._on_gateway)
+        self.windows = Windows(self.metrics, self.states, clock=clock)
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
         self.balancer = Balancer(self.states)
         self.store: ConfigStore[Router] = ConfigStore(
@@ -86,10 +94,12 @@ class Runtime:
             registry=self.registry,
         )
         self.tracing = Tracing.from_env(os.environ)
-        keys, log = _payment_stores(settings, clock)
+        self.metrics.exemplars = self.tracing.enabled
+        stores = _payment_stores(settings, clock)
+        keys = MeteredIdempotencyStore(stores[0], self.registry)
         self.payments = Payments(
             keys,
-            log,
+            stores[1],
             self.metrics,
             guard=StoreGuard(keys.ping, registry=self.registry, events=self.events),
             fallback=MemoryIdempotencyStore(
@@ -100,13 +110,18 @@ class Runtime:
             trusted_proxies=parse_networks(settings.trusted_proxies),
             drop_underscores=settings.underscore_headers == "drop",
         )
-        self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
+        self.access_log: AccessLog | None = (
+            AccessLog(trace_ids=self.tracing.enabled) if settings.access_log else None
+        )
         self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
         self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+
+    def _on_gateway(self, st: GatewayState) -> None:
+        self.windows.attach(st)
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -235,6 +250,7 @@ class Runtime:
             await self.access_log.start()
         if self.settings.watch:
             self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
+        self._tasks.append(spawn(self.windows.run(), name="dashboard-windows"))
 
     async def close(self) -> None:
         self.stopping.set()
@@ -305,7 +321,9 @@ def _sinks(settings: Settings) -> list[Sink]:
 def proxy_server(rt: Runtime) -> ProxyServer:
     """The traffic listener: every request goes to the proxy handler."""
     handler = ProxyHandler(rt)
-    return ProxyServer(handler.handle, handler.body_cap)
+    server = ProxyServer(handler.handle, handler.body_cap)
+    server.on_refusal = rt.metrics.refused
+    return server
 
 
 #: Allocations between young-generation collections. CPython's 700 makes a proxy at a few

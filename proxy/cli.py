@@ -154,20 +154,23 @@ def run(flags: dict[str, object]) -> int:
     try:
         settings = from_sources(flags)
     except (ValueError, TypeError) as exc:
-        print(f"payswitch: {exc}", file=sys.stderr)
+        _setup_logging("info")
+        logger.error("bad setting: %s", exc)
         return 2
     _setup_logging(settings.log_level)
     from proxy.app import serve
 
+    # Every stderr line of `run` is a JSON log line, failures included.
     try:
         return _run_loop(serve(settings))
     except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
-        print("payswitch: the rules are not valid; nothing was started", file=sys.stderr)
+        logger.error(
+            "the rules are not valid; nothing was started",
+            extra={"problems": [str(issue) for issue in exc.issues]},
+        )
         return 1
     except (OSError, ValueError) as exc:
-        print(f"payswitch: {exc}", file=sys.stderr)
+        logger.error("cannot start: %s", exc)
         return 1
 
 
@@ -181,8 +184,6 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format='{"log":"%(levelname)s","ts":"%(asctime)s","logger":"%(name)s","msg":"%(message)s"}',
-    )
+    from proxy import logs
+
+    logs.setup(level)

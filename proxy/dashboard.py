@@ -1,20 +1,26 @@
 """The live dashboard page of the admin listener.
 
 Owns: `GET /dashboard` and the script and stylesheet beside it, read once from
-`proxy/static/` and served with a policy that lets the page talk to its own origin only.
-Must not: add data endpoints or compute anything for the page; it polls `/admin/gateways`
-and `/admin/config`, the same JSON operators and scripts read, so what it shows can never
-drift from the API. Mounting it and guarding the admin port are the admin app's job.
+`proxy/static/` and served with a policy that lets the page talk to its own origin only;
+and the two feeds only the page needs: `GET /admin/stats` (per-route and per-gateway
+one- and five-minute windows, from proxy.windows) and `GET /admin/events` (the live event
+tail as server-sent events, from proxy.tail). Everything else the page shows comes from
+`/admin/gateways` and `/admin/config`, the same JSON operators and scripts read.
+Must not: compute anything itself, or count anything `/metrics` does not. Mounting it and
+guarding the admin port are the admin app's job.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from proxy import tail as event_tail
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +56,28 @@ def _file_handler(body: bytes, content_type: str) -> Handler:
     return serve
 
 
-def routes() -> list[web.RouteDef]:
-    """GET /dashboard and its assets; the files are read now, not per request."""
-    return [
+def routes(
+    stats: Callable[[], dict[str, object]] | None = None,
+    tail: event_tail.TailSink | None = None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> list[web.RouteDef]:
+    """GET /dashboard and its assets (the files are read now, not per request), and the
+    stats and event feeds when their sources are given."""
+    found = [
         web.get(path, _file_handler(_read(name), content_type))
         for path, (name, content_type) in _FILES.items()
     ]
+    if stats is not None:
+
+        async def get_stats(_: web.Request) -> web.Response:
+            return web.json_response(stats())
+
+        found.append(web.get("/admin/stats", get_stats))
+    if tail is not None:
+        sink = tail
+
+        async def get_events(request: web.Request) -> web.StreamResponse:
+            return await event_tail.stream(request, sink, stopping)
+
+        found.append(web.get("/admin/events", get_events))
+    return found

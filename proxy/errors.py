@@ -20,7 +20,7 @@ class Tried:
     """One gateway the request was offered to, and why it was left."""
 
     gateway: str
-    outcome: str  # connect_failure, timeout, reset, status_503, skipped:rate-limited, ...
+    outcome: str  # connect-failure, timeout, reset, 503, skipped:rate-limited, ...
     attempt_id: str | None = None
     status: int | None = None
 

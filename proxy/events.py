@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, NamedTuple, Protocol
 
 import orjson
@@ -28,6 +25,7 @@ from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.event_kinds import KINDS, KindSpec, Severity, problems
 from proxy.ids import new_id
+from proxy.logs import LineWriter, iso_millis, stdout_writer
 
 __all__ = [
     "KINDS",
@@ -65,19 +63,6 @@ class NullEmitter:
         return None
 
 
-_second: list[object] = [None, ""]  # the last whole second formatted, and its text
-
-
-def iso_millis(ts: float) -> str:
-    """`ts` as ISO-8601 UTC with milliseconds; the seconds part is formatted once per
-    second, since events come in bursts within one."""
-    whole = int(ts)
-    if _second[0] != whole:
-        _second[0] = whole
-        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{int((ts - whole) * 1000):03d}Z"
-
-
 _SEVERITY_NAMES = {s: s.name.lower() for s in Severity}
 
 
@@ -87,13 +72,14 @@ class Event(NamedTuple):
 
     kind: str
     severity: Severity
-    ts: float  # unix seconds, for machines
+    ts: float  # unix seconds; written out as `time` only
     id: str  # unique per event; lets a receiver dedupe a retried delivery
     fields: Mapping[str, object]
 
     @property
     def time(self) -> str:
-        """ISO-8601 UTC with milliseconds, for people; formatted only when written out."""
+        """RFC 3339 UTC with milliseconds, the form every log line uses; formatted only
+        when written out."""
         return iso_millis(self.ts)
 
     def as_dict(self) -> dict[str, object]:
@@ -101,7 +87,6 @@ class Event(NamedTuple):
             "kind": self.kind,
             "severity": _SEVERITY_NAMES[self.severity],
             "time": self.time,
-            "ts": self.ts,
             "id": self.id,
             "fields": self.fields,
         }
@@ -266,14 +251,16 @@ class QueuedSink:
 
 
 class StreamSink(QueuedSink):
-    """JSON lines on stdout (the default) or any binary stream or file path.
+    """JSON lines on stdout (the default), a file path, or any binary stream.
 
-    Writes happen in a worker thread so a stalled pipe on stdout stalls only this sink,
-    never the event loop.
+    Stdout and files are written through a `LineWriter` (proxy.logs): delivering a batch
+    is an append to its bounded queue, so a stalled pipe never holds the event loop, a
+    worker thread of the loop's executor, or shutdown; lines it cannot take are dropped
+    and counted here. An explicit stream (tests, tools) is written from a worker thread.
     """
 
     linger = 0.05
-    batch_max = 4096  # a thread hand-off per batch: large batches keep it off the bill
+    batch_max = 4096  # one hand-off per batch: large batches keep it off the bill
 
     def __init__(
         self,
@@ -286,32 +273,43 @@ class StreamSink(QueuedSink):
         super().__init__(name=name, min_severity=min_severity, capacity=capacity)
         self._target = target
         self._stream: IO[bytes] | None = None
-        self._owned = False
+        self._writer: LineWriter | None = None
+        self._fd: int | None = None  # a file this sink opened and must close
 
     async def start(self) -> None:
-        if self._stream is None:
+        if self._stream is None and self._writer is None:
             target = self._target
             if target is None:
-                self._stream = sys.stdout.buffer
+                self._writer = stdout_writer()
             elif isinstance(target, str | os.PathLike):
-                self._stream = await asyncio.to_thread(Path(target).open, "ab")
-                self._owned = True
+                self._fd = await asyncio.to_thread(
+                    os.open, target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+                )
+                self._writer = LineWriter(self._fd, name=self.name)
             else:
                 self._stream = target
         await super().start()
 
     async def deliver(self, batch: Sequence[Event]) -> None:
         data = b"".join(map(encode_line, batch))
+        if self._writer is not None:
+            if self._writer.offer(data):
+                self.delivered += len(batch)
+            else:
+                self.drop(len(batch), "output full")
+            return
         stream = self._stream
         assert stream is not None, "deliver runs only after start"
         await asyncio.to_thread(_write, stream, data)
         self.delivered += len(batch)
 
     async def aclose_resources(self) -> None:
-        if self._owned and self._stream is not None:
-            self._stream.close()
+        writer, fd = self._writer, self._fd
+        self._writer = self._fd = None
         self._stream = None
-        self._owned = False
+        if fd is not None and writer is not None:
+            await asyncio.to_thread(writer.close, 2.0)
+            os.close(fd)
 
 
 def _write(stream: IO[bytes], data: bytes) -> None:

@@ -124,7 +124,9 @@ class ProxyHandler:
             if not tracing.enabled:
                 return await self._dispatch(request, dispatch, ticket, started)
             dispatch.tracing = tracing
-            with tracing.request_span(method, plan.name, headers) as span:
+            with tracing.request_span(
+                method, plan.name, headers, path=path, region=region, transaction_id=txn_id
+            ) as span:
                 resp = await self._dispatch(request, dispatch, ticket, started)
                 tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
                 return resp

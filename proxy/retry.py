@@ -219,7 +219,16 @@ class Dispatch:
     async def _send_traced(
         self, att: Attempt, cap: float, headers: CIMultiDict[str], tracing: Tracing
     ) -> Result:
-        with tracing.attempt_span(att.gateway.name, att.attempt_id, len(self.attempts)) as span:
+        with tracing.attempt_span(
+            att.gateway,
+            route=self.plan.name,
+            region=self.region,
+            method=self.method,
+            path_qs=self.path_qs,
+            attempt_id=att.attempt_id,
+            attempt_no=len(self.attempts),
+            transaction_id=self.transaction_id,
+        ) as span:
             tracing.inject(headers)
             exchange = self._exchange(att, cap, headers)
             try:
@@ -301,7 +310,7 @@ class Dispatch:
             self.tried.append(
                 errors.Tried(
                     gateway=att.gateway.name,
-                    outcome=f"status_{status}",
+                    outcome=str(status),  # as the rules spell it (retry.on: [503])
                     status=status,
                     attempt_id=att.attempt_id,
                 )

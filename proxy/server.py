@@ -686,11 +686,13 @@ class _Connection(asyncio.Protocol):
             return
         status = refusal.status
         title = HTTPStatus(status).phrase
-        answer = problem(status, title, refusal.detail, title.lower().replace(" ", "-"))
+        reason = title.lower().replace(" ", "-")
+        answer = problem(status, title, refusal.detail, reason)
         self.transport.write(
             _head(status, answer.headers, len(answer.body), True, False) + answer.body
         )
         self.server.refused += 1
+        self.server.on_refusal(reason)
 
     def _close(self, *, lingering: bool = False) -> None:
         """Close after what is written has gone out. Lingering: first stop sending, then
@@ -795,6 +797,8 @@ class ProxyServer:
         self._all_gone = asyncio.Event()  # set once closing and the last connection ended
         self.closing = False
         self.refused = 0  # requests refused before the handler, as malformed or over limits
+        #: Told the reason of every refusal (a kebab-case slug), for metrics.
+        self.on_refusal: Callable[[str], None] = _ignore
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
@@ -856,6 +860,10 @@ PROBLEM_TYPES = "https://payswitch.dev/problems/"
 def problem_fields(status: int, title: str, detail: str, slug: str) -> dict[str, object]:
     """The RFC 9457 members every payswitch problem body starts with."""
     return {"type": PROBLEM_TYPES + slug, "title": title, "status": status, "detail": detail}
+
+
+def _ignore(_: str) -> None:
+    return None
 
 
 def problem(status: int, title: str, detail: str, slug: str) -> Answer:

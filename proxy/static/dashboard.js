@@ -7,6 +7,11 @@
   const INTERVAL_MS = 1000;
   const TIMEOUT_MS = 3000;
   const HISTORY = 60; // samples kept for the sparkline (one per poll)
+  const EVENTS_SHOWN = 100;
+  const COLUMNS = 12;
+  // What payswitch_gateway_up counts as down; the other flags only stop new traffic.
+  const DOWN_FLAGS = ["active_failed", "ejected"];
+  const BLOCKING_FLAGS = ["active_failed", "ejected", "draining", "throttled"];
 
   // Most severe first: the first flag found is the gateway's status.
   const STATUSES = [
@@ -22,6 +27,7 @@
   const open = new Set(); // gateway names whose detail row is shown
   let last = null; // {t, counters: Map(name -> {requests, failures})}
   const history = []; // {req, fail} per poll, in req/s and failures/s
+  let stats = null; // the latest admin/stats answer, or null when unavailable
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -84,7 +90,7 @@
   }
 
   function fmtTime(epochSeconds) {
-    return new Date(epochSeconds * 1000).toLocaleTimeString();
+    return new Date(epochSeconds * 1000).toLocaleTimeString([], { hour12: false });
   }
 
   function chip(status, minor) {
@@ -163,7 +169,7 @@
     });
     nameCell.append(btn);
     row.append(nameCell);
-    for (const key of ["region", "provider", "status", "score", "weight", "inFlight", "latency", "rate", "requests", "failures"]) {
+    for (const key of ["region", "provider", "status", "score", "weight", "inFlight", "latency", "rate", "requests", "failures", "action"]) {
       const cell = el("td", ["region", "provider", "status", "score"].includes(key) ? "" : "num");
       cells[key] = cell;
       row.append(cell);
@@ -177,11 +183,17 @@
     cells.score.append(score);
     cells.scoreFill = fill;
     cells.scoreNum = num;
+    const act = el("button", "act-btn", "drain");
+    act.type = "button";
+    act.dataset.gateway = name;
+    act.addEventListener("click", () => act.dataset.action && drainAction(name, act.dataset.action, act));
+    cells.action.append(act);
+    cells.actBtn = act;
 
     const detail = el("tr", "details");
     detail.hidden = true;
     const detailCell = el("td");
-    detailCell.colSpan = 11;
+    detailCell.colSpan = COLUMNS;
     detail.append(detailCell);
     cells.detail = detailCell;
 
@@ -229,7 +241,10 @@
       c.region.textContent = gw.region || "–";
       c.provider.textContent = gw.provider || "–";
       const st = statusOf(gw);
-      c.status.replaceChildren(chip(st.main, false), ...st.extra.map((s) => chip(s, true)));
+      const win = gatewayStats(gw.name);
+      const sinceLine = el("span", "since", win ? "since " + fmtTime(win.since) + (win.reason ? " · " + win.reason : "") : "");
+      if (win) sinceLine.title = fmtAgo(win.since) + (win.reason ? ": " + win.reason : "");
+      c.status.replaceChildren(chip(st.main, false), ...st.extra.map((s) => chip(s, true)), document.createTextNode(" "), sinceLine);
       const score = Math.max(0, Math.min(1, Number(gw.score) || 0));
       c.scoreFill.style.width = (score * 100).toFixed(1) + "%";
       c.scoreFill.className = "bar-fill" + (score < 0.5 ? " low" : score < 0.8 ? " mid" : "");
@@ -240,10 +255,10 @@
       c.latency.textContent = fmtLatency(gw.ewma_latency_ms || 0, gw.requests);
       c.rate.textContent = fmtRate(perGateway.get(gw.name));
       c.requests.textContent = (gw.requests ?? 0).toLocaleString();
-      const failures = gw.failures ?? 0;
-      const pct = gw.requests ? (100 * failures) / gw.requests : 0;
-      const pctNode = el("span", "fail-pct" + (pct >= 5 ? " bad" : ""), gw.requests ? "(" + pct.toFixed(1) + "%)" : "");
-      c.failures.replaceChildren(document.createTextNode(failures.toLocaleString()), pctNode);
+      c.failures.replaceChildren(...failureCells(win));
+      const draining = (gw.flags || []).includes("draining");
+      c.actBtn.dataset.action = draining ? "undrain" : "drain";
+      c.actBtn.textContent = draining ? "undrain" : "drain";
       entry.detail.hidden = !open.has(gw.name);
       if (open.has(gw.name)) renderDetails(c.detail, gw);
     }
@@ -253,7 +268,7 @@
     if (ordered.length === 0) {
       const empty = el("tr", "empty");
       const td = el("td", "", "No gateways configured.");
-      td.colSpan = 11;
+      td.colSpan = COLUMNS;
       empty.append(td);
       ordered.push(empty);
     }
@@ -263,15 +278,20 @@
   function renderSummary(gateways, r) {
     const counts = new Map();
     let up = 0;
+    let eligible = 0;
     let inFlight = 0;
     for (const gw of gateways) {
       const label = statusOf(gw).main[1];
+      const flags = gw.flags || [];
       counts.set(label, (counts.get(label) || 0) + 1);
-      if (label === "up" || label === "degraded") up += 1;
+      // Counted as payswitch_gateway_up counts, so the page and sum() agree.
+      if (!flags.some((f) => DOWN_FLAGS.includes(f))) up += 1;
+      if (!flags.some((f) => BLOCKING_FLAGS.includes(f))) eligible += 1;
       inFlight += gw.in_flight || 0;
     }
     $("gw-count").textContent = String(gateways.length);
     $("up-count").textContent = String(up);
+    $("eligible-count").textContent = String(eligible);
     $("in-flight").textContent = String(inFlight);
     const chips = [];
     for (const status of [["", "up", "eligible"], ...STATUSES.slice().reverse()]) {
@@ -286,6 +306,141 @@
     $("rate").textContent = fmtRate(r.req);
     $("fail-rate").textContent = fmtRate(r.fail);
     drawSparkline();
+  }
+
+  // -- windows (admin/stats) ------------------------------------------------------
+
+  function gatewayStats(name) {
+    if (!stats || !Array.isArray(stats.gateways)) return null;
+    return stats.gateways.find((g) => g.name === name) || null;
+  }
+
+  function failureCells(win) {
+    if (!win) return [document.createTextNode("–")];
+    const nodes = [];
+    for (const key of ["1m", "5m"]) {
+      const w = win[key] || { requests: 0, failures: 0 };
+      const pct = w.requests ? (100 * w.failures) / w.requests : 0;
+      if (nodes.length) nodes.push(document.createTextNode(" / "));
+      const n = el("span", "fail-pct" + (pct >= 5 ? " bad" : ""), w.failures.toLocaleString());
+      n.title = key + ": " + w.failures + " of " + w.requests + " attempts failed";
+      nodes.push(n);
+    }
+    return nodes;
+  }
+
+  function fmtMs(ms) {
+    if (ms === null || ms === undefined) return "–";
+    return fmtLatency(ms, 1);
+  }
+
+  function fmtSuccess(ratio) {
+    if (ratio === null || ratio === undefined) return "–";
+    return (100 * ratio).toFixed(ratio >= 0.9995 || ratio === 0 ? 0 : 2) + "%";
+  }
+
+  function renderRoutes() {
+    const body = $("route-rows");
+    if (!stats || !Array.isArray(stats.routes)) return;
+    const rowsOut = stats.routes.map((r) => {
+      const tr = el("tr", "route");
+      tr.append(el("td", "", r.route));
+      for (const key of ["1m", "5m"]) {
+        const w = r[key] || {};
+        const success = el("td", "num", fmtSuccess(w.success_rate));
+        if (w.success_rate !== null && w.success_rate !== undefined && w.success_rate < 0.99) {
+          success.className = "num success-bad";
+        }
+        success.title = (w.requests ?? 0) + " requests over the last " + (w.seconds ?? 0) + " s";
+        tr.append(el("td", "num", fmtRate(w.rate)), success, el("td", "num", fmtMs(w.p50_ms)), el("td", "num", fmtMs(w.p99_ms)));
+      }
+      return tr;
+    });
+    if (rowsOut.length === 0) {
+      const empty = el("tr", "empty");
+      const td = el("td", "", "No requests routed yet.");
+      td.colSpan = 9;
+      empty.append(td);
+      rowsOut.push(empty);
+    }
+    body.replaceChildren(...rowsOut);
+  }
+
+  // -- drain / undrain ------------------------------------------------------------
+
+  function showActionError(text) {
+    const box = $("action-error");
+    box.textContent = text;
+    box.hidden = !text;
+  }
+
+  async function drainAction(name, action, button) {
+    const headers = { Accept: "application/json" };
+    const token = $("token").value.trim();
+    if (token) headers.Authorization = "Bearer " + token;
+    button.disabled = true;
+    try {
+      const resp = await fetch("admin/gateways/" + encodeURIComponent(name) + "/" + action, {
+        method: "POST",
+        headers,
+        cache: "no-store",
+      });
+      if (resp.status === 401 || resp.status === 403) {
+        showActionError(action + " " + name + ": the admin token is missing or wrong (" + resp.status + ")");
+      } else if (!resp.ok) {
+        showActionError(action + " " + name + " failed: HTTP " + resp.status);
+      } else {
+        showActionError("");
+      }
+    } catch (err) {
+      showActionError(action + " " + name + " failed: " + err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function restoreToken() {
+    const input = $("token");
+    try {
+      input.value = sessionStorage.getItem("payswitch-admin-token") || "";
+      input.addEventListener("input", () => sessionStorage.setItem("payswitch-admin-token", input.value));
+    } catch (_) {
+      // Storage may be disabled; the field still works for this page.
+    }
+  }
+
+  // -- live event tail ------------------------------------------------------------
+
+  let source = null;
+
+  function addEvent(ev) {
+    const li = el("li", "sev-" + ev.severity);
+    const time = String(ev.time || "").replace(/^.*T/, "").replace("Z", "");
+    li.append(
+      el("span", "ev-time", time),
+      el("span", "ev-sev", ev.severity),
+      el("span", "ev-kind", ev.kind),
+      el("span", "ev-fields", JSON.stringify(ev.fields || {})),
+    );
+    const list = $("events");
+    list.prepend(li);
+    while (list.children.length > EVENTS_SHOWN) list.lastElementChild.remove();
+  }
+
+  function openTail() {
+    if (source) source.close();
+    $("events").replaceChildren();
+    const severity = $("severity").value;
+    source = new EventSource("admin/events?severity=" + encodeURIComponent(severity));
+    source.onopen = () => { $("tail-state").textContent = "live"; };
+    source.onerror = () => { $("tail-state").textContent = "reconnecting…"; };
+    source.onmessage = (msg) => {
+      try {
+        addEvent(JSON.parse(msg.data));
+      } catch (err) {
+        console.warn("bad event", err);
+      }
+    };
   }
 
   // -- rules ----------------------------------------------------------------------
@@ -308,6 +463,9 @@
       $("loaded").title = "trigger: " + (cfg.trigger || "?");
     }
     const err = cfg.last_error;
+    const lastReload = $("last-reload");
+    lastReload.textContent = err && !err.superseded ? "refused" : "ok";
+    lastReload.className = err && !err.superseded ? "success-bad" : "";
     banner.hidden = !err || err.superseded;
     fixed.hidden = !err || !err.superseded;
     if (!err) return;
@@ -338,17 +496,24 @@
   async function tick() {
     const started = performance.now();
     try {
-      const [gws, cfg] = await Promise.all([getJSON("admin/gateways"), getJSON("admin/config")]);
+      const [gws, cfg, st] = await Promise.all([
+        getJSON("admin/gateways"),
+        getJSON("admin/config"),
+        getJSON("admin/stats").catch(() => ({ status: 0, body: null })),
+      ]);
       if (gws.status !== 200 || !Array.isArray(gws.body)) {
         throw new Error("admin/gateways answered " + gws.status);
       }
+      // The windows are an addition: without them the rest of the page still works.
+      stats = st.status === 200 ? st.body : null;
+      renderRoutes();
       const r = rates(gws.body, started);
       renderGateways(gws.body, r.perGateway);
       renderSummary(gws.body, r);
       renderConfig(cfg);
       $("gateways").classList.remove("stale");
       setConn(cfg.status === 503 ? "wait" : "live", cfg.status === 503 ? "rules not loaded" : "live");
-      $("updated").textContent = new Date().toLocaleTimeString();
+      $("updated").textContent = new Date().toLocaleTimeString([], { hour12: false });
     } catch (err) {
       $("gateways").classList.add("stale");
       setConn("down", "admin API unreachable — retrying");
@@ -358,5 +523,8 @@
     }
   }
 
+  restoreToken();
+  $("severity").addEventListener("change", openTail);
+  openTail();
   tick();
 })();

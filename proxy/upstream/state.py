@@ -35,11 +35,11 @@ class Outcome(enum.Enum):
     """What one attempt told us about the gateway's health."""
 
     SUCCESS = "success"  # any definitive answer the gateway owns (2xx-4xx except 429)
-    CONNECT_FAILURE = "connect_failure"
+    CONNECT_FAILURE = "connect-failure"  # spelled as in the rules (retry.on)
     TIMEOUT = "timeout"
     RESET = "reset"
-    BAD_RESPONSE = "bad_response"  # invalid HTTP
-    SERVER_ERROR = "server_error"  # 5xx
+    BAD_RESPONSE = "bad-response"  # invalid HTTP
+    SERVER_ERROR = "server-error"  # 5xx
     THROTTLED = "throttled"  # 429: a rate signal, not a health failure
     CANCELLED = "cancelled"  # we gave up on it (client left, another attempt won)
 

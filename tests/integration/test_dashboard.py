@@ -23,15 +23,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from proxy import dashboard
 from proxy.config import admin as config_admin
 from proxy.config.model import Rules
 from proxy.config.store import ConfigStore, Snapshot
+from proxy.metrics import Metrics
 from proxy.upstream import admin as gateways_admin
 from proxy.upstream.health import Health
 from proxy.upstream.state import Flag, Outcome, StateRegistry
+from proxy.windows import Windows
 
 Client = TestClient[web.Request, web.Application]
 
@@ -106,7 +109,9 @@ async def admin_app(tmp_path: Path) -> AsyncIterator[Admin]:
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     (rules_dir / "rules.yaml").write_text(RULES)
-    states = StateRegistry()
+    windows: list[Windows] = []
+    states = StateRegistry(on_create=lambda st: windows[0].attach(st))
+    windows.append(Windows(Metrics(CollectorRegistry()), states))
     health = Health(states)
 
     def on_swap(new: Snapshot[tuple[str, ...]], old: Snapshot[tuple[str, ...]] | None) -> None:
@@ -132,7 +137,7 @@ async def admin_app(tmp_path: Path) -> AsyncIterator[Admin]:
     assert result.outcome == "failure", result
 
     app = web.Application(middlewares=[_traffic_between_polls(health, states)])
-    app.router.add_routes(dashboard.routes())
+    app.router.add_routes(dashboard.routes(windows[0].view))
     app.router.add_routes(gateways_admin.routes(health, states))
     app.router.add_routes(config_admin.routes(store))
     try:
@@ -205,7 +210,7 @@ async def test_page_uses_only_same_origin_resources(tmp_path: Path) -> None:
 
         # The script polls exactly the existing admin endpoints, relative to the page.
         polled = set(re.findall(r'getJSON\("([^"]+)"\)', assets["text/javascript"]))
-        assert polled == {"admin/gateways", "admin/config"}
+        assert polled == {"admin/gateways", "admin/config", "admin/stats"}
         for path in polled:
             data = await admin.client.get(URL("/dashboard").join(URL(path)))
             assert data.status == 200, path
@@ -347,13 +352,18 @@ async def test_chromium_renders_live_gateway_status(tmp_path: Path) -> None:
     stripe = by_name["stripe-eu"]
     assert stripe[1:3] == ["eu", "stripe"]
     assert int(stripe[9].replace(",", "")) > 0, "requests"
-    assert re.fullmatch(r"[\d,]+ ?\(\d+\.\d%\)", stripe[10]), stripe[10]
+    assert re.fullmatch(r"[\d,]+ / [\d,]+", stripe[10]), stripe[10]  # failures 1m / 5m
+    assert int(stripe[10].split(" / ")[0].replace(",", "")) > 0, "one in ten failed"
     assert stripe[7].endswith("ms"), stripe[7]
     assert float(stripe[8]) > 0, "request rate of the busy gateway"
 
     assert dom.text("generation") == "1"
     assert dom.text("gw-count") == "6"
-    assert dom.text("up-count") == "2"  # up and degraded still take traffic
+    # Up as payswitch_gateway_up counts it: only ejected and active-failed are down...
+    assert dom.text("up-count") == "4"
+    # ...while drained and throttled gateways are up but take no traffic.
+    assert dom.text("eligible-count") == "2"
+    assert dom.text("last-reload") == "refused"
     assert "reload-error" not in dom.hidden
     assert "Last reload refused" in dom.text("reload-error")
     assert "Still serving generation 1" in dom.text("reload-error-detail")

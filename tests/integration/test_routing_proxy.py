@@ -244,7 +244,7 @@ async def test_error_statuses_have_problem_bodies(tmp_path: Path) -> None:
             assert problem["route"] == "deposits"
             assert problem["region"] == "eu"
             assert {t["gateway"] for t in problem["tried"]} == {"g1", "g2"}
-            assert {t["outcome"] for t in problem["tried"]} == {"connect_failure"}
+            assert {t["outcome"] for t in problem["tried"]} == {"connect-failure"}
             # 503: no gateway eligible
             for st in p.rt.states.values():
                 st.set_flag(Flag.DRAINING, "test")

@@ -30,6 +30,7 @@ from proxy.events import (
     make_event,
     problems,
 )
+from proxy.logs import stdout_writer
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "event.schema.json"
 
@@ -403,12 +404,13 @@ async def test_stream_sink_appends_to_a_file(tmp_path: Path) -> None:
     assert json.loads(lines[1])["fields"] == {"gateway": "a"}
 
 
-async def test_stream_sink_defaults_to_stdout(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+async def test_stream_sink_defaults_to_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
     bus = EventBus([StreamSink()])
     await bus.start()
     bus.emit("gateway.undrained", Severity.INFO, gateway="a")
     await bus.close()
-    [line] = capsysbinary.readouterr().out.splitlines()
+    assert stdout_writer().flush(5)
+    [line] = capfdbinary.readouterr().out.splitlines()
     assert json.loads(line)["kind"] == "gateway.undrained"
 
 

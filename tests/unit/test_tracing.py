@@ -17,6 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from proxy.tracing import NOOP_SPAN, Tracing
+from proxy.tracing_env import propagator_from_env
+from tests.unit.upstream.health_support import gateway as make_gateway
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -40,6 +42,19 @@ def tracing(exporter: InMemorySpanExporter) -> Iterator[Tracing]:
 def client_headers(**extra: str) -> CIMultiDictProxy[str]:
     """Headers as aiohttp hands them to a handler: case-insensitive, read-only."""
     return CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json", **extra}))
+
+
+def _attempt(t: Tracing, gateway: str, attempt_id: str, no: int) -> Any:
+    return t.attempt_span(
+        make_gateway(gateway, port=9443),
+        route="deposits",
+        region="eu",
+        method="POST",
+        path_qs="/v1/deposits?x=1",
+        attempt_id=attempt_id,
+        attempt_no=no,
+        transaction_id="txn-1",
+    )
 
 
 def by_name(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
@@ -67,7 +82,11 @@ def test_request_span_continues_the_clients_trace(
     assert server.parent.is_remote
     assert trace.format_span_id(server.parent.span_id) == PARENT_ID
     assert server.get_span_context().trace_state.get("vendor") == "abc"  # type: ignore[union-attr]
-    assert server.attributes == {"http.request.method": "POST", "payswitch.route": "deposits"}
+    assert server.attributes == {
+        "http.request.method": "POST",
+        "url.scheme": "http",
+        "payswitch.route": "deposits",
+    }
     assert server.resource.attributes["service.name"] == "payswitch"
 
 
@@ -89,7 +108,7 @@ def test_request_span_starts_a_new_trace_without_a_valid_parent(
 @pytest.mark.parametrize(
     ("method", "route", "name", "attributes"),
     [
-        ("GET", None, "GET", {"http.request.method": "GET"}),
+        ("GET", None, "GET", {"http.request.method": "GET", "url.scheme": "http"}),
         (
             "BREW",
             "coffee",
@@ -97,6 +116,7 @@ def test_request_span_starts_a_new_trace_without_a_valid_parent(
             {
                 "http.request.method": "_OTHER",
                 "http.request.method_original": "BREW",
+                "url.scheme": "http",
                 "payswitch.route": "coffee",
             },
         ),
@@ -125,7 +145,7 @@ def test_attempts_are_client_children_and_inject_points_upstream_at_them(
     incoming = client_headers(traceparent=TRACEPARENT, tracestate="vendor=abc")
     with tracing.request_span("POST", "deposits", incoming):
         for no, gateway in enumerate(["eu1", "eu2"], start=1):
-            with tracing.attempt_span(gateway, f"att-{no}", no):
+            with _attempt(tracing, gateway, f"att-{no}", no):
                 # The forwarder copies the client's headers; inject must replace, not add.
                 headers = {"Traceparent": TRACEPARENT, "X-Request-Id": "r1"}
                 tracing.inject(headers)
@@ -180,7 +200,7 @@ def test_record_outcome(
     code: StatusCode,
     error_type: str | None,
 ) -> None:
-    with tracing.attempt_span("eu1", "att-1", 1) as span:
+    with _attempt(tracing, "eu1", "att-1", 1) as span:
         tracing.record_outcome(span, status, outcome, error=error)
     [attempt] = exporter.get_finished_spans()
     attributes = dict(attempt.attributes or {})
@@ -216,7 +236,7 @@ async def test_off_uses_only_shared_no_op_objects(env: dict[str, str]) -> None:
     assert t.enabled is False
     assert t._provider is None
     assert t.request_span("POST", "deposits", client_headers(traceparent=TRACEPARENT)) is NOOP_SPAN
-    assert t.attempt_span("eu1", "att-1", 1) is NOOP_SPAN
+    assert _attempt(t, "eu1", "att-1", 1) is NOOP_SPAN
     with NOOP_SPAN as span:
         assert span is trace.INVALID_SPAN
         t.record_outcome(span, 503, "server_error")
@@ -337,7 +357,7 @@ async def test_otlp_without_its_package_warns_and_stays_off(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, OTLP_HTTP, None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="proxy.tracing"):
+    with caplog.at_level(logging.WARNING, logger="proxy.tracing_env"):
         t = Tracing.from_env({"OTEL_TRACES_EXPORTER": "otlp"})
     assert t.enabled is False
     assert "opentelemetry-exporter-otlp-proto-http is not installed" in caplog.text
@@ -360,3 +380,69 @@ def test_unknown_otlp_protocol_stays_off(fake_otlp: type[FakeOTLPExporter]) -> N
     }
     assert Tracing.from_env(env).enabled is False
     assert fake_otlp.built == []
+
+
+def test_attempt_spans_carry_semantic_convention_and_payswitch_attributes(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    with _attempt(tracing, "eu1", "att-1", 1):
+        pass
+    [span] = exporter.get_finished_spans()
+    assert dict(span.attributes or {}) == {
+        "http.request.method": "POST",
+        "server.address": "127.0.0.1",
+        "server.port": 9443,
+        "url.full": "http://127.0.0.1:9443/v1/deposits?x=1",
+        "payswitch.gateway": "eu1",
+        "payswitch.provider": "eu1",
+        "payswitch.route": "deposits",
+        "payswitch.region": "eu",
+        "payswitch.attempt_id": "att-1",
+        "payswitch.attempt_no": 1,
+        "payswitch.transaction_id": "txn-1",
+    }
+
+
+def test_request_span_carries_path_region_and_transaction(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    with tracing.request_span(
+        "POST", "deposits", client_headers(), path="/v1/deposits", region="eu", transaction_id="t1"
+    ):
+        pass
+    [span] = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["url.path"] == "/v1/deposits"
+    assert attributes["url.scheme"] == "http"
+    assert attributes["payswitch.region"] == "eu"
+    assert attributes["payswitch.transaction_id"] == "t1"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"},
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"},
+    ],
+    ids=["generic-endpoint", "traces-endpoint"],
+)
+async def test_an_otlp_endpoint_alone_turns_otlp_on(env: dict[str, str]) -> None:
+    t = Tracing.from_env(env)
+    assert t.enabled is True
+    await t.close()
+
+
+async def test_an_explicit_none_wins_over_an_endpoint() -> None:
+    t = Tracing.from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "none"}
+    )
+    assert t.enabled is False
+
+
+def test_baggage_propagates_when_configured(exporter: InMemorySpanExporter) -> None:
+    t = Tracing([SimpleSpanProcessor(exporter)], propagator=propagator_from_env({}))
+    headers: dict[str, str] = {}
+    with t.request_span("POST", "deposits", client_headers(traceparent=TRACEPARENT, baggage="k=v")):
+        t.inject(headers)
+    assert headers["baggage"] == "k=v"
+    assert headers["traceparent"].split("-")[1] == TRACE_ID

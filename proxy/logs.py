@@ -1,0 +1,313 @@
+"""Log output for the whole process: one JSON encoder, and writers that never block.
+
+Owns: `LineWriter` (bytes to a file descriptor from a daemon thread, behind a bounded
+queue that drops and counts when the destination stops reading), the process's stdout and
+stderr writers, the structlog processor chain every log line goes through (app logs via
+the stdlib `logging` handler, access lines via `encode`), the RFC 3339 UTC timestamp form
+events share, and `setup` for the command line.
+Must not: block the event loop on a write, ever; nor decide what is logged.
+
+Why structlog: its processors are plain functions over a dict, so the app logs (stdlib
+records, rendered by `ProcessorFormatter`) and the access log (a dict built per request,
+run through the same chain without a logger object) share one encoder; python-json-logger
+formats stdlib records only, which would put a `LogRecord` on the request path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+import structlog
+from opentelemetry import trace
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+#: Bytes a writer holds for a destination that is not reading; beyond it lines drop.
+DEFAULT_CAPACITY: Final = 4 << 20
+
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def iso_millis(ts: float) -> str:
+    """`ts` as RFC 3339 UTC with milliseconds (`2026-11-30T21:08:04.123Z`).
+
+    The seconds part is formatted once per second (lines come in bursts within one); one
+    tuple assignment keeps it consistent across threads.
+    """
+    whole = int(ts)
+    cached = _second
+    if cached[0] != whole:
+        cached = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        globals()["_second"] = cached
+    return f"{cached[1]}.{int((ts - whole) * 1000):03d}Z"
+
+
+class LineWriter:
+    """Whole lines to one file descriptor, written by a daemon thread.
+
+    `offer` appends to a bounded in-memory queue and wakes the thread; it never waits on
+    the destination. When the queue is full (a log shipper that stopped reading) the
+    offered lines are dropped and counted. Writes use `os.write` on the raw descriptor, not
+    `sys.stdout`, so a thread stuck in a write holds no lock the interpreter needs to exit.
+    """
+
+    def __init__(self, fd: int, *, name: str, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.fd = fd
+        self.name = name
+        self.capacity = capacity
+        self.dropped = 0  # lines
+        self.written = 0  # lines
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closing = False
+        self._inflight = 0  # lines taken by the thread and not yet written
+        self._given_up = False  # close timed out: in-flight lines were counted as dropped
+        self._thread = threading.Thread(target=self._run, name=f"log-writer-{name}", daemon=True)
+        self._thread.start()
+
+    def offer(self, data: bytes) -> bool:
+        """Queue `data` (one or more whole lines); False if it was dropped."""
+        with self._lock:
+            if self._closing or self._pending_bytes + len(data) > self.capacity:
+                self.dropped += data.count(b"\n") or 1
+                return False
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._idle.clear()
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def _take(self) -> bytes:
+        with self._lock:
+            chunks, self._pending, self._pending_bytes = self._pending, [], 0
+            if not chunks:
+                self._idle.set()
+            data = b"".join(chunks)
+            self._inflight = data.count(b"\n")
+        return data
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while data := self._take():
+                self._write(data)
+            if self._closing:
+                return
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        ok = True
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            # The reader went away (EPIPE) or the descriptor is gone: nothing to retry.
+            ok = False
+        with self._lock:
+            lines, self._inflight = self._inflight, 0
+            if self._given_up:
+                return
+            if ok:
+                self.written += lines
+            else:
+                self.dropped += lines
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything offered so far is written; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued within `timeout` seconds, then stop taking lines.
+
+        A thread stuck on a destination that never reads is left behind: it is a daemon
+        and holds no interpreter lock, so the process still exits.
+        """
+        done = self.flush(timeout)
+        with self._lock:
+            self._closing = True
+            if not done:
+                self._given_up = True
+                self.dropped += self._inflight + sum(c.count(b"\n") for c in self._pending)
+                self._pending, self._pending_bytes = [], 0
+        self._wake.set()
+
+
+_writers: dict[int, LineWriter] = {}
+_writers_lock = threading.Lock()
+
+
+def writer_for(fd: int, name: str) -> LineWriter:
+    """The process's one writer for `fd` (1: stdout, 2: stderr), started on first use."""
+    with _writers_lock:
+        w = _writers.get(fd)
+        if w is None:
+            w = _writers[fd] = LineWriter(fd, name=name)
+        return w
+
+
+def stdout_writer() -> LineWriter:
+    return writer_for(1, "stdout")
+
+
+def stderr_writer() -> LineWriter:
+    return writer_for(2, "stderr")
+
+
+def close_writers(timeout: float = 2.0) -> None:
+    """Give every writer `timeout` seconds in all to write what it holds; for exit."""
+    deadline = time.monotonic() + timeout
+    for w in list(_writers.values()):
+        w.close(max(0.0, deadline - time.monotonic()))
+
+
+class WriterCollector(Collector):
+    """`payswitch_log_lines_dropped_total` per output, read from the writers at scrape."""
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "payswitch_log_lines_dropped",
+            "Log, access-log and event lines lost because their output did not keep up.",
+            labels=["output"],
+        )
+        for w in list(_writers.values()):
+            family.add_metric([w.name], float(w.dropped))
+        yield family
+
+
+# -- the encoder -------------------------------------------------------------------------
+
+EventDict = MutableMapping[str, Any]
+
+
+def add_time(_: object, __: str, event: EventDict) -> EventDict:
+    event["time"] = iso_millis(time.time())
+    return event
+
+
+def add_trace_ids(_: object, __: str, event: EventDict) -> EventDict:
+    """Trace and span id of the current span, on every line made inside a request."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event["trace_id"] = format(ctx.trace_id, "032x")
+        event["span_id"] = format(ctx.span_id, "016x")
+    return event
+
+
+def _default(value: object) -> object:
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def encode(record: dict[str, object], *, trace_ids: bool = True) -> bytes:
+    """An access-log record as one JSON line with the same `time` and trace ids as every
+    other line (`time` first; a `ts` in unix seconds gives it). Cheap enough for the
+    request path: one dict and orjson. `trace_ids=False` skips the span lookup, for when
+    tracing is off."""
+    ts = record.pop("ts", None)
+    event: EventDict = {
+        "time": iso_millis(ts if type(ts) is float else time.time()),
+        **record,
+    }
+    if trace_ids:
+        add_trace_ids(None, "info", event)
+    return orjson.dumps(event, default=_default, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _exception_field(_: object, __: str, event: EventDict) -> EventDict:
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        if not isinstance(exc_info, tuple):
+            exc_info = sys.exc_info()
+        if exc_info[0] is not None:
+            event["exception"] = "".join(traceback.format_exception(*exc_info))
+    return event
+
+
+def _render(_: object, __: str, event: EventDict) -> str:
+    return orjson.dumps(event, default=_default).decode()
+
+
+def formatter() -> structlog.stdlib.ProcessorFormatter:
+    """Stdlib records as one JSON object each: time, level, logger, msg, exception."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            add_time,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            add_trace_ids,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _exception_field,
+            structlog.processors.EventRenamer("msg"),
+            _render,
+        ],
+    )
+
+
+class WriterHandler(logging.Handler):
+    """A logging handler that formats in the caller and queues on a `LineWriter`."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.writer.offer(line.encode("utf-8", "replace") + b"\n")
+
+
+def setup(level: str, writer: LineWriter | None = None) -> None:
+    """Send every app log line, warning and uncaught exception through the encoder to
+    stderr (or `writer`). Idempotent: replaces handlers a previous call installed."""
+    handler = WriterHandler(writer or stderr_writer())
+    handler.setFormatter(formatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_uncaught
+    atexit.register(close_writers)
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("payswitch").critical("uncaught exception", exc_info=(kind, exc, tb))
+    close_writers()
+
+
+def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    logging.getLogger("payswitch").error(
+        "uncaught exception in thread %s",
+        args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )

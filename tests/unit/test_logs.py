@@ -1,0 +1,179 @@
+"""LineWriter never blocks and counts what it drops; one encoder for every log line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from proxy.logs import LineWriter, WriterHandler, encode, formatter, iso_millis
+
+RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_lines_reach_the_descriptor_in_order(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    writer = LineWriter(w, name="t")
+    for i in range(100):
+        assert writer.offer(b"%d\n" % i)
+    assert writer.flush(5)
+    assert _read_all(r).splitlines() == [b"%d" % i for i in range(100)]
+    assert (writer.written, writer.dropped) == (100, 0)
+
+
+def test_a_reader_that_stopped_never_blocks_the_writer_and_drops_are_counted(
+    pipe: tuple[int, int],
+) -> None:
+    r, w = pipe
+    writer = LineWriter(w, name="t", capacity=64 << 10)
+    line = b"x" * 1023 + b"\n"
+    started = time.monotonic()
+    accepted = sum(writer.offer(line) for _ in range(2000))  # 2 MiB into a 64 KiB pipe
+    assert time.monotonic() - started < 0.5
+    assert 0 < accepted < 2000
+    assert writer.dropped == 2000 - accepted
+    # Once the reader catches up, every accepted line arrives whole.
+    got = b""
+    deadline = time.monotonic() + 10
+    while got.count(b"\n") < accepted and time.monotonic() < deadline:
+        got += _read_all(r)
+        time.sleep(0.01)
+    assert got.count(b"\n") == accepted
+    assert set(got.splitlines()) == {line[:-1]}
+
+
+def test_a_closed_reader_counts_as_drops(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.close(r)
+    writer = LineWriter(w, name="t")
+    writer.offer(b"a\nb\n")
+    assert writer.flush(5)
+    assert writer.dropped == 2
+
+
+def test_close_gives_up_on_a_stuck_reader_within_its_timeout(pipe: tuple[int, int]) -> None:
+    _, w = pipe
+    writer = LineWriter(w, name="t", capacity=1 << 20)
+    for _ in range(200):
+        writer.offer(b"y" * 4095 + b"\n")
+    started = time.monotonic()
+    writer.close(0.2)
+    assert time.monotonic() - started < 1.0
+    assert writer.dropped > 0
+    assert not writer.offer(b"late\n")
+
+
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1_700_000_000.25, "2023-11-14T22:13:20.250Z"),
+        (1_700_000_000.999, "2023-11-14T22:13:20.999Z"),
+    ],
+    ids=["epoch", "quarter", "last-milli"],
+)
+def test_timestamps_are_rfc3339_utc_millis(ts: float, text: str) -> None:
+    assert iso_millis(ts) == text
+
+
+def test_access_record_gets_time_from_ts_and_no_ts() -> None:
+    line = encode({"log": "access", "ts": 1_700_000_000.25, "status": 200})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"log": "access", "time": "2023-11-14T22:13:20.250Z", "status": 200}
+
+
+def test_lines_made_inside_a_span_carry_its_ids() -> None:
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("t")
+    with tracer.start_as_current_span("request") as span:
+        ctx = span.get_span_context()
+        record = json.loads(encode({"log": "access"}))
+        app = json.loads(formatter().format(_record("inside")))
+    assert record["trace_id"] == app["trace_id"] == format(ctx.trace_id, "032x")
+    assert record["span_id"] == app["span_id"] == format(ctx.span_id, "016x")
+    assert "trace_id" not in json.loads(encode({"log": "access"}))
+
+
+def test_with_tracing_off_the_access_log_does_not_look_for_a_span() -> None:
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("t")
+    with tracer.start_as_current_span("request"):
+        record = json.loads(encode({"log": "access"}, trace_ids=False))
+    assert "trace_id" not in record and "span_id" not in record
+
+
+def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom\nsecond line")
+        except ValueError:
+            import sys
+
+            exc_info = sys.exc_info()
+    return logging.LogRecord("proxy.x", logging.ERROR, __file__, 1, msg, args, exc_info)
+
+
+@pytest.mark.parametrize(
+    ("record", "expect"),
+    [
+        (_record("plain %s", "arg"), {"msg": "plain arg", "level": "error", "logger": "proxy.x"}),
+        (_record("rules refused:\n  a.yaml:1: bad\n  b.yaml:2: worse"), {"level": "error"}),
+        (_record("with traceback", exc=True), {"msg": "with traceback"}),
+    ],
+    ids=["args", "multi-line", "exception"],
+)
+def test_app_records_are_one_json_object_per_line(
+    record: logging.LogRecord, expect: dict[str, str]
+) -> None:
+    text = formatter().format(record)
+    assert "\n" not in text
+    obj = json.loads(text)
+    assert expect.items() <= obj.items()
+    assert RFC3339_MS.match(obj["time"])
+    if record.exc_info:
+        assert "ValueError: boom" in obj["exception"]
+
+
+def test_extra_fields_become_keys(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    handler = WriterHandler(LineWriter(w, name="t"))
+    handler.setFormatter(formatter())
+    log = logging.getLogger("test.logs.extra")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        log.warning("refused", extra={"problems": ["a", "b"]})
+        assert handler.writer.flush(5)
+    finally:
+        log.removeHandler(handler)
+    obj = json.loads(_read_all(r))
+    assert obj["problems"] == ["a", "b"]
+    assert obj["msg"] == "refused"
