@@ -119,6 +119,14 @@ class OutcomeUnknown(ProxyError):
     slug = "outcome-unknown"
 
 
+class IdempotencyStoreFailed(ProxyError):
+    """The idempotency store could not record where a keyed payment goes: nothing is sent."""
+
+    status = 503
+    title = "Idempotency store unavailable"
+    slug = "idempotency-store-failed"
+
+
 def problem_body(err: ProxyError, transaction_id: str | None = None) -> bytes:
     body = problem_fields(err.status, err.title, err.detail, err.slug)
     if err.route is not None:

@@ -22,10 +22,13 @@ from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
 from proxy.forward import response_headers, upstream_headers
 from proxy.ids import new_id
-from proxy.payments import Ticket
+from proxy.metrics import Metrics
+from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
+from proxy.payments import Payments, Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
 from proxy.server import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
+from proxy.upstream.state import Outcome
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
@@ -90,7 +93,8 @@ class ProxyHandler:
                 headers, client_ip=request.remote, scheme=request.scheme, host=request.host
             )
             fwd[th.transaction_id] = txn_id
-            dispatch = Dispatch(
+            idem = plan.route.idempotency
+            req = Outbound(
                 plan=plan,
                 region=region,
                 method=method,
@@ -98,25 +102,17 @@ class ProxyHandler:
                 headers=fwd,
                 body=body,
                 transaction_id=txn_id,
-                balancer=rt.balancer,
-                health=rt.health,
-                forwarder=rt.forwarder,
-                clock=rt.clock,
                 attempt_header=th.attempt_id,
                 transaction_header=th.transaction_id,
-                on_late=rt.late_result,
-                on_attempt=self._attempt_metric(plan.name),
+                has_key=(idem.header if idem else "Idempotency-Key") in headers,
                 forced_gateway=ticket.forced_gateway if ticket else None,
                 states=router.states,
-                has_key=(
-                    plan.route.idempotency.header if plan.route.idempotency else "Idempotency-Key"
-                )
-                in headers,
+                note_attempt=_noter(rt.payments, ticket) if ticket else None,
             )
-            tracing = rt.tracing
-            if not tracing.enabled:
+            dispatch = Dispatch(req, rt.parts)
+            tracing = rt.parts.tracing
+            if tracing is None:
                 return await self._dispatch(request, dispatch, ticket, started)
-            dispatch.tracing = tracing
             with tracing.request_span(method, plan.name, headers) as span:
                 resp = await self._dispatch(request, dispatch, ticket, started)
                 tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
@@ -161,7 +157,7 @@ class ProxyHandler:
             )
         if ticket is not None:
             await rt.payments.settle(ticket, settled, status, headers, body)
-        rt.settled(dispatch)
+        rt.ledger.settled(dispatch)
         state = _state(settled, status)
         self._transaction_event(
             f"transaction.{_EVENT_OF_STATE[state]}", dispatch, settled, status, started
@@ -237,14 +233,6 @@ class ProxyHandler:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
 
-    def _attempt_metric(self, route: str):  # type: ignore[no-untyped-def]
-        metrics = self.rt.metrics
-
-        def record(att: Attempt, outcome: str, seconds: float) -> None:
-            metrics.attempt(route, att.gateway.name, outcome, seconds)
-
-        return record
-
     def _account(
         self,
         request: Request,
@@ -280,6 +268,22 @@ class ProxyHandler:
                     "client": request.remote,
                 }
             )
+
+
+def attempt_metric(metrics: Metrics) -> AttemptEnded:
+    """Counts every attempt's end by route, gateway and outcome."""
+
+    def record(dispatch: Dispatch, att: Attempt, outcome: Outcome, seconds: float) -> None:
+        metrics.attempt(dispatch.plan.name, att.gateway.name, outcome.value, seconds)
+
+    return record
+
+
+def _noter(payments: Payments, ticket: Ticket) -> NoteAttempt:
+    async def note(gateway: str, attempt_id: str) -> bool:
+        return await payments.note_attempt(ticket, gateway, attempt_id)
+
+    return note
 
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")

@@ -4,7 +4,8 @@ Owns: claiming a request's Idempotency-Key before anything is sent (409 while in
 replay after completion, 422 for a changed payload, the gateway that last saw an unresolved
 key), settling the key with what the client was told, and the transaction record that
 `GET /admin/transactions/{id}` reads.
-Must not: pick gateways or judge attempts (retry.py), or write the client's response.
+Must not: pick gateways or judge attempts (retry.py), judge late answers (ledger.py), or
+write the client's response.
 """
 
 from __future__ import annotations
@@ -170,6 +171,18 @@ class Payments:
                 await self.keys.release(ticket.key, ticket.lease)
         except Exception:
             logger.exception("could not settle idempotency key %s", ticket.key)
+
+    async def note_attempt(self, ticket: Ticket, gateway: str, attempt_id: str) -> bool:
+        """Record, before it is sent, which gateway the key is about to go to: a payswitch
+        that dies mid-attempt still leaves it behind for the next holder. False when the
+        key is no longer ours (its lock expired and another request took it over)."""
+        return await self.keys.record_attempt(
+            ticket.key,
+            ticket.lease,
+            gateway=gateway,
+            attempt_id=attempt_id,
+            transaction_id=ticket.transaction_id,
+        )
 
     async def _unknown(self, ticket: Ticket, att: Attempt) -> None:
         await self.keys.mark_unknown(
