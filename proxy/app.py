@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from proxy.accesslog import AccessLog
 from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.config.store import ConfigStore, Snapshot
+from proxy.config.model import Rules
+from proxy.config.store import ConfigStore, ReloadResult, Snapshot
 from proxy.errors import Tried
 from proxy.events import EventBus, Severity, Sink, StreamSink
 from proxy.forward import Forwarder, new_session
@@ -49,7 +50,7 @@ from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.health import Health
-from proxy.upstream.state import StateRegistry
+from proxy.upstream.state import GatewayState, StateRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ class Runtime:
         self.states = StateRegistry()
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
         self.balancer = Balancer(self.states)
+        self._reconciled: tuple[list[GatewayState], list[GatewayState]] = ([], [])
         self.store: ConfigStore[Router] = ConfigStore(
             settings.rules,
             compile_router,
             listeners=[self._on_swap],
+            binders=[self._bind_states],
             events=self.events,
             clock=clock,
             registry=self.registry,
@@ -113,11 +116,22 @@ class Runtime:
 
     # -- rules ----------------------------------------------------------------------------
 
-    def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
-        created, removed = self.states.reconcile(new.rules.gateways)
-        new.compiled.states = MappingProxyType(
-            {name: self.states[name] for name in new.rules.gateways}
+    def _bind_states(self, rules: Rules, router: Router) -> None:
+        """Give the new router the states of its gateways before it is published; a router
+        missing any would skip that gateway on every request, so it is refused instead."""
+        created, removed = self.states.reconcile(rules.gateways)
+        states = {name: self.states[name] for name in rules.gateways}
+        missing = sorted(
+            {g.name for plan in router.plans for g in plan.gateways if g.name not in states}
         )
+        if missing:
+            raise RuntimeError(f"no runtime state for gateway(s) {', '.join(missing)}")
+        router.states = MappingProxyType(states)
+        self._reconciled = (created, removed)
+
+    def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
+        created, removed = self._reconciled
+        self._reconciled = ([], [])
         self.health.reconcile(created, removed, routes=new.rules.routes)
         for new_route in new.rules.routes:
             # Present from the start, so an alert's increase() sees the first late result.
@@ -126,8 +140,8 @@ class Runtime:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
 
-    async def reload(self, trigger: str) -> None:
-        await self.store.reload(trigger)
+    async def reload(self, trigger: str) -> ReloadResult:
+        return await self.store.reload(trigger)
 
     # -- all gateways of a route down ------------------------------------------------------
 
