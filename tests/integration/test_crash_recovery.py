@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
+from proxy.aio import spawn
 from tests.support import eventually, gateways
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -53,26 +54,24 @@ routes:
 async def payswitch(rules_dir: Path, port: int, admin: int, prefix: str) -> AsyncIterator[int]:
     """`python -m proxy run` as a real process on the Redis store; yields its pid."""
     env = {**os.environ, "PAYSWITCH_IDEMPOTENCY_PREFIX": prefix}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "run",
-            "--rules",
-            str(rules_dir),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-            "--idempotency-store",
-            REDIS_URL,
-            "--events",
-            "off",
-            "--access-log",
-            "off",
-            "--no-watch",
-        ],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--rules",
+        str(rules_dir),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--idempotency-store",
+        REDIS_URL,
+        "--events",
+        "off",
+        "--access-log",
+        "off",
+        "--no-watch",
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -81,8 +80,8 @@ async def payswitch(rules_dir: Path, port: int, admin: int, prefix: str) -> Asyn
     try:
         async with aiohttp.ClientSession() as http:
             for _ in range(200):
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
+                if proc.returncode is not None:
+                    err = (await proc.stderr.read()).decode() if proc.stderr else ""
                     raise AssertionError(f"payswitch exited with {proc.returncode}: {err}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
@@ -93,11 +92,16 @@ async def payswitch(rules_dir: Path, port: int, admin: int, prefix: str) -> Asyn
                 raise AssertionError("payswitch did not become ready")
         yield proc.pid
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+async def pay(http: aiohttp.ClientSession, url: str, body: bytes, key: dict[str, str]) -> None:
+    """A payment whose answer is lost when payswitch dies."""
+    with contextlib.suppress(aiohttp.ClientError):
+        async with http.post(url, data=body, headers=key) as resp:
+            await resp.read()
 
 
 async def test_key_held_by_a_killed_payswitch_goes_back_to_the_same_gateway(
@@ -119,11 +123,10 @@ async def test_key_held_by_a_killed_payswitch_goes_back_to_the_same_gateway(
             g["s1"].set(mode="hang")
             async with aiohttp.ClientSession() as http:
                 async with payswitch(rules_dir, port, admin, prefix) as pid:
-                    pending = asyncio.ensure_future(http.post(url, data=body, headers=key))
+                    pending = spawn(pay(http, url, body, key), name="payment-in-flight")
                     await eventually(lambda: bool(g["s1"].requests()), within=5.0)
                     os.kill(pid, signal.SIGKILL)
-                    with contextlib.suppress(aiohttp.ClientError):
-                        await pending
+                    await pending
                 # The next payswitch starts with a1 healthy and first in line.
                 await g["a1"].up()
                 g["s1"].set(mode="ok")
