@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
-from proxy.config.model import IDEMPOTENT_METHODS
+from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
 from proxy.forward import response_headers, upstream_headers
 from proxy.ids import new_id
@@ -53,33 +53,15 @@ class ProxyHandler:
         region: str | None = None
         txn_id: str | None = None
         try:
-            raw_path = request.raw_path
-            if not raw_path.startswith("/"):
-                raise errors.BadRequest("request target must be an absolute path")
-            method = request.method
-            path = request.path
-            if "/." in path and _DOT_SEGMENT.search(path):
-                # Matched as one path, resolved as another by the gateway: never routed.
-                raise errors.BadRequest("request path must not contain . or .. segments")
+            plan, body = await _match(request, router)
             headers = request.headers
-            body = await _read_body(request, router, method, path)
-            plan = (
-                router.match(method, path, headers, body)
-                if router.needs_body
-                else router.match_without_body(method, path, headers)
-            )
-            if plan is None:
-                raise errors.NoRoute(f"no route matches {method} {path}")
-            if len(body) > plan.route.max_body:
-                raise errors.BodyTooLarge(
-                    f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",
-                    route=plan.name,
-                )
             region = plan.region_for(headers)
             th = snapshot.rules.transaction_headers
             ticket: Ticket | None = None
-            if plan.route.idempotency is not None and method not in IDEMPOTENT_METHODS:
-                claimed = await rt.payments.claim(plan, method, raw_path, headers, body)
+            if plan.route.idempotency is not None and request.method not in IDEMPOTENT_METHODS:
+                claimed = await rt.payments.claim(
+                    plan, request.method, request.raw_path, headers, body
+                )
                 if isinstance(claimed, Answer):
                     self._account(
                         request, plan, region, None, None, claimed.status, started, (), "replayed"
@@ -89,31 +71,13 @@ class ProxyHandler:
             txn_id = (
                 ticket.transaction_id if ticket else (headers.get(th.transaction_id) or new_id())
             )
-            fwd = upstream_headers(
-                headers, client_ip=request.remote, scheme=request.scheme, host=request.host
-            )
-            fwd[th.transaction_id] = txn_id
-            idem = plan.route.idempotency
-            req = Outbound(
-                plan=plan,
-                region=region,
-                method=method,
-                path_qs=raw_path,
-                headers=fwd,
-                body=body,
-                transaction_id=txn_id,
-                attempt_header=th.attempt_id,
-                transaction_header=th.transaction_id,
-                has_key=(idem.header if idem else "Idempotency-Key") in headers,
-                forced_gateway=ticket.forced_gateway if ticket else None,
-                states=router.states,
-                note_attempt=_noter(rt.payments, ticket) if ticket else None,
-            )
+            note = _noter(rt.payments, ticket) if ticket is not None else None
+            req = _outbound(request, plan, region, body, txn_id, th, ticket, router, note)
             dispatch = Dispatch(req, rt.parts)
             tracing = rt.parts.tracing
             if tracing is None:
                 return await self._dispatch(request, dispatch, ticket, started)
-            with tracing.request_span(method, plan.name, headers) as span:
+            with tracing.request_span(request.method, plan.name, headers) as span:
                 resp = await self._dispatch(request, dispatch, ticket, started)
                 tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
                 return resp
@@ -135,11 +99,11 @@ class ProxyHandler:
         started_wall = time.time()
         self._transaction_event("transaction.pending", dispatch, None, None, started)
         inflight = rt.payments.in_flight
-        inflight[dispatch.transaction_id] = (dispatch, started_wall)
+        inflight[dispatch.req.transaction_id] = (dispatch, started_wall)
         try:
             settled = await dispatch.run()
         except BaseException:
-            inflight.pop(dispatch.transaction_id, None)
+            inflight.pop(dispatch.req.transaction_id, None)
             # Cancelled mid-flight: what was sent may still be charged; never free the key.
             if ticket is not None:
                 spawn(
@@ -147,13 +111,16 @@ class ProxyHandler:
                     name="settle-interrupted",
                 )
             raise
-        inflight.pop(dispatch.transaction_id, None)
+        inflight.pop(dispatch.req.transaction_id, None)
         if len(dispatch.attempts) > 1:
             self._count_retries(dispatch)
         status, headers, body, error = self._response_parts(dispatch, settled)
         if isinstance(error, errors.NoGatewayAvailable):
             rt.all_down(
-                dispatch.plan.name, dispatch.region, [t.outcome for t in error.tried], error.tried
+                dispatch.req.plan.name,
+                dispatch.req.region,
+                [t.outcome for t in error.tried],
+                error.tried,
             )
         if ticket is not None:
             await rt.payments.settle(ticket, settled, status, headers, body)
@@ -167,9 +134,9 @@ class ProxyHandler:
         tried = error.tried if error is not None else settled.tried
         self._account(
             request,
-            dispatch.plan,
-            dispatch.region,
-            dispatch.transaction_id,
+            dispatch.req.plan,
+            dispatch.req.region,
+            dispatch.req.transaction_id,
             att.gateway.name if att and settled.reply else None,
             status,
             started,
@@ -187,26 +154,26 @@ class ProxyHandler:
         """Each attempt after the first, by why the one before it was left."""
         why = {t.attempt_id: t.outcome for t in dispatch.tried if t.attempt_id}
         for prev in dispatch.attempts[:-1]:
-            self.rt.metrics.retry(dispatch.plan.name, why.get(prev.attempt_id, "answered"))
+            self.rt.metrics.retry(dispatch.req.plan.name, why.get(prev.attempt_id, "answered"))
 
     def _response_parts(
         self, dispatch: Dispatch, settled: Settled
     ) -> tuple[int, CIMultiDict[str], bytes | None, errors.ProxyError | None]:
-        txn_header = dispatch.transaction_header
+        txn_header = dispatch.req.transaction_header
         reply, att = settled.reply, settled.attempt
         if reply is None or att is None:
-            err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.plan.name)
-            err.route = err.route or dispatch.plan.name
-            err.region = err.region or dispatch.region
+            err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.req.plan.name)
+            err.route = err.route or dispatch.req.plan.name
+            err.region = err.region or dispatch.req.region
             headers: CIMultiDict[str] = CIMultiDict(err.headers)
             headers["Content-Type"] = "application/problem+json"
-            headers[txn_header] = dispatch.transaction_id
+            headers[txn_header] = dispatch.req.transaction_id
             headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
-            return err.status, headers, errors.problem_body(err, dispatch.transaction_id), err
+            return err.status, headers, errors.problem_body(err, dispatch.req.transaction_id), err
         headers = response_headers(reply.headers)
         headers["X-Payswitch-Gateway"] = att.gateway.name
         headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
-        headers[txn_header] = dispatch.transaction_id
+        headers[txn_header] = dispatch.req.transaction_id
         return reply.status, headers, reply.body, None
 
     def _transaction_event(
@@ -223,9 +190,9 @@ class ProxyHandler:
         self.rt.events.emit(
             kind,
             Severity.WARNING if kind == "transaction.unknown" else Severity.INFO,
-            transaction_id=dispatch.transaction_id,
-            route=dispatch.plan.name,
-            region=dispatch.region,
+            transaction_id=dispatch.req.transaction_id,
+            route=dispatch.req.plan.name,
+            region=dispatch.req.region,
             gateway=att.gateway.name if att else None,
             attempt_id=att.attempt_id if att else None,
             attempts=len(settled.attempts) if settled else 0,
@@ -270,11 +237,70 @@ class ProxyHandler:
             )
 
 
+async def _match(request: Request, router: Router) -> tuple[RoutePlan, bytes]:
+    """The route a request takes and its whole body; ProxyError when it cannot be routed."""
+    if not request.raw_path.startswith("/"):
+        raise errors.BadRequest("request target must be an absolute path")
+    method, path, headers = request.method, request.path, request.headers
+    if "/." in path and _DOT_SEGMENT.search(path):
+        # Matched as one path, resolved as another by the gateway: never routed.
+        raise errors.BadRequest("request path must not contain . or .. segments")
+    body = await _read_body(request, router, method, path)
+    plan = (
+        router.match(method, path, headers, body)
+        if router.needs_body
+        else router.match_without_body(method, path, headers)
+    )
+    if plan is None:
+        raise errors.NoRoute(f"no route matches {method} {path}")
+    if len(body) > plan.route.max_body:
+        raise errors.BodyTooLarge(
+            f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",
+            route=plan.name,
+        )
+    return plan, body
+
+
+def _outbound(
+    request: Request,
+    plan: RoutePlan,
+    region: str,
+    body: bytes,
+    txn_id: str,
+    th: TransactionHeaders,
+    ticket: Ticket | None,
+    router: Router,
+    note: NoteAttempt | None,
+) -> Outbound:
+    """The request as the gateways will see it."""
+    headers = request.headers
+    fwd = upstream_headers(
+        headers, client_ip=request.remote, scheme=request.scheme, host=request.host
+    )
+    fwd[th.transaction_id] = txn_id
+    idem = plan.route.idempotency
+    return Outbound(
+        plan=plan,
+        region=region,
+        method=request.method,
+        path_qs=request.raw_path,
+        headers=fwd,
+        body=body,
+        transaction_id=txn_id,
+        attempt_header=th.attempt_id,
+        transaction_header=th.transaction_id,
+        has_key=(idem.header if idem else "Idempotency-Key") in headers,
+        forced_gateway=ticket.forced_gateway if ticket else None,
+        states=router.states,
+        note_attempt=note,
+    )
+
+
 def attempt_metric(metrics: Metrics) -> AttemptEnded:
     """Counts every attempt's end by route, gateway and outcome."""
 
     def record(dispatch: Dispatch, att: Attempt, outcome: Outcome, seconds: float) -> None:
-        metrics.attempt(dispatch.plan.name, att.gateway.name, outcome.value, seconds)
+        metrics.attempt(dispatch.req.plan.name, att.gateway.name, outcome.value, seconds)
 
     return record
 

@@ -80,7 +80,7 @@ class PaymentsLedger:
     def _duplicate(
         self, dispatch: Dispatch, winner: Attempt, att: Attempt, status: int | None, reason: str
     ) -> None:
-        route = dispatch.plan.name
+        route = dispatch.req.plan.name
         # Both answered, but the same provider saw the same key: it should have charged
         # once. Still reported, below the paging threshold, so reconciliation can check.
         deduped = reason == "both_succeeded_deduped"
@@ -90,7 +90,7 @@ class PaymentsLedger:
         self.events.emit(
             "payment.duplicate_suspected",
             Severity.WARNING if deduped else Severity.CRITICAL,
-            transaction_id=dispatch.transaction_id,
+            transaction_id=dispatch.req.transaction_id,
             route=route,
             reason=reason,
             attempts=[
@@ -104,13 +104,13 @@ class PaymentsLedger:
         )
 
     def _late_success(self, dispatch: Dispatch, att: Attempt, status: int) -> None:
-        route = dispatch.plan.name
+        route = dispatch.req.plan.name
         self.metrics.late_results.labels(route, "late_success").inc()
         self.payments.record_late(dispatch, "late_success", att, status)
         self.events.emit(
             "payment.late_success",
             Severity.CRITICAL,
-            transaction_id=dispatch.transaction_id,
+            transaction_id=dispatch.req.transaction_id,
             route=route,
             attempt_id=att.attempt_id,
             gateway=att.gateway.name,

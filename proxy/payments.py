@@ -22,6 +22,7 @@ from proxy.aio import spawn
 from proxy.config.model import Idempotency
 from proxy.idempotency import (
     Claimed,
+    ClaimResult,
     Completed,
     IdempotencyStore,
     InFlight,
@@ -101,6 +102,12 @@ class Payments:
         result = await self.keys.claim(
             skey, fp, policy.ttl, lock_ttl=plan.route.timeouts.total + LOCK_MARGIN
         )
+        return self._claimed(plan, policy, key, skey, result)
+
+    def _claimed(
+        self, plan: RoutePlan, policy: Idempotency, key: str, skey: str, result: ClaimResult
+    ) -> Ticket | Answer:
+        """What a claim's result means for the request."""
         if isinstance(result, Claimed):
             self._count(plan, "claimed")
             return Ticket(
@@ -215,14 +222,14 @@ class Payments:
         try:
             await self.log.put(transaction_record(dispatch, state, status, started_wall))
         except Exception:
-            logger.exception("could not record transaction %s", dispatch.transaction_id)
+            logger.exception("could not record transaction %s", dispatch.req.transaction_id)
 
     def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int | None) -> None:
         """Add a late answer to the transaction's record, off the request path."""
 
         async def update() -> None:
             try:
-                record = await self.log.get(dispatch.transaction_id) or transaction_record(
+                record = await self.log.get(dispatch.req.transaction_id) or transaction_record(
                     dispatch, "UNKNOWN", None, time.time()
                 )
                 prior = record.get("late_results")
@@ -238,9 +245,11 @@ class Payments:
                 record["late_results"] = late
                 await self.log.put(record)
             except Exception:
-                logger.exception("could not record a late result of %s", dispatch.transaction_id)
+                logger.exception(
+                    "could not record a late result of %s", dispatch.req.transaction_id
+                )
 
-        spawn(update(), name=f"txn-late:{dispatch.transaction_id[:16]}")
+        spawn(update(), name=f"txn-late:{dispatch.req.transaction_id[:16]}")
 
     def _count(self, plan: RoutePlan, result: str) -> None:
         self.metrics.idempotency.labels(plan.name, result).inc()
@@ -251,12 +260,12 @@ def transaction_record(
 ) -> dict[str, object]:
     winner = dispatch.winner
     return {
-        "transaction_id": dispatch.transaction_id,
+        "transaction_id": dispatch.req.transaction_id,
         "state": state,
-        "route": dispatch.plan.name,
-        "region": dispatch.region,
-        "method": dispatch.method,
-        "path": dispatch.path_qs,
+        "route": dispatch.req.plan.name,
+        "region": dispatch.req.region,
+        "method": dispatch.req.method,
+        "path": dispatch.req.path_qs,
         "status": status,
         "gateway": winner.gateway.name if winner else None,
         "attempts": [

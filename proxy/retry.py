@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-
-from multidict import CIMultiDict
+from dataclasses import dataclass, field
 
 from proxy import errors
-from proxy.aio import first_done, keep, spawn_owned
+from proxy.aio import first_done, keep
 from proxy.attempt import ABANDONED, MAX_ABANDONED, Attempt, ClientOutcome, End, Result, Settled
 from proxy.attempt import retry_after as retry_after_of
 from proxy.config.model import Gateway
+from proxy.exchange import start_exchange
 from proxy.forward import AttemptFailed, Reply
 from proxy.ids import new_id
 from proxy.outbound import Outbound, Parts
 from proxy.retry_policy import Ended, Past, Step, Verdict, decide, definitive
-from proxy.routing import RoutePlan
-from proxy.tracing import Tracing
 from proxy.upstream.balancer import Skip
 from proxy.upstream.phase import Progress
 from proxy.upstream.state import GatewayState, Outcome
@@ -41,77 +39,36 @@ logger = logging.getLogger(__name__)
 EPSILON = 1e-4
 
 
+@dataclass(slots=True, eq=False)
 class Dispatch:
     """One request's journey through the gateways."""
 
-    __slots__ = (
-        "attempts",
-        "client_outcome",
-        "deadline",
-        "give_up_at",
-        "history",
-        "kept",
-        "last",
-        "live",
-        "lock",
-        "next_at",
-        "parts",
-        "refusal",
-        "req",
-        "skipped",
-        "tried",
-        "winner",
-    )
+    req: Outbound
+    parts: Parts
+    attempts: list[Attempt] = field(default_factory=list)
+    tried: list[errors.Tried] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    winner: Attempt | None = None
+    client_outcome: ClientOutcome | None = None
+    history: list[Past] = field(default_factory=list)
+    live: dict[asyncio.Future[Result], Attempt] = field(default_factory=dict)
+    kept: tuple[Reply, Attempt] | None = None  # best non-definitive answer so far
+    lock: str | None = None  # the only provider allowed from now on
+    next_at: float | None = None  # when to start the next attempt; None: no more
+    deadline: float = 0.0
+    give_up_at: float = 0.0
+    last: Outcome | None = None
+    refusal: errors.ProxyError | None = None
 
-    def __init__(self, req: Outbound, parts: Parts) -> None:
-        self.req = req
-        self.parts = parts
-        self.attempts: list[Attempt] = []
-        self.tried: list[errors.Tried] = []
-        self.skipped: list[Skip] = []
-        self.winner: Attempt | None = None
-        self.client_outcome: ClientOutcome | None = None
-        self.history: list[Past] = []
-        self.live: dict[asyncio.Future[Result], Attempt] = {}
-        self.kept: tuple[Reply, Attempt] | None = None  # best non-definitive answer so far
-        self.lock: str | None = None  # the only provider allowed from now on
-        self.next_at: float | None = None  # when to start the next attempt; None: no more
-        self.deadline = 0.0
-        self.give_up_at = 0.0
-        self.last: Outcome | None = None
-        self.refusal: errors.ProxyError | None = None
-        forced = req.forced_gateway
-        if forced is not None and not req.idempotent:
-            st = (req.states or parts.balancer.states).get(forced)
+    def __post_init__(self) -> None:
+        req = self.req
+        if req.forced_gateway is not None and not req.idempotent:
+            st = (req.states or self.parts.balancer.states).get(req.forced_gateway)
             if st is not None:
                 # An earlier holder of the key sent it there: only that provider can dedupe it.
                 self.history.append(Past(st.gateway.provider, counted=False, ambiguous=True))
 
     # -- what consumers read --------------------------------------------------------------
-
-    @property
-    def plan(self) -> RoutePlan:
-        return self.req.plan
-
-    @property
-    def region(self) -> str:
-        return self.req.region
-
-    @property
-    def method(self) -> str:
-        return self.req.method
-
-    @property
-    def path_qs(self) -> str:
-        return self.req.path_qs
-
-    @property
-    def transaction_id(self) -> str:
-        return self.req.transaction_id
-
-    @property
-    def transaction_header(self) -> str:
-        return self.req.transaction_header
 
     @property
     def idempotent(self) -> bool:
@@ -201,7 +158,7 @@ class Dispatch:
             att.started = self.parts.clock.now()
         self.parts.health.started(st, att.started)
         self.attempts.append(att)
-        att.task = self._exchange(att)
+        att.task = start_exchange(att, self.req, self.parts, len(self.attempts))
         self.live[att.task] = att
         return att
 
@@ -228,59 +185,6 @@ class Dispatch:
         return parts.balancer.pick(
             req.plan, req.region, admit, tried, allow, self.skipped, req.states
         )
-
-    def _exchange(self, att: Attempt) -> asyncio.Future[Result]:
-        req = self.req
-        headers = req.headers.copy()
-        headers[req.attempt_header] = att.attempt_id
-        tracing = self.parts.tracing
-        if tracing is not None:
-            return spawn_owned(
-                self._send_traced(att, headers, tracing),
-                name=f"attempt:{att.gateway.name}:{att.attempt_id}",
-            )
-        return self._send(att, headers)
-
-    def _send(self, att: Attempt, headers: CIMultiDict[str]) -> asyncio.Future[Result]:
-        req = self.req
-        timeouts = req.plan.route.timeouts
-        try:
-            # The per-try timer is this loop's; the client only bounds how long an
-            # abandoned attempt may stay open.
-            return self.parts.forwarder.start(
-                att.gateway,
-                req.method,
-                req.path_qs,
-                headers,
-                req.body,
-                connect_timeout=timeouts.connect,
-                within=max(timeouts.abandoned, timeouts.per_try),
-                progress=att.progress,
-            )
-        except Exception as exc:  # a bug, not a gateway failure: ambiguous, and loud
-            logger.exception("attempt %s crashed", att.attempt_id)
-            failed: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-            failed.set_result(
-                AttemptFailed(Outcome.BAD_RESPONSE, f"internal error: {exc!r}", sent=True)
-            )
-            return failed
-
-    async def _send_traced(
-        self, att: Attempt, headers: CIMultiDict[str], tracing: Tracing
-    ) -> Result:
-        with tracing.attempt_span(att.gateway.name, att.attempt_id, len(self.attempts)) as span:
-            tracing.inject(headers)
-            exchange = self._send(att, headers)
-            try:
-                result = await exchange
-            except asyncio.CancelledError:
-                exchange.cancel()
-                raise
-            if isinstance(result, AttemptFailed):
-                tracing.record_outcome(span, None, result.outcome.value, error=True)
-            else:
-                tracing.record_outcome(span, result.status, "answered", error=result.status >= 500)
-            return result
 
     # -- judging --------------------------------------------------------------------------
 
