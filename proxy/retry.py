@@ -94,13 +94,12 @@ class Dispatch:
                 now = clock.now()
                 if self.next_at is not None and now >= self.next_at:
                     self.next_at = None
-                    started = await self._launch()
-                    now = clock.now()
+                    started = await self._launch(now)
                     if started is None:
-                        self._no_more(now)
+                        self._no_more(clock.now())
                     else:
                         current = started
-                        per_try_end = min(now + timeouts.per_try, self.deadline)
+                        per_try_end = min(started.started + timeouts.per_try, self.deadline)
                 if not live:
                     if self.next_at is not None:
                         await asyncio.sleep(max(0.0, self.next_at - now))
@@ -132,14 +131,12 @@ class Dispatch:
 
     # -- stages ---------------------------------------------------------------------------
 
-    async def _launch(self) -> Attempt | None:
+    async def _launch(self, now: float) -> Attempt | None:
         """Pick a gateway and start an attempt on it; None when none may be tried."""
-        st = self._pick()
+        st = self._pick(now)
         if st is None:
             return None
-        att = Attempt(
-            attempt_id=new_id(), state=st, started=self.parts.clock.now(), progress=Progress()
-        )
+        att = Attempt(attempt_id=new_id(), state=st, started=now, progress=Progress())
         note = self.req.note_attempt
         if note is not None:
             # Recorded before a byte is sent, so a crash leaves the gateway behind.
@@ -162,9 +159,8 @@ class Dispatch:
         self.live[att.task] = att
         return att
 
-    def _pick(self) -> GatewayState | None:
+    def _pick(self, now: float) -> GatewayState | None:
         req, parts = self.req, self.parts
-        now = parts.clock.now()
         health = parts.health
         tried = {a.gateway.name for a in self.attempts}
         if req.forced_gateway is not None and not self.attempts:
@@ -346,7 +342,8 @@ class Dispatch:
             self.kept[0].release()
         self.kept = None
         self.client_outcome = "success" if reply.status < 400 else "failure"
-        self._leave_all(self.parts.clock.now(), Outcome.CANCELLED)
+        if self.live:
+            self._leave_all(self.parts.clock.now(), Outcome.CANCELLED)
         return Settled(reply=reply, attempt=att, attempts=self.attempts, tried=self.tried)
 
     def _exhausted(self) -> Settled:
