@@ -97,6 +97,14 @@ class NoGatewayAvailable(ProxyError):
     slug = "no-gateway-available"
 
 
+class StoreUnavailable(ProxyError):
+    """The idempotency store cannot take this payment's key now; nothing was sent."""
+
+    status = 503
+    title = "Idempotency store unavailable"
+    slug = "idempotency-store-unavailable"
+
+
 class UpstreamFailed(ProxyError):
     """Every attempt failed to connect or answered with something unusable."""
 
@@ -117,14 +125,6 @@ class OutcomeUnknown(ProxyError):
     status = 504
     title = "Payment outcome unknown"
     slug = "outcome-unknown"
-
-
-class IdempotencyStoreFailed(ProxyError):
-    """The idempotency store could not record where a keyed payment goes: nothing is sent."""
-
-    status = 503
-    title = "Idempotency store unavailable"
-    slug = "idempotency-store-failed"
 
 
 def problem_body(err: ProxyError, transaction_id: str | None = None) -> bytes:

@@ -20,7 +20,7 @@ from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
-from proxy.forward import response_headers, upstream_headers
+from proxy.headers import response_headers, upstream_headers
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
@@ -68,11 +68,10 @@ class ProxyHandler:
                     )
                     return claimed
                 ticket = claimed
-            txn_id = (
-                ticket.transaction_id if ticket else (headers.get(th.transaction_id) or new_id())
-            )
-            note = _noter(rt.payments, ticket) if ticket is not None else None
-            req = _outbound(request, plan, region, body, txn_id, th, ticket, router, note)
+            # The transaction id is payswitch's: a client-sent one could overwrite another
+            # payment's record; upstream_headers drops every X-Payswitch-* the client sent.
+            txn_id = ticket.transaction_id if ticket else new_id()
+            req = self._outbound(request, plan, region, body, txn_id, th, ticket, router)
             dispatch = Dispatch(req, rt.parts)
             tracing = rt.parts.tracing
             if tracing is None:
@@ -91,6 +90,48 @@ class ProxyHandler:
                 request, plan, region, txn_id, None, resp.status, started, err.tried, err.slug
             )
             return resp
+
+    def _outbound(
+        self,
+        request: Request,
+        plan: RoutePlan,
+        region: str,
+        body: bytes,
+        txn_id: str,
+        th: TransactionHeaders,
+        ticket: Ticket | None,
+        router: Router,
+    ) -> Outbound:
+        """The request as the gateways will see it."""
+        rt = self.rt
+        headers = request.headers
+        fwd = upstream_headers(
+            headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+            policy=rt.header_policy,
+            owned=plan.owned_headers,
+        )
+        fwd[th.transaction_id] = txn_id
+        if ticket is not None:
+            fwd[ticket.policy.header] = ticket.forward_key
+        idem = plan.route.idempotency
+        return Outbound(
+            plan=plan,
+            region=region,
+            method=request.method,
+            path_qs=request.raw_path,
+            headers=fwd,
+            body=body,
+            transaction_id=txn_id,
+            attempt_header=th.attempt_id,
+            transaction_header=th.transaction_id,
+            has_key=(idem.header if idem else "Idempotency-Key") in headers,
+            forced_gateway=ticket.forced_gateway if ticket else None,
+            states=router.states,
+            note_attempt=_noter(rt.payments, ticket) if ticket is not None else None,
+        )
 
     async def _dispatch(
         self, request: Request, dispatch: Dispatch, ticket: Ticket | None, started: float
@@ -259,41 +300,6 @@ async def _match(request: Request, router: Router) -> tuple[RoutePlan, bytes]:
             route=plan.name,
         )
     return plan, body
-
-
-def _outbound(
-    request: Request,
-    plan: RoutePlan,
-    region: str,
-    body: bytes,
-    txn_id: str,
-    th: TransactionHeaders,
-    ticket: Ticket | None,
-    router: Router,
-    note: NoteAttempt | None,
-) -> Outbound:
-    """The request as the gateways will see it."""
-    headers = request.headers
-    fwd = upstream_headers(
-        headers, client_ip=request.remote, scheme=request.scheme, host=request.host
-    )
-    fwd[th.transaction_id] = txn_id
-    idem = plan.route.idempotency
-    return Outbound(
-        plan=plan,
-        region=region,
-        method=request.method,
-        path_qs=request.raw_path,
-        headers=fwd,
-        body=body,
-        transaction_id=txn_id,
-        attempt_header=th.attempt_id,
-        transaction_header=th.transaction_id,
-        has_key=(idem.header if idem else "Idempotency-Key") in headers,
-        forced_gateway=ticket.forced_gateway if ticket else None,
-        states=router.states,
-        note_attempt=note,
-    )
 
 
 def attempt_metric(metrics: Metrics) -> AttemptEnded:

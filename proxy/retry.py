@@ -146,10 +146,12 @@ class Dispatch:
                 logger.exception("could not record attempt %s", att.attempt_id)
                 ours = False
             if not ours:
-                self.refusal = errors.IdempotencyStoreFailed(
-                    "the idempotency store could not record this payment's attempt; nothing was sent to another gateway",
+                self.refusal = errors.StoreUnavailable(
+                    "the idempotency store could not record where this payment goes; this"
+                    " attempt was not sent: retry with the same idempotency key",
                     route=self.req.plan.name,
                     region=self.req.region,
+                    headers={"Retry-After": "2"},
                 )
                 return None
             att.started = self.parts.clock.now()

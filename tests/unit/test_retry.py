@@ -144,7 +144,7 @@ async def test_an_attempt_the_store_cannot_record_is_never_sent(tmp_path: Path, 
         async with running_proxy(rules({"s1": g["s1"].url}, {"s1": "stripe"}), tmp_path) as p:
             dispatch = Dispatch(outbound(p, note_attempt=note), p.rt.parts)
             settled = await dispatch.run()
-            assert isinstance(settled.error, errors.IdempotencyStoreFailed)
+            assert isinstance(settled.error, errors.StoreUnavailable)
             assert settled.error.status == 503
             assert not dispatch.attempts
             assert not g["s1"].requests()
