@@ -189,7 +189,11 @@ class Dispatch:
     def _ended(self, att: Attempt, task: asyncio.Future[Result], now: float) -> Settled | None:
         """An attempt's exchange finished; a Settled when the request is decided."""
         current = att.end is None
-        result = task.result()
+        if task.cancelled():  # closed under us (shutdown): judged by how far it got
+            reached = att.progress.reached_gateway
+            result: Result = AttemptFailed(Outcome.RESET, "exchange cancelled", sent=reached)
+        else:
+            result = task.result()
         latency = now - att.started
         if isinstance(result, AttemptFailed):
             self._report(att, result.outcome, latency)
