@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -23,13 +24,13 @@ from prometheus_client import CollectorRegistry
 
 from proxy.accesslog import AccessLog
 from proxy.aio import cancel_and_wait, spawn
-from proxy.attempt import Attempt
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.config.store import ConfigStore, Snapshot
+from proxy.config.model import Rules
+from proxy.config.store import ConfigStore, ReloadResult, Snapshot
 from proxy.errors import Tried
 from proxy.events import EventBus, Severity, Sink, StreamSink
-from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
-from proxy.handler import ProxyHandler
+from proxy.forward import Forwarder, new_session
+from proxy.handler import ProxyHandler, attempt_metric
 from proxy.headers import HeaderPolicy, parse_networks
 from proxy.idempotency import (
     IdempotencyStore,
@@ -39,10 +40,11 @@ from proxy.idempotency import (
 )
 from proxy.idempotency.guard import StoreGuard
 from proxy.idempotency.metered import MeteredIdempotencyStore
+from proxy.ledger import PaymentsLedger
 from proxy.logs import WriterCollector
 from proxy.metrics import Metrics, register_process_collectors
+from proxy.outbound import Parts
 from proxy.payments import Payments
-from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
 from proxy.server import ProxyServer
 from proxy.settings import Settings
@@ -85,16 +87,18 @@ class Runtime:
         self.windows = Windows(self.metrics, self.states, clock=clock)
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
         self.balancer = Balancer(self.states)
+        self._reconciled: tuple[list[GatewayState], list[GatewayState]] = ([], [])
         self.store: ConfigStore[Router] = ConfigStore(
             settings.rules,
             compile_router,
             listeners=[self._on_swap],
+            binders=[self._bind_states],
             events=self.events,
             clock=clock,
             registry=self.registry,
         )
-        self.tracing = Tracing.from_env(os.environ)
-        self.metrics.exemplars = self.tracing.enabled
+        self._tracing = Tracing.from_env(os.environ)
+        self.metrics.exemplars = self._tracing.enabled
         stores = _payment_stores(settings, clock)
         keys = MeteredIdempotencyStore(stores[0], self.registry)
         self.payments = Payments(
@@ -106,6 +110,7 @@ class Runtime:
                 clock=clock, max_bytes=settings.idempotency_memory_bytes
             ),
         )
+        self.ledger = PaymentsLedger(self.metrics, self.events, self.payments)
         self.header_policy = HeaderPolicy(
             trusted_proxies=parse_networks(settings.trusted_proxies),
             drop_underscores=settings.underscore_headers == "drop",
@@ -115,6 +120,7 @@ class Runtime:
         )
         self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
+        self.parts: Parts  # what every dispatch shares; built once the forwarder exists
         self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
         self.stopping = asyncio.Event()
@@ -123,24 +129,47 @@ class Runtime:
     def _on_gateway(self, st: GatewayState) -> None:
         self.windows.attach(st)
 
+    @property
+    def tracing(self) -> Tracing:
+        return self._tracing
+
+    @tracing.setter
+    def tracing(self, tracing: Tracing) -> None:
+        """Swap the tracer (tests, tools); dispatches started afterwards use it."""
+        self._tracing = tracing
+        if hasattr(self, "parts"):
+            self.parts = dataclasses.replace(
+                self.parts, tracing=tracing if tracing.enabled else None
+            )
+
     # -- rules ----------------------------------------------------------------------------
 
-    def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
-        created, removed = self.states.reconcile(new.rules.gateways)
-        new.compiled.states = MappingProxyType(
-            {name: self.states[name] for name in new.rules.gateways}
+    def _bind_states(self, rules: Rules, router: Router) -> None:
+        """Give the new router the states of its gateways before it is published; a router
+        missing any would skip that gateway on every request, so it is refused instead."""
+        created, removed = self.states.reconcile(rules.gateways)
+        states = {name: self.states[name] for name in rules.gateways}
+        missing = sorted(
+            {g.name for plan in router.plans for g in plan.gateways if g.name not in states}
         )
+        if missing:
+            raise RuntimeError(f"no runtime state for gateway(s) {', '.join(missing)}")
+        router.states = MappingProxyType(states)
+        self._reconciled = (created, removed)
+
+    def _on_swap(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
+        created, removed = self._reconciled
+        self._reconciled = ([], [])
         self.health.reconcile(created, removed, routes=new.rules.routes)
         for new_route in new.rules.routes:
             # Present from the start, so an alert's increase() sees the first late result.
-            for kind in ("duplicate_suspected", "duplicate_deduped", "late_success"):
-                self.metrics.late_results.labels(new_route.name, kind)
+            self.ledger.track_route(new_route.name)
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
 
-    async def reload(self, trigger: str) -> None:
-        await self.store.reload(trigger)
+    async def reload(self, trigger: str) -> ReloadResult:
+        return await self.store.reload(trigger)
 
     # -- all gateways of a route down ------------------------------------------------------
 
@@ -159,85 +188,6 @@ class Runtime:
             "gateway.all_down", Severity.CRITICAL, route=route, region=region, reasons=reasons
         )
 
-    # -- late answers of abandoned attempts ------------------------------------------------
-
-    def settled(self, dispatch: Dispatch) -> None:
-        """The client was answered: report attempts that may have charged it a second time.
-
-        A sent attempt with no definitive answer, on a provider that cannot recognise it as
-        the same payment as the winner, may have been charged too. Attempts still running
-        are judged when they end (`late_result`).
-        """
-        winner = dispatch.winner
-        if dispatch.idempotent or dispatch.client_outcome != "success" or winner is None:
-            return
-        for att in dispatch.attempts:
-            if att is winner or att.did_nothing or not att.sent_unresolved:
-                continue
-            if att.task is not None and not att.task.done():
-                continue
-            if not dispatch.dedupes(att, winner):
-                self._duplicate(dispatch, winner, att, None, "ambiguous")
-
-    def late_result(self, dispatch: Dispatch, att: Attempt, result: Reply | AttemptFailed) -> None:
-        """An attempt abandoned on its per-try timer ended after its request settled."""
-        if dispatch.idempotent:
-            return
-        winner = dispatch.winner
-        success = dispatch.client_outcome == "success" and winner is not None
-        if isinstance(result, Reply):
-            if result.status >= 300:
-                return  # a definitive refusal: nothing was charged
-            if success and winner is not None:
-                reason = (
-                    "both_succeeded_deduped" if dispatch.dedupes(att, winner) else "both_succeeded"
-                )
-                self._duplicate(dispatch, winner, att, result.status, reason)
-            else:
-                self._late_success(dispatch, att, result.status)
-        elif success and winner is not None and not dispatch.dedupes(att, winner):
-            self._duplicate(dispatch, winner, att, None, "unresolved")
-
-    def _duplicate(
-        self, dispatch: Dispatch, winner: Attempt, att: Attempt, status: int | None, reason: str
-    ) -> None:
-        route = dispatch.plan.name
-        # Both answered, but the same provider saw the same key: it should have charged
-        # once. Still reported, below the paging threshold, so reconciliation can check.
-        deduped = reason == "both_succeeded_deduped"
-        kind = "duplicate_deduped" if deduped else "duplicate_suspected"
-        self.metrics.late_results.labels(route, kind).inc()
-        self.payments.record_late(dispatch, kind, att, status)
-        self.events.emit(
-            "payment.duplicate_suspected",
-            Severity.WARNING if deduped else Severity.CRITICAL,
-            transaction_id=dispatch.transaction_id,
-            route=route,
-            reason=reason,
-            attempts=[
-                {
-                    "attempt_id": winner.attempt_id,
-                    "gateway": winner.gateway.name,
-                    "status": _status_of(winner),
-                },
-                {"attempt_id": att.attempt_id, "gateway": att.gateway.name, "status": status},
-            ],
-        )
-
-    def _late_success(self, dispatch: Dispatch, att: Attempt, status: int) -> None:
-        route = dispatch.plan.name
-        self.metrics.late_results.labels(route, "late_success").inc()
-        self.payments.record_late(dispatch, "late_success", att, status)
-        self.events.emit(
-            "payment.late_success",
-            Severity.CRITICAL,
-            transaction_id=dispatch.transaction_id,
-            route=route,
-            attempt_id=att.attempt_id,
-            gateway=att.gateway.name,
-            status=status,
-        )
-
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -245,6 +195,15 @@ class Runtime:
         self.store.load_initial()
         self.session = new_session()
         self.forwarder = Forwarder(self.session)
+        self.parts = Parts(
+            balancer=self.balancer,
+            health=self.health,
+            forwarder=self.forwarder,
+            clock=self.clock,
+            tracing=self.tracing if self.tracing.enabled else None,
+            attempt_ended=attempt_metric(self.metrics),
+            late_result=self.ledger.late_result,
+        )
         await self.health.start()
         if self.access_log is not None:
             await self.access_log.start()
@@ -266,14 +225,6 @@ class Runtime:
         await self.payments.fallback.close()
         await self.payments.log.close()
         await self.events.close(2.0)
-
-
-def _status_of(att: Attempt) -> int | None:
-    task = att.task
-    if task is None or not task.done() or task.cancelled():
-        return None
-    result = task.result()
-    return result.status if isinstance(result, Reply) else None
 
 
 def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore, TransactionStore]:

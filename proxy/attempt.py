@@ -1,15 +1,17 @@
 """One attempt of a request, and how a request ended: the values the retry loop keeps.
 
-Owns: `Attempt` (one exchange with one gateway and what is known of it), `Settled` (the
-answer or error a request ended with), the process-wide bound on attempts kept open after
-their per-try timer, and reading a gateway's Retry-After.
-Must not: decide anything; proxy.retry does.
+Owns: `Attempt` (one exchange with one gateway: how far it got, as the upstream client's
+`Progress`, and how it ended, as an `End`), `Settled` (the answer or error a request ended
+with), the process-wide bound on attempts kept open after their per-try timer, and reading
+a gateway's Retry-After.
+Must not: decide anything; proxy.retry_policy does, and proxy.retry applies it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +19,7 @@ from typing import Literal
 from proxy import errors
 from proxy.config.model import Gateway
 from proxy.forward import AttemptFailed, Reply
+from proxy.upstream.phase import Progress
 from proxy.upstream.state import GatewayState
 
 ClientOutcome = Literal["success", "failure", "unknown"]
@@ -27,20 +30,42 @@ Result = Reply | AttemptFailed
 MAX_ABANDONED = 1000
 
 
+class End(enum.Enum):
+    """How an attempt ended for its request (its phase says how far it got)."""
+
+    ANSWERED = "answered"  # a definitive answer from the gateway
+    UNSENT = "unsent"  # provably processed nothing: never connected, 429, not_processed
+    AMBIGUOUS = "ambiguous"  # failed after the request may have reached the gateway
+    ABANDONED = "abandoned"  # left running past its per-try timer or after another won
+
+
 @dataclass(slots=True, eq=False)
 class Attempt:
     attempt_id: str
     state: GatewayState
     started: float
+    progress: Progress
     task: asyncio.Future[Result] | None = None  # a Task only when one is needed
-    abandoned: bool = False
-    reported: bool = False
-    sent_unresolved: bool = False  # may have reached the gateway; outcome not yet known
-    did_nothing: bool = False  # provably not processed: refused connection, 429, not_processed
+    end: End | None = None  # None while the request still waits for it
+    reported: bool = False  # health and accounting saw its outcome
 
     @property
     def gateway(self) -> Gateway:
         return self.state.gateway
+
+    @property
+    def abandoned(self) -> bool:
+        return self.end is End.ABANDONED
+
+    @property
+    def did_nothing(self) -> bool:
+        """Provably processed nothing: it never counts as a possible charge."""
+        return self.end is End.UNSENT
+
+    @property
+    def unresolved(self) -> bool:
+        """May have reached the gateway, and no definitive answer is known."""
+        return self.end is End.AMBIGUOUS or self.end is End.ABANDONED
 
 
 @dataclass(slots=True)

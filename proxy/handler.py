@@ -18,14 +18,17 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
-from proxy.config.model import IDEMPOTENT_METHODS
+from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
 from proxy.headers import response_headers, upstream_headers
 from proxy.ids import new_id
-from proxy.payments import Ticket
+from proxy.metrics import Metrics
+from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
+from proxy.payments import Payments, Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
 from proxy.server import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
+from proxy.upstream.state import Outcome
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
@@ -50,33 +53,15 @@ class ProxyHandler:
         region: str | None = None
         txn_id: str | None = None
         try:
-            raw_path = request.raw_path
-            if not raw_path.startswith("/"):
-                raise errors.BadRequest("request target must be an absolute path")
-            method = request.method
-            path = request.path
-            if "/." in path and _DOT_SEGMENT.search(path):
-                # Matched as one path, resolved as another by the gateway: never routed.
-                raise errors.BadRequest("request path must not contain . or .. segments")
+            plan, body = await _match(request, router)
             headers = request.headers
-            body = await _read_body(request, router, method, path)
-            plan = (
-                router.match(method, path, headers, body)
-                if router.needs_body
-                else router.match_without_body(method, path, headers)
-            )
-            if plan is None:
-                raise errors.NoRoute(f"no route matches {method} {path}")
-            if len(body) > plan.route.max_body:
-                raise errors.BodyTooLarge(
-                    f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",
-                    route=plan.name,
-                )
             region = plan.region_for(headers)
             th = snapshot.rules.transaction_headers
             ticket: Ticket | None = None
-            if plan.route.idempotency is not None and method not in IDEMPOTENT_METHODS:
-                claimed = await rt.payments.claim(plan, method, raw_path, headers, body)
+            if plan.route.idempotency is not None and request.method not in IDEMPOTENT_METHODS:
+                claimed = await rt.payments.claim(
+                    plan, request.method, request.raw_path, headers, body
+                )
                 if isinstance(claimed, Answer):
                     self._account(
                         request, plan, region, None, None, claimed.status, started, (), "replayed"
@@ -86,46 +71,18 @@ class ProxyHandler:
             # The transaction id is payswitch's: a client-sent one could overwrite another
             # payment's record; upstream_headers drops every X-Payswitch-* the client sent.
             txn_id = ticket.transaction_id if ticket else new_id()
-            fwd = upstream_headers(
-                headers,
-                client_ip=request.remote,
-                scheme=request.scheme,
-                host=request.host,
-                policy=rt.header_policy,
-                owned=plan.owned_headers,
-            )
-            fwd[th.transaction_id] = txn_id
-            if ticket is not None:
-                fwd[ticket.policy.header] = ticket.forward_key
-            dispatch = Dispatch(
-                plan=plan,
-                region=region,
-                method=method,
-                path_qs=raw_path,
-                headers=fwd,
-                body=body,
-                transaction_id=txn_id,
-                balancer=rt.balancer,
-                health=rt.health,
-                forwarder=rt.forwarder,
-                clock=rt.clock,
-                attempt_header=th.attempt_id,
-                transaction_header=th.transaction_id,
-                on_late=rt.late_result,
-                on_attempt=self._attempt_metric(plan.name),
-                forced_gateway=ticket.forced_gateway if ticket else None,
-                states=router.states,
-                has_key=(
-                    plan.route.idempotency.header if plan.route.idempotency else "Idempotency-Key"
-                )
-                in headers,
-            )
-            tracing = rt.tracing
-            if not tracing.enabled:
+            req = self._outbound(request, plan, region, body, txn_id, th, ticket, router)
+            dispatch = Dispatch(req, rt.parts)
+            tracing = rt.parts.tracing
+            if tracing is None:
                 return await self._dispatch(request, dispatch, ticket, started)
-            dispatch.tracing = tracing
             with tracing.request_span(
-                method, plan.name, headers, path=path, region=region, transaction_id=txn_id
+                request.method,
+                plan.name,
+                headers,
+                path=request.path,
+                region=region,
+                transaction_id=txn_id,
             ) as span:
                 resp = await self._dispatch(request, dispatch, ticket, started)
                 tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
@@ -141,6 +98,48 @@ class ProxyHandler:
             )
             return resp
 
+    def _outbound(
+        self,
+        request: Request,
+        plan: RoutePlan,
+        region: str,
+        body: bytes,
+        txn_id: str,
+        th: TransactionHeaders,
+        ticket: Ticket | None,
+        router: Router,
+    ) -> Outbound:
+        """The request as the gateways will see it."""
+        rt = self.rt
+        headers = request.headers
+        fwd = upstream_headers(
+            headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+            policy=rt.header_policy,
+            owned=plan.owned_headers,
+        )
+        fwd[th.transaction_id] = txn_id
+        if ticket is not None:
+            fwd[ticket.policy.header] = ticket.forward_key
+        idem = plan.route.idempotency
+        return Outbound(
+            plan=plan,
+            region=region,
+            method=request.method,
+            path_qs=request.raw_path,
+            headers=fwd,
+            body=body,
+            transaction_id=txn_id,
+            attempt_header=th.attempt_id,
+            transaction_header=th.transaction_id,
+            has_key=(idem.header if idem else "Idempotency-Key") in headers,
+            forced_gateway=ticket.forced_gateway if ticket else None,
+            states=router.states,
+            note_attempt=_noter(rt.payments, ticket) if ticket is not None else None,
+        )
+
     async def _dispatch(
         self, request: Request, dispatch: Dispatch, ticket: Ticket | None, started: float
     ) -> Answer:
@@ -148,11 +147,11 @@ class ProxyHandler:
         started_wall = time.time()
         self._transaction_event("transaction.pending", dispatch, None, None, started)
         inflight = rt.payments.in_flight
-        inflight[dispatch.transaction_id] = (dispatch, started_wall)
+        inflight[dispatch.req.transaction_id] = (dispatch, started_wall)
         try:
             settled = await dispatch.run()
         except BaseException:
-            inflight.pop(dispatch.transaction_id, None)
+            inflight.pop(dispatch.req.transaction_id, None)
             # Cancelled mid-flight: what was sent may still be charged; never free the key.
             if ticket is not None:
                 spawn(
@@ -160,17 +159,20 @@ class ProxyHandler:
                     name="settle-interrupted",
                 )
             raise
-        inflight.pop(dispatch.transaction_id, None)
+        inflight.pop(dispatch.req.transaction_id, None)
         if len(dispatch.attempts) > 1:
             self._count_retries(dispatch)
         status, headers, body, error = self._response_parts(dispatch, settled)
         if isinstance(error, errors.NoGatewayAvailable):
             rt.all_down(
-                dispatch.plan.name, dispatch.region, [t.outcome for t in error.tried], error.tried
+                dispatch.req.plan.name,
+                dispatch.req.region,
+                [t.outcome for t in error.tried],
+                error.tried,
             )
         if ticket is not None:
             await rt.payments.settle(ticket, settled, status, headers, body)
-        rt.settled(dispatch)
+        rt.ledger.settled(dispatch)
         state = _state(settled, status)
         self._transaction_event(
             f"transaction.{_EVENT_OF_STATE[state]}", dispatch, settled, status, started
@@ -180,9 +182,9 @@ class ProxyHandler:
         tried = error.tried if error is not None else settled.tried
         self._account(
             request,
-            dispatch.plan,
-            dispatch.region,
-            dispatch.transaction_id,
+            dispatch.req.plan,
+            dispatch.req.region,
+            dispatch.req.transaction_id,
             att.gateway.name if att and settled.reply else None,
             status,
             started,
@@ -200,26 +202,26 @@ class ProxyHandler:
         """Each attempt after the first, by why the one before it was left."""
         why = {t.attempt_id: t.outcome for t in dispatch.tried if t.attempt_id}
         for prev in dispatch.attempts[:-1]:
-            self.rt.metrics.retry(dispatch.plan.name, why.get(prev.attempt_id, "answered"))
+            self.rt.metrics.retry(dispatch.req.plan.name, why.get(prev.attempt_id, "answered"))
 
     def _response_parts(
         self, dispatch: Dispatch, settled: Settled
     ) -> tuple[int, CIMultiDict[str], bytes | None, errors.ProxyError | None]:
-        txn_header = dispatch.transaction_header
+        txn_header = dispatch.req.transaction_header
         reply, att = settled.reply, settled.attempt
         if reply is None or att is None:
-            err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.plan.name)
-            err.route = err.route or dispatch.plan.name
-            err.region = err.region or dispatch.region
+            err = settled.error or errors.UpstreamFailed("no answer", route=dispatch.req.plan.name)
+            err.route = err.route or dispatch.req.plan.name
+            err.region = err.region or dispatch.req.region
             headers: CIMultiDict[str] = CIMultiDict(err.headers)
             headers["Content-Type"] = "application/problem+json"
-            headers[txn_header] = dispatch.transaction_id
+            headers[txn_header] = dispatch.req.transaction_id
             headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
-            return err.status, headers, errors.problem_body(err, dispatch.transaction_id), err
+            return err.status, headers, errors.problem_body(err, dispatch.req.transaction_id), err
         headers = response_headers(reply.headers)
         headers["X-Payswitch-Gateway"] = att.gateway.name
         headers["X-Payswitch-Attempts"] = str(len(settled.attempts))
-        headers[txn_header] = dispatch.transaction_id
+        headers[txn_header] = dispatch.req.transaction_id
         return reply.status, headers, reply.body, None
 
     def _transaction_event(
@@ -236,23 +238,15 @@ class ProxyHandler:
         self.rt.events.emit(
             kind,
             Severity.WARNING if kind == "transaction.unknown" else Severity.INFO,
-            transaction_id=dispatch.transaction_id,
-            route=dispatch.plan.name,
-            region=dispatch.region,
+            transaction_id=dispatch.req.transaction_id,
+            route=dispatch.req.plan.name,
+            region=dispatch.req.region,
             gateway=att.gateway.name if att else None,
             attempt_id=att.attempt_id if att else None,
             attempts=len(settled.attempts) if settled else 0,
             status=status,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
-
-    def _attempt_metric(self, route: str):  # type: ignore[no-untyped-def]
-        metrics = self.rt.metrics
-
-        def record(att: Attempt, outcome: str, seconds: float) -> None:
-            metrics.attempt(route, att.gateway.name, outcome, seconds)
-
-        return record
 
     def _account(
         self,
@@ -289,6 +283,46 @@ class ProxyHandler:
                     "client": request.remote,
                 }
             )
+
+
+async def _match(request: Request, router: Router) -> tuple[RoutePlan, bytes]:
+    """The route a request takes and its whole body; ProxyError when it cannot be routed."""
+    if not request.raw_path.startswith("/"):
+        raise errors.BadRequest("request target must be an absolute path")
+    method, path, headers = request.method, request.path, request.headers
+    if "/." in path and _DOT_SEGMENT.search(path):
+        # Matched as one path, resolved as another by the gateway: never routed.
+        raise errors.BadRequest("request path must not contain . or .. segments")
+    body = await _read_body(request, router, method, path)
+    plan = (
+        router.match(method, path, headers, body)
+        if router.needs_body
+        else router.match_without_body(method, path, headers)
+    )
+    if plan is None:
+        raise errors.NoRoute(f"no route matches {method} {path}")
+    if len(body) > plan.route.max_body:
+        raise errors.BodyTooLarge(
+            f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",
+            route=plan.name,
+        )
+    return plan, body
+
+
+def attempt_metric(metrics: Metrics) -> AttemptEnded:
+    """Counts every attempt's end by route, gateway and outcome."""
+
+    def record(dispatch: Dispatch, att: Attempt, outcome: Outcome, seconds: float) -> None:
+        metrics.attempt(dispatch.req.plan.name, att.gateway.name, outcome.value, seconds)
+
+    return record
+
+
+def _noter(payments: Payments, ticket: Ticket) -> NoteAttempt:
+    async def note(gateway: str, attempt_id: str) -> bool:
+        return await payments.note_attempt(ticket, gateway, attempt_id)
+
+    return note
 
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")

@@ -4,7 +4,8 @@ Owns: claiming a request's Idempotency-Key before anything is sent (409 while in
 replay after completion, 422 for a changed payload, the gateway that last saw an unresolved
 key), settling the key with what the client was told, and the transaction record that
 `GET /admin/transactions/{id}` reads.
-Must not: pick gateways or judge attempts (retry.py), or write the client's response.
+Must not: pick gateways or judge attempts (retry.py), judge late answers (ledger.py), or
+write the client's response.
 """
 
 from __future__ import annotations
@@ -121,6 +122,18 @@ class Payments:
         fkey = gateway_key(key, scope)
         fp = fingerprint(method, raw_path, body)
         store, result = await self._claim(plan, skey, fp)
+        return self._ticket(plan, policy, skey, fkey, store, result)
+
+    def _ticket(
+        self,
+        plan: RoutePlan,
+        policy: Idempotency,
+        skey: str,
+        fkey: str,
+        store: IdempotencyStore,
+        result: ClaimResult,
+    ) -> Ticket | Answer:
+        """What a claim's result means for the request."""
         if isinstance(result, Claimed):
             self._count(plan, "claimed")
             return Ticket(
@@ -234,6 +247,23 @@ class Payments:
         except Exception as exc:
             self._store_failed(ticket, "settle", exc)
 
+    async def note_attempt(self, ticket: Ticket, gateway: str, attempt_id: str) -> bool:
+        """Record, before it is sent, which gateway the key is about to go to: a payswitch
+        that dies mid-attempt still leaves it behind for the next holder. False when the
+        key is no longer ours (its lock expired and another request took it over) or the
+        store cannot say: the attempt is then not sent."""
+        try:
+            return await ticket.store.record_attempt(
+                ticket.key,
+                ticket.lease,
+                gateway=gateway,
+                attempt_id=attempt_id,
+                transaction_id=ticket.transaction_id,
+            )
+        except Exception as exc:
+            self._store_failed(ticket, "record_attempt", exc)
+            return False
+
     async def _unknown(self, ticket: Ticket, att: Attempt) -> None:
         await ticket.store.mark_unknown(
             ticket.key,
@@ -273,14 +303,14 @@ class Payments:
         try:
             await self.log.put(transaction_record(dispatch, state, status, started_wall))
         except Exception:
-            logger.exception("could not record transaction %s", dispatch.transaction_id)
+            logger.exception("could not record transaction %s", dispatch.req.transaction_id)
 
     def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int | None) -> None:
         """Add a late answer to the transaction's record, off the request path."""
 
         async def update() -> None:
             try:
-                record = await self.log.get(dispatch.transaction_id) or transaction_record(
+                record = await self.log.get(dispatch.req.transaction_id) or transaction_record(
                     dispatch, "UNKNOWN", None, time.time()
                 )
                 prior = record.get("late_results")
@@ -296,9 +326,11 @@ class Payments:
                 record["late_results"] = late
                 await self.log.put(record)
             except Exception:
-                logger.exception("could not record a late result of %s", dispatch.transaction_id)
+                logger.exception(
+                    "could not record a late result of %s", dispatch.req.transaction_id
+                )
 
-        spawn(update(), name=f"txn-late:{dispatch.transaction_id[:16]}")
+        spawn(update(), name=f"txn-late:{dispatch.req.transaction_id[:16]}")
 
     def _count(self, plan: RoutePlan, result: str) -> None:
         self.metrics.idempotency.labels(plan.name, result).inc()
@@ -313,12 +345,12 @@ def transaction_record(
 ) -> dict[str, object]:
     winner = dispatch.winner
     return {
-        "transaction_id": dispatch.transaction_id,
+        "transaction_id": dispatch.req.transaction_id,
         "state": state,
-        "route": dispatch.plan.name,
-        "region": dispatch.region,
-        "method": dispatch.method,
-        "path": dispatch.path_qs,
+        "route": dispatch.req.plan.name,
+        "region": dispatch.req.region,
+        "method": dispatch.req.method,
+        "path": dispatch.req.path_qs,
         "status": status,
         "gateway": winner.gateway.name if winner else None,
         "attempts": [

@@ -1,12 +1,15 @@
-"""The retry loop: pick, forward, judge the outcome, and maybe pick again.
+"""The retry mechanism: pick, send, wait on one per-try timer, apply the policy's verdict.
 
-Owns: one request's attempts under its total deadline and per-try timer, and the payment
-safety rules of shared/DESIGN.md §5: a request that provably reached no gateway is sent
-elsewhere; after an ambiguous failure (sent, then timeout / reset / 5xx) a non-idempotent
-request is resent only as the route's `after_ambiguous` allows; an attempt abandoned on
-its per-try timer keeps running (bounded) and the first definitive answer wins; an
-abandoned attempt that answers after the request was settled is reported.
-Must not: know how gateways are chosen (the balancer) or how HTTP is spoken (forward).
+Owns: one request's attempts under its total deadline and the route's per-try timer (the
+only per-try timer: the upstream client is given the abandoned-attempt bound, not the
+per-try one), the tasks of attempts and their cancellation, attempts left running past
+their per-try timer (bounded; the first definitive answer wins), and turning how the
+request ended into a `Settled`. When the per-try timer fires while an attempt is still
+connecting, nothing can have reached the gateway: the attempt is cancelled and judged
+provably unsent.
+Must not: decide what is safe to resend (proxy.retry_policy does), know how gateways are
+chosen (the balancer) or how HTTP is spoken (forward), or account for attempts itself: it
+reports attempt events to the consumers in `Parts`.
 """
 
 from __future__ import annotations
@@ -14,308 +17,241 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from multidict import CIMultiDict
-
 from proxy import errors
-from proxy.aio import first_done, keep, spawn_owned
-from proxy.attempt import (
-    ABANDONED,
-    MAX_ABANDONED,
-    Attempt,
-    ClientOutcome,
-    Result,
-    Settled,
-    retry_after,
-)
-from proxy.clock import Clock
-from proxy.config.model import IDEMPOTENT_METHODS, Gateway
-from proxy.forward import AttemptFailed, Forwarder, Reply
+from proxy.aio import first_done, keep
+from proxy.attempt import ABANDONED, MAX_ABANDONED, Attempt, ClientOutcome, End, Result, Settled
+from proxy.attempt import retry_after as retry_after_of
+from proxy.config.model import Gateway
+from proxy.exchange import start_exchange
+from proxy.forward import AttemptFailed, Reply
 from proxy.ids import new_id
-from proxy.routing import RoutePlan
-from proxy.tracing import Tracing
-from proxy.upstream.balancer import Balancer, Skip
-from proxy.upstream.health import Health
+from proxy.outbound import Outbound, Parts
+from proxy.retry_policy import Ended, Past, Step, Verdict, decide, definitive
+from proxy.upstream.balancer import Skip
+from proxy.upstream.phase import Progress
 from proxy.upstream.state import GatewayState, Outcome
 
 logger = logging.getLogger(__name__)
 
-LateHandler = Callable[["Dispatch", Attempt, Reply | AttemptFailed], None]
+#: Slack when comparing the clock with a timer that should just have fired.
+EPSILON = 1e-4
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Dispatch:
     """One request's journey through the gateways."""
 
-    plan: RoutePlan
-    region: str
-    method: str
-    path_qs: str
-    headers: CIMultiDict[str]
-    body: bytes
-    transaction_id: str
-    balancer: Balancer
-    health: Health
-    forwarder: Forwarder
-    clock: Clock
-    attempt_header: str
-    transaction_header: str
-    on_late: LateHandler | None = None
-    on_attempt: Callable[[Attempt, str, float], None] | None = None
-    client_outcome: ClientOutcome | None = None
-    winner: Attempt | None = None
+    req: Outbound
+    parts: Parts
     attempts: list[Attempt] = field(default_factory=list)
     tried: list[errors.Tried] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
-    tracing: Tracing | None = None  # set only when tracing is enabled
-    _did_nothing: int = 0  # attempts that provably did nothing: they use up no retry
-    has_key: bool = False  # the request carries an idempotency key the gateway can dedupe by
-    states: Mapping[str, GatewayState] | None = None  # the gateways of the request's rules
+    winner: Attempt | None = None
+    client_outcome: ClientOutcome | None = None
+    history: list[Past] = field(default_factory=list)
+    live: dict[asyncio.Future[Result], Attempt] = field(default_factory=dict)
+    kept: tuple[Reply, Attempt] | None = None  # best non-definitive answer so far
+    lock: str | None = None  # the only provider allowed from now on
+    next_at: float | None = None  # when to start the next attempt; None: no more
+    deadline: float = 0.0
+    give_up_at: float = 0.0
+    last: Outcome | None = None
+    refusal: errors.ProxyError | None = None
+
+    def __post_init__(self) -> None:
+        req = self.req
+        if req.forced_gateway is not None and not req.idempotent:
+            st = (req.states or self.parts.balancer.states).get(req.forced_gateway)
+            if st is not None:
+                # An earlier holder of the key sent it there: only that provider can dedupe it.
+                self.history.append(Past(st.gateway.provider, counted=False, ambiguous=True))
+
+    # -- what consumers read --------------------------------------------------------------
 
     @property
     def idempotent(self) -> bool:
-        return self.method in IDEMPOTENT_METHODS
+        return self.req.idempotent
+
+    def dedupes(self, first: Attempt, second: Attempt) -> bool:
+        """Would the provider behind `second` recognise it as a retry of `first`?"""
+        return self.req.has_key and first.gateway.provider == second.gateway.provider
+
+    # -- the loop -------------------------------------------------------------------------
 
     async def run(self) -> Settled:
-        route = self.plan.route
-        retry = route.retry
-        timeouts = route.timeouts
-        clock = self.clock
+        clock = self.parts.clock
+        timeouts = self.req.plan.route.timeouts
         now = clock.now()
-        deadline = now + timeouts.total
-        live: dict[asyncio.Future[Result], Attempt] = {}
+        self.deadline = self.give_up_at = now + timeouts.total
+        self.next_at = now
+        live = self.live
         current: Attempt | None = None
-        per_try_end = deadline
-        next_at = now
-        want_new = True
-        provider_lock: str | None = None
-        exclude: set[str] = set()
-        kept_reply: tuple[Reply, Attempt] | None = None
-        last_failure: Outcome | None = None
+        per_try_end = self.deadline
         try:
             while True:
                 now = clock.now()
-                if want_new and now >= next_at:
-                    want_new = False
-                    # `attempts` bounds what gateways may have processed; an attempt that
-                    # provably did nothing does not use it up (each gateway is tried once).
-                    used = len(self.attempts) - self._did_nothing
-                    if used < retry.attempts:
-                        st = self._pick(exclude, provider_lock)
-                        if st is not None:
-                            current = self._start(st, now)
-                            assert current.task is not None
-                            live[current.task] = current
-                            exclude.add(st.name)
-                            per_try_end = min(now + timeouts.per_try, deadline)
+                if self.next_at is not None and now >= self.next_at:
+                    self.next_at = None
+                    started = await self._launch(now)
+                    if started is None:
+                        self._no_more(clock.now())
+                    else:
+                        current = started
+                        per_try_end = min(started.started + timeouts.per_try, self.deadline)
                 if not live:
-                    if want_new:
-                        await asyncio.sleep(max(0.0, next_at - now))
+                    if self.next_at is not None:
+                        await asyncio.sleep(max(0.0, self.next_at - now))
                         continue
-                    return self._exhausted(kept_reply, last_failure)
-                wake = deadline
-                if current is not None and not current.abandoned:
-                    wake = min(wake, per_try_end)
-                if want_new:
-                    wake = min(wake, next_at)
+                    return self._exhausted()
+                waiting = current is not None and current.end is None
+                wake = min(self.give_up_at, per_try_end) if waiting else self.give_up_at
+                if self.next_at is not None:
+                    wake = min(wake, self.next_at)
                 await first_done(live, max(0.0, wake - clock.now()))
-                done = [t for t in live if t.done()]
                 now = clock.now()
-                if not done:
-                    if now >= deadline - 1e-4:
-                        return self._deadline(live)
-                    if current is not None and not current.abandoned and now >= per_try_end - 1e-4:
-                        self._abandon(current, now, live)
-                        last_failure = Outcome.TIMEOUT
-                        if self._may_retry(Outcome.TIMEOUT, None, sent=True):
-                            provider_lock = self._lock_after_ambiguous(current, provider_lock)
-                            want_new, next_at = True, now + self._backoff()
-                    continue
+                done = [t for t in live if t.done()]
                 for task in done:
-                    att = live.pop(task)
-                    outcome, reply, failure = self._judge(att, task, now)
-                    if reply is not None and outcome is None:
-                        return self._win(att, reply, live)
-                    if att.abandoned or att is not current:
-                        if reply is not None:
-                            kept_reply = self._keep(kept_reply, reply, att)
-                        continue
-                    # The current attempt failed; decide whether another gateway may try.
-                    assert outcome is not None
-                    last_failure = outcome
-                    sent = failure.sent if failure is not None else True
-                    status = reply.status if reply is not None else None
-                    safe = not sent or (
-                        status is not None and (status == 429 or status in retry.not_processed)
-                    )
-                    if reply is not None:
-                        kept_reply = self._keep(kept_reply, reply, att)
-                    att.did_nothing = safe
-                    self._did_nothing += safe
-                    if safe or self._may_retry(outcome, status, sent=sent):
-                        if not safe:
-                            provider_lock = self._lock_after_ambiguous(att, provider_lock)
-                        want_new = True
-                        next_at = now if not sent else now + self._backoff()
-                    elif reply is not None and not live:
-                        kept_reply = None
-                        return self._win(att, reply, live)
+                    settled = self._ended(live.pop(task), task, now)
+                    if settled is not None:
+                        return settled
+                if done:
+                    continue
+                if now >= self.give_up_at - EPSILON:
+                    return self._give_up(now)
+                if current is not None and current.end is None and now >= per_try_end - EPSILON:
+                    self._per_try_fired(current, now)
         except asyncio.CancelledError:
             # The client went away: attempts already sent keep running so their outcome is
             # still learnt and reported; nothing new is sent.
             self.client_outcome = "unknown"
-            for att in list(live.values()):
-                self._abandon(att, clock.now(), live)
-                self._watch_late(att)
+            self._leave_all(self.parts.clock.now(), Outcome.CANCELLED)
             raise
 
     # -- stages ---------------------------------------------------------------------------
 
-    def _pick(self, exclude: set[str], provider_lock: str | None) -> GatewayState | None:
-        now = self.clock.now()
-        health = self.health
+    async def _launch(self, now: float) -> Attempt | None:
+        """Pick a gateway and start an attempt on it; None when none may be tried."""
+        st = self._pick(now)
+        if st is None:
+            return None
+        att = Attempt(attempt_id=new_id(), state=st, started=now, progress=Progress())
+        note = self.req.note_attempt
+        if note is not None:
+            # Recorded before a byte is sent, so a crash leaves the gateway behind.
+            try:
+                ours = await note(st.name, att.attempt_id)
+            except Exception:
+                logger.exception("could not record attempt %s", att.attempt_id)
+                ours = False
+            if not ours:
+                self.refusal = errors.StoreUnavailable(
+                    "the idempotency store could not record where this payment goes; this"
+                    " attempt was not sent: retry with the same idempotency key",
+                    route=self.req.plan.name,
+                    region=self.req.region,
+                    headers={"Retry-After": "2"},
+                )
+                return None
+            att.started = self.parts.clock.now()
+        self.parts.health.started(st, att.started)
+        self.attempts.append(att)
+        att.task = start_exchange(att, self.req, self.parts, len(self.attempts))
+        self.live[att.task] = att
+        return att
+
+    def _pick(self, now: float) -> GatewayState | None:
+        req, parts = self.req, self.parts
+        health = parts.health
+        tried = {a.gateway.name for a in self.attempts}
+        if req.forced_gateway is not None and not self.attempts:
+            st = (req.states or parts.balancer.states).get(req.forced_gateway)
+            if st is not None and any(g.name == st.name for g in req.plan.gateways):
+                return st
 
         def admit(st: GatewayState) -> str | None:
             return health.admit(st, now)
 
-        if self.forced_gateway is not None and not self.attempts:
-            st = (self.states or self.balancer.states).get(self.forced_gateway)
-            if st is not None and st.gateway.name in {g.name for g in self.plan.gateways}:
-                return st
         allow = None
-        if provider_lock is not None:
-            lock = provider_lock
+        if self.lock is not None:
+            lock = self.lock
 
             def allow(gw: Gateway) -> bool:
                 return gw.provider == lock
 
-        return self.balancer.pick(
-            self.plan, self.region, admit, exclude, allow, self.skipped, self.states
+        return parts.balancer.pick(
+            req.plan, req.region, admit, tried, allow, self.skipped, req.states
         )
 
-    def _start(self, st: GatewayState, now: float) -> Attempt:
-        att = Attempt(attempt_id=new_id(), state=st, started=now)
-        self.health.started(st, now)
-        self.attempts.append(att)
-        cap = (
-            self.plan.route.timeouts.per_try
-            if self.idempotent
-            else self.plan.route.timeouts.abandoned
-        )
-        headers = self.headers.copy()
-        headers[self.attempt_header] = att.attempt_id
-        if self.tracing is None:
-            att.task = self._exchange(att, cap, headers)
+    # -- judging --------------------------------------------------------------------------
+
+    def _ended(self, att: Attempt, task: asyncio.Future[Result], now: float) -> Settled | None:
+        """An attempt's exchange finished; a Settled when the request is decided."""
+        current = att.end is None
+        if task.cancelled():  # closed under us (shutdown): judged by how far it got
+            reached = att.progress.reached_gateway
+            result: Result = AttemptFailed(Outcome.RESET, "exchange cancelled", sent=reached)
         else:
-            att.task = spawn_owned(
-                self._send_traced(att, cap, headers, self.tracing),
-                name=f"attempt:{st.name}:{att.attempt_id}",
-            )
-        return att
-
-    async def _send_traced(
-        self, att: Attempt, cap: float, headers: CIMultiDict[str], tracing: Tracing
-    ) -> Result:
-        with tracing.attempt_span(
-            att.gateway,
-            route=self.plan.name,
-            region=self.region,
-            method=self.method,
-            path_qs=self.path_qs,
-            attempt_id=att.attempt_id,
-            attempt_no=len(self.attempts),
-            transaction_id=self.transaction_id,
-        ) as span:
-            tracing.inject(headers)
-            exchange = self._exchange(att, cap, headers)
-            try:
-                result = await exchange
-            except asyncio.CancelledError:
-                exchange.cancel()
-                raise
-            if isinstance(result, AttemptFailed):
-                tracing.record_outcome(span, None, result.outcome.value, error=True)
-            else:
-                tracing.record_outcome(span, result.status, "answered", error=result.status >= 500)
-            return result
-
-    def _exchange(
-        self, att: Attempt, cap: float, headers: CIMultiDict[str]
-    ) -> asyncio.Future[Result]:
-        try:
-            return self._start_exchange(att, cap, headers)
-        except Exception as exc:  # a bug, not a gateway failure: ambiguous, and loud
-            logger.exception("attempt %s crashed", att.attempt_id)
-            failed: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-            failed.set_result(
-                AttemptFailed(Outcome.BAD_RESPONSE, f"internal error: {exc!r}", sent=True)
-            )
-            return failed
-
-    def _start_exchange(
-        self, att: Attempt, cap: float, headers: CIMultiDict[str]
-    ) -> asyncio.Future[Result]:
-        return self.forwarder.start(
-            att.gateway,
-            self.method,
-            self.path_qs,
-            headers,
-            self.body,
-            connect_timeout=self.plan.route.timeouts.connect,
-            within=cap,
-        )
-
-    def _judge(
-        self, att: Attempt, task: asyncio.Future[Result], now: float
-    ) -> tuple[Outcome | None, Reply | None, AttemptFailed | None]:
-        """(failure outcome or None for a definitive answer, reply, failure)."""
-        retry = self.plan.route.retry
+            result = task.result()
         latency = now - att.started
-        result = task.result()
         if isinstance(result, AttemptFailed):
-            failure = result
-            att.sent_unresolved = failure.sent
-            self._report(att, failure.outcome, latency)
-            self.tried.append(
-                errors.Tried(
-                    gateway=att.gateway.name,
-                    outcome=failure.outcome.value,
-                    attempt_id=att.attempt_id,
-                )
-            )
-            return failure.outcome, None, failure
-        reply = result
-        status = reply.status
-        if status == 429:
-            self._report(att, Outcome.THROTTLED, latency, retry_after(reply))
-            outcome: Outcome | None = Outcome.THROTTLED
-        elif status >= 500:
-            self._report(att, Outcome.SERVER_ERROR, latency)
-            outcome = (
-                Outcome.SERVER_ERROR
-                if status in retry.on_statuses or status in retry.not_processed
-                else None
-            )
+            self._report(att, result.outcome, latency)
+            if not current:
+                return None  # an abandoned attempt failed after all: still unresolved
+            self._tried(att, result.outcome.value)
+            self.last = result.outcome
+            reached = result.sent or att.progress.reached_gateway
+            self._follow(att, Ended(att.gateway.provider, result.outcome, reached), now)
+            return None
+        status = result.status
+        outcome = _health_outcome(status)
+        self._report(att, outcome, latency, retry_after_of(result) if status == 429 else None)
+        if definitive(self.req.plan.route.retry, status):
+            return self._win(att, result, final=True)
+        self._keep(result, att)
+        if not current:
+            return None
+        self._tried(att, str(status), status)
+        self.last = outcome
+        self._follow(att, Ended(att.gateway.provider, outcome, True, status), now)
+        return None
+
+    def _per_try_fired(self, att: Attempt, now: float) -> None:
+        reached = att.progress.reached_gateway
+        if reached:
+            self._report(att, Outcome.TIMEOUT, now - att.started)
+            self._tried(att, Outcome.TIMEOUT.value)
         else:
-            self._report(att, Outcome.SUCCESS, latency)
-            outcome = (
-                Outcome.SERVER_ERROR
-                if status in retry.on_statuses or status in retry.not_processed
-                else None
-            )
-        if outcome is not None:
-            self.tried.append(
-                errors.Tried(
-                    gateway=att.gateway.name,
-                    outcome=str(status),  # as the rules spell it (retry.on: [503])
-                    status=status,
-                    attempt_id=att.attempt_id,
-                )
-            )
-        return outcome, reply, None
+            # Still connecting (a black-hole gateway): nothing reached it. Stop the connect.
+            self._cancel(att)
+            self._report(att, Outcome.CONNECT_FAILURE, now - att.started)
+            self._tried(att, "connect_timeout")
+        self.last = Outcome.TIMEOUT
+        verdict = self._follow(att, Ended(att.gateway.provider, Outcome.TIMEOUT, reached), now)
+        if verdict.counts:
+            self._abandon(att)
+
+    def _follow(self, att: Attempt, ended: Ended, now: float) -> Verdict:
+        """Apply the policy's verdict on `ended`, the current attempt's end."""
+        req = self.req
+        retry = req.plan.route.retry
+        verdict = decide(retry, req.method, req.has_key, self.history, ended)
+        att.end = End.AMBIGUOUS if verdict.counts else End.UNSENT
+        self.history.append(Past(ended.provider, verdict.counts, ambiguous=verdict.counts))
+        if verdict.step is Step.RETRY_ANYWHERE or verdict.step is Step.RETRY_WITHIN_PROVIDER:
+            self.lock = verdict.provider
+            self.next_at = now + (self._backoff() if verdict.counts else 0.0)
+        else:
+            self._no_more(now)
+        return verdict
+
+    def _no_more(self, now: float) -> None:
+        """No gateway may take this request any more; wait only for attempts left running."""
+        self.next_at = None
+        if not self.req.idempotent and self.live:
+            after = self.req.plan.route.timeouts.unknown_after
+            self.give_up_at = min(self.give_up_at, now + after)
 
     def _report(
         self, att: Attempt, outcome: Outcome, latency: float, retry_after: float | None = None
@@ -323,183 +259,180 @@ class Dispatch:
         if att.reported:
             return
         att.reported = True
-        self.health.finished(att.state, outcome, latency, self.clock.now(), retry_after)
-        if self.on_attempt is not None:
-            self.on_attempt(att, outcome.value, latency)
+        parts = self.parts
+        parts.health.finished(att.state, outcome, latency, parts.clock.now(), retry_after)
+        if parts.attempt_ended is not None:
+            parts.attempt_ended(self, att, outcome, latency)
 
-    def _may_retry(self, outcome: Outcome, status: int | None, *, sent: bool) -> bool:
-        """May an ambiguous failure be sent to another gateway (attempts permitting)?"""
-        retry = self.plan.route.retry
-        if outcome is Outcome.TIMEOUT:
-            enabled = retry.on_timeout
-        elif outcome in (Outcome.RESET, Outcome.BAD_RESPONSE):
-            enabled = retry.on_reset
-        else:
-            enabled = status is not None and status in retry.on_statuses
-        if not enabled:
-            return False
-        if self.idempotent or retry.after_ambiguous == "any-gateway":
-            return True
-        # same-provider is safe only because the provider dedupes the forwarded key.
-        return retry.after_ambiguous == "same-provider" and self.has_key
-
-    def _lock_after_ambiguous(self, att: Attempt, lock: str | None) -> str | None:
-        if self.idempotent or self.plan.route.retry.after_ambiguous != "same-provider":
-            return lock
-        return att.gateway.provider
+    def _tried(self, att: Attempt, outcome: str, status: int | None = None) -> None:
+        self.tried.append(
+            errors.Tried(
+                gateway=att.gateway.name, outcome=outcome, status=status, attempt_id=att.attempt_id
+            )
+        )
 
     def _backoff(self) -> float:
-        b = self.plan.route.retry.backoff
+        b = self.req.plan.route.retry.backoff
         n = max(0, len(self.attempts) - 1)
         return random.uniform(0, min(b.max, b.base * (2**n)))
 
-    def _abandon(
-        self, att: Attempt, now: float, live: dict[asyncio.Future[Result], Attempt]
-    ) -> None:
-        """Stop waiting for `att` on the per-try timer; its exchange may go on (bounded)."""
-        att.abandoned = True
-        att.sent_unresolved = True
-        self._report(att, Outcome.TIMEOUT, now - att.started)
-        if not any(t.attempt_id == att.attempt_id for t in self.tried):
-            self.tried.append(
-                errors.Tried(gateway=att.gateway.name, outcome="timeout", attempt_id=att.attempt_id)
-            )
+    # -- leaving attempts -----------------------------------------------------------------
+
+    def _cancel(self, att: Attempt) -> None:
+        task = att.task
+        if task is not None:
+            self.live.pop(task, None)
+            task.cancel()
+
+    def _abandon(self, att: Attempt) -> None:
+        """Stop waiting for `att`; a payment's exchange goes on (bounded) to learn its end."""
+        att.end = End.ABANDONED
         task = att.task
         if task is None or task.done():
             return
-        if self.idempotent or ABANDONED.open >= MAX_ABANDONED:
-            live.pop(task, None)
-            task.cancel()
+        if self.req.idempotent or ABANDONED.open >= MAX_ABANDONED:
+            self._cancel(att)
         else:
             ABANDONED.track(task)
 
-    def _keep(
-        self, kept: tuple[Reply, Attempt] | None, reply: Reply, att: Attempt
-    ) -> tuple[Reply, Attempt]:
-        if kept is not None:
-            kept[0].release()
-        return (reply, att)
-
-    def _win(
-        self, att: Attempt, reply: Reply, live: dict[asyncio.Future[Result], Attempt]
-    ) -> Settled:
-        self.winner = att
-        att.sent_unresolved = False
-        self.client_outcome = "success" if reply.status < 400 else "failure"
-        for other in list(live.values()):
-            other.abandoned = True
-            other.sent_unresolved = True
-            self._report(other, Outcome.CANCELLED, self.clock.now() - other.started)
-            self._watch_late(other)
-        for other in self.attempts:
-            if (
-                other is not att
-                and other.abandoned
-                and other.task is not None
-                and other.task.done()
-            ):
+    def _leave_all(self, now: float, outcome: Outcome) -> None:
+        """The request is decided: attempts still running are left, or cancelled when
+        provably unsent (still connecting); sent ones are watched for a late answer."""
+        for att in list(self.live.values()):
+            if not att.progress.reached_gateway:
+                self._cancel(att)
+                self._report(att, Outcome.CONNECT_FAILURE, now - att.started)
+                att.end = End.UNSENT
                 continue
-        return Settled(reply=reply, attempt=att, attempts=self.attempts, tried=self.tried)
-
-    def _exhausted(self, kept: tuple[Reply, Attempt] | None, last: Outcome | None) -> Settled:
-        route, region = self.plan.name, self.region
-        if kept is not None:
-            reply, att = kept
-            return self._win(att, reply, {})
-        if not self.attempts:
-            reasons = (
-                ", ".join(f"{s.gateway}: {s.reason}" for s in self.skipped)
-                or "no gateway in any allowed region"
-            )
-            tried = [
-                errors.Tried(gateway=s.gateway, outcome=f"skipped:{s.reason}") for s in self.skipped
-            ]
-            err: errors.ProxyError = errors.NoGatewayAvailable(
-                f"no gateway can take this request ({reasons})",
-                route=route,
-                region=region,
-                tried=tried,
-            )
-            self.client_outcome = "failure"
-            return Settled(None, None, self.attempts, self.tried, err)
-        unknown = not self.idempotent and any(a.sent_unresolved for a in self.attempts)
-        tried = self.tried + [
-            errors.Tried(gateway=s.gateway, outcome=f"skipped:{s.reason}") for s in self.skipped
-        ]
-        if unknown:
-            self.client_outcome = "unknown"
-            status = 504 if last is Outcome.TIMEOUT else 502
-            err = errors.OutcomeUnknown(
-                "the payment was sent and its outcome was lost; do not assume it failed: retry with the same idempotency key or reconcile by transaction id",
-                route=route,
-                region=region,
-                tried=tried,
-            )
-            err.status = status
-            for att in self.attempts:
-                if att.abandoned:
-                    self._watch_late(att)
-            return Settled(None, None, self.attempts, self.tried, err, unknown=True)
-        self.client_outcome = "failure"
-        if last is Outcome.TIMEOUT:
-            err = errors.DeadlineExceeded(
-                "every attempt timed out", route=route, region=region, tried=tried
-            )
-        else:
-            err = errors.UpstreamFailed(
-                "every attempt failed", route=route, region=region, tried=tried
-            )
-        return Settled(None, None, self.attempts, self.tried, err)
-
-    def _deadline(self, live: dict[asyncio.Future[Result], Attempt]) -> Settled:
-        now = self.clock.now()
-        for att in list(live.values()):
-            if not att.abandoned:
-                self._abandon(att, now, live)
-        self.tried.append(errors.Tried(gateway="-", outcome="deadline"))
-        if not self.idempotent:
-            self.client_outcome = "unknown"
-            for att in list(live.values()):
-                self._watch_late(att)
-            err: errors.ProxyError = errors.OutcomeUnknown(
-                f"no definitive answer within the route's total timeout ({self.plan.route.timeouts.total:g}s); the payment may still complete: retry with the same idempotency key or reconcile by transaction id",
-                route=self.plan.name,
-                region=self.region,
-                tried=self.tried,
-            )
-            return Settled(None, None, self.attempts, self.tried, err, unknown=True)
-        for att in list(live.values()):
-            if att.task is not None:
-                att.task.cancel()
-        self.client_outcome = "failure"
-        err = errors.DeadlineExceeded(
-            f"no answer within the route's total timeout ({self.plan.route.timeouts.total:g}s)",
-            route=self.plan.name,
-            region=self.region,
-            tried=self.tried,
-        )
-        return Settled(None, None, self.attempts, self.tried, err)
-
-    def dedupes(self, first: Attempt, second: Attempt) -> bool:
-        """Would the provider behind `second` recognise it as a retry of `first`?"""
-        return self.has_key and first.gateway.provider == second.gateway.provider
+            if att.end is None:
+                self._report(att, outcome, now - att.started)
+                if outcome is Outcome.TIMEOUT:
+                    self._tried(att, outcome.value)
+                self._abandon(att)
+            self._watch_late(att)
+        self.live.clear()
 
     def _watch_late(self, att: Attempt) -> None:
         task = att.task
-        if task is not None:
-            keep(task)
-        if task is None or self.on_late is None:
+        if task is None or task.done():
             return
-        on_late = self.on_late
+        keep(task)
+        late = self.parts.late_result
+        if late is None:
+            return
 
         def done(t: asyncio.Future[Result]) -> None:
             if t.cancelled():
                 return
             result = t.result()
             try:
-                on_late(self, att, result)
+                late(self, att, result)
             finally:
                 if isinstance(result, Reply):
                     result.release()
 
         task.add_done_callback(done)
+
+    # -- how the request ends -------------------------------------------------------------
+
+    def _keep(self, reply: Reply, att: Attempt) -> None:
+        if self.kept is not None:
+            self.kept[0].release()
+        self.kept = (reply, att)
+
+    def _win(self, att: Attempt, reply: Reply, *, final: bool) -> Settled:
+        self.winner = att
+        if final:
+            att.end = End.ANSWERED
+        if self.kept is not None and self.kept[0] is not reply:
+            self.kept[0].release()
+        self.kept = None
+        self.client_outcome = "success" if reply.status < 400 else "failure"
+        if self.live:
+            self._leave_all(self.parts.clock.now(), Outcome.CANCELLED)
+        return Settled(reply=reply, attempt=att, attempts=self.attempts, tried=self.tried)
+
+    def _exhausted(self) -> Settled:
+        """Nothing is running and nothing more may start."""
+        if self.kept is not None:
+            reply, att = self.kept
+            return self._win(att, reply, final=False)
+        req = self.req
+        skipped = [
+            errors.Tried(gateway=s.gateway, outcome=f"skipped:{s.reason}") for s in self.skipped
+        ]
+        err: errors.ProxyError
+        if not self.attempts:
+            self.client_outcome = "failure"
+            if self.refusal is not None:
+                return Settled(None, None, self.attempts, self.tried, self.refusal)
+            reasons = (
+                ", ".join(f"{s.gateway}: {s.reason}" for s in self.skipped)
+                or "no gateway in any allowed region"
+            )
+            err = errors.NoGatewayAvailable(
+                f"no gateway can take this request ({reasons})",
+                route=req.plan.name,
+                region=req.region,
+                tried=skipped,
+            )
+            return Settled(None, None, self.attempts, self.tried, err)
+        tried = self.tried + skipped
+        if not req.idempotent and any(a.unresolved for a in self.attempts):
+            return self._unknown(
+                "the payment was sent and its outcome was lost; do not assume it failed: retry with the same idempotency key or reconcile by transaction id",
+                tried,
+                504 if self.last is Outcome.TIMEOUT else 502,
+            )
+        self.client_outcome = "failure"
+        if self.last is Outcome.TIMEOUT:
+            err = errors.DeadlineExceeded("every attempt timed out", tried=tried)
+        else:
+            err = errors.UpstreamFailed("every attempt failed", tried=tried)
+        err.route, err.region = req.plan.name, req.region
+        return Settled(None, None, self.attempts, self.tried, err)
+
+    def _give_up(self, now: float) -> Settled:
+        """The total deadline, or `unknown_after` once no gateway was left, has passed."""
+        req = self.req
+        at_deadline = now >= self.deadline - EPSILON
+        self._leave_all(now, Outcome.TIMEOUT)
+        self.tried.append(
+            errors.Tried(gateway="-", outcome="deadline" if at_deadline else "unknown_after")
+        )
+        if not req.idempotent and any(a.unresolved for a in self.attempts):
+            total = req.plan.route.timeouts.total
+            detail = (
+                f"no definitive answer within the route's total timeout ({total:g}s)"
+                if at_deadline
+                else "no definitive answer and no gateway left that could take the payment safely"
+            )
+            return self._unknown(
+                f"{detail}; the payment may still complete: retry with the same idempotency key or reconcile by transaction id",
+                self.tried,
+                504,
+            )
+        self.client_outcome = "failure"
+        err = errors.DeadlineExceeded(
+            f"no answer within the route's total timeout ({req.plan.route.timeouts.total:g}s)",
+            route=req.plan.name,
+            region=req.region,
+            tried=self.tried,
+        )
+        return Settled(None, None, self.attempts, self.tried, err)
+
+    def _unknown(self, detail: str, tried: list[errors.Tried], status: int) -> Settled:
+        self.client_outcome = "unknown"
+        err = errors.OutcomeUnknown(
+            detail, route=self.req.plan.name, region=self.req.region, tried=tried
+        )
+        err.status = status
+        return Settled(None, None, self.attempts, self.tried, err, unknown=True)
+
+
+def _health_outcome(status: int) -> Outcome:
+    if status == 429:
+        return Outcome.THROTTLED
+    if status >= 500:
+        return Outcome.SERVER_ERROR
+    return Outcome.SUCCESS

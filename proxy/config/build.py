@@ -220,8 +220,9 @@ class Builder:
             total=self._duration(doc, tw, t_spec, "total", max(td.total, per_try)),
             connect=self._duration(doc, tw, t_spec, "connect", min(td.connect, per_try)),
             abandoned=self._duration(doc, tw, t_spec, "abandoned", td.abandoned),
+            unknown_after=self._duration(doc, tw, t_spec, "unknown_after", per_try),
         )
-        for key in ("per_try", "total", "connect"):
+        for key in ("per_try", "total", "connect", "unknown_after"):
             if getattr(timeouts, key) <= 0:
                 self.issues.append(doc.issue([*tw, key], f"{key} must be greater than zero"))
         if timeouts.per_try > timeouts.total:

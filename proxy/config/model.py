@@ -143,6 +143,9 @@ class Timeouts:
     total: float = 10.0
     connect: float = 1.0
     abandoned: float = 30.0  # how long an attempt abandoned on per-try timeout is kept open
+    # Once no gateway may take an ambiguous payment, how long to wait for an abandoned
+    # attempt's answer before telling the client "outcome unknown" (capped by `total`).
+    unknown_after: float = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

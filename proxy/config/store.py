@@ -3,8 +3,10 @@
 Owns: `Snapshot` (rules + what was compiled from them + generation), `ConfigStore`, which
 loads, reloads and swaps snapshots, and the reload bookkeeping (last error, metrics, events).
 Must not: validate rules itself (`proxy.config.load` does), know what the compiled value is,
-or touch runtime state: listeners reconcile that after a swap. A reload runs the whole
-pipeline off to the side and then publishes by one assignment, or changes nothing.
+or touch runtime state: binders attach it before a swap, listeners reconcile the rest after.
+A reload runs the whole pipeline off to the side, binds, and then publishes by one
+assignment, or changes nothing: a binder failing is a refused reload, never a published
+snapshot that cannot serve.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class ReloadResult:
 
 
 SwapListener = Callable[[Snapshot[T], Snapshot[T] | None], None]
+#: Attaches runtime state to a compiled value before it is published; raises to refuse it.
+Binder = Callable[[Rules, T], None]
 
 
 class _Metrics:
@@ -116,6 +120,7 @@ class ConfigStore(Generic[T]):
         compile: Callable[[Rules], T],
         *,
         listeners: Iterable[SwapListener[T]] = (),
+        binders: Iterable[Binder[T]] = (),
         events: Emitter | None = None,
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
@@ -124,6 +129,7 @@ class ConfigStore(Generic[T]):
         self.paths = (paths,) if isinstance(paths, str | os.PathLike) else tuple(paths)
         self._compile = compile
         self._listeners: list[SwapListener[T]] = list(listeners)
+        self._binders: tuple[Binder[T], ...] = tuple(binders)
         self._events: Emitter = events or NullEmitter()
         self._clock = clock
         self._metrics = _Metrics(registry) if registry is not None else None
@@ -159,6 +165,7 @@ class ConfigStore(Generic[T]):
             sources = read_sources(self.paths)
             digest = content_hash(sources)
             rules, compiled = self._prepare(build_rules(sources), digest)
+            self._bind(rules, compiled)
         except ConfigError as exc:
             self._refused(exc, digest, "initial")
             raise
@@ -189,6 +196,7 @@ class ConfigStore(Generic[T]):
             )
         try:
             rules, compiled = self._prepare(await asyncio.to_thread(build_rules, sources), digest)
+            self._bind(rules, compiled)
         except ConfigError as exc:
             return self._refused(exc, digest, trigger)
         new = self._publish(rules, compiled, digest, trigger)
@@ -220,6 +228,25 @@ class ConfigStore(Generic[T]):
             raise ConfigError(
                 [ConfigIssue(files, 0, "", f"cannot compile rules: {type(exc).__name__}: {exc}")]
             ) from exc
+
+    def _bind(self, rules: Rules, compiled: T) -> None:
+        """Attach runtime state right before publishing (no await in between); any
+        failure refuses the rules like invalid ones, and the old snapshot keeps serving."""
+        for binder in self._binders:
+            try:
+                binder(rules, compiled)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                logger.exception("binding rules %s failed", rules.content_hash[:12])
+                files = ", ".join(rules.files) or "-"
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            files, 0, "", f"cannot bind runtime state: {type(exc).__name__}: {exc}"
+                        )
+                    ]
+                ) from exc
 
     def _publish(self, rules: Rules, compiled: T, digest: str, trigger: str) -> Snapshot[T]:
         old = self._current
@@ -258,8 +285,8 @@ class ConfigStore(Generic[T]):
             try:
                 listener(new, old)
             except Exception:
-                # The snapshot is already serving; a listener failing must not stop the
-                # others from reconciling their state with it.
+                # The snapshot is already serving and can route (binders ran before the
+                # swap); a listener failing must not stop the others.
                 logger.exception("rules swap listener %r failed", listener)
         return new
 

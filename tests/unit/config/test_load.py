@@ -193,3 +193,20 @@ def test_hidden_entries_are_skipped_for_configmap_layout(tmp_path: Path) -> None
         (tmp_path / name).symlink_to(f"..data/{name}")
     rules = load_rules([tmp_path])
     assert len(rules.files) == 2
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "expected"),
+    [("per_try: 500ms, total: 3s", 0.5), ("per_try: 500ms, total: 3s, unknown_after: 2s", 2.0)],
+    ids=["defaults-to-per-try", "set"],
+)
+def test_unknown_after(tmp_path: Path, timeouts: str, expected: float) -> None:
+    routes = GOOD_ROUTES.replace("per_try: 500ms, total: 3s", timeouts)
+    rules = load_rules([write(tmp_path, **{"a.yaml": GOOD_GATEWAYS, "b.yaml": routes})])
+    assert rules.routes[0].timeouts.unknown_after == expected
+
+
+def test_unknown_after_must_be_positive(tmp_path: Path) -> None:
+    routes = GOOD_ROUTES.replace("total: 3s", "total: 3s, unknown_after: 0s")
+    with pytest.raises(ConfigError, match="unknown_after must be greater than zero"):
+        load_rules([write(tmp_path, **{"a.yaml": GOOD_GATEWAYS, "b.yaml": routes})])

@@ -314,3 +314,60 @@ async def test_failing_listener_does_not_stop_the_others(loaded: Harness) -> Non
 def test_load_initial_runs_once(loaded: Harness) -> None:
     with pytest.raises(RuntimeError, match="once"):
         loaded.store.load_initial()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [RuntimeError("state registry broke"), ConfigError([ConfigIssue("f", 1, "/x", "bad")])],
+    ids=["bug", "config-error"],
+)
+async def test_a_binder_failing_refuses_the_reload_and_nothing_is_published(
+    rules_dir: Path, failure: Exception
+) -> None:
+    events = RecordingEmitter()
+    registry = CollectorRegistry()
+    swaps: list[int] = []
+    bound: list[Compiled] = []
+    fail = False
+
+    def bind(rules: Rules, compiled: Compiled) -> None:
+        if fail:
+            raise failure
+        bound.append(compiled)
+
+    def on_swap(new: Snapshot[Compiled], old: Snapshot[Compiled] | None) -> None:
+        assert new.compiled is bound[-1], "published before it was bound"
+        swaps.append(new.generation)
+
+    store = ConfigStore(
+        [rules_dir],
+        compile_rules,
+        listeners=[on_swap],
+        binders=[bind],
+        events=events,
+        registry=registry,
+    )
+    first = store.load_initial()
+    fail = True
+    (rules_dir / "gateways.yaml").write_text(
+        (rules_dir / "gateways.yaml").read_text().replace("weight: 3", "weight: 4", 1)
+    )
+    result = await store.reload("admin")
+    assert result.outcome == "failure"
+    assert store.current is first
+    assert swaps == [1]
+    assert store.last_error is not None
+    assert registry.get_sample_value("payswitch_config_reloads_total", {"result": "failure"}) == 1
+    fail = False
+    assert (await store.reload("admin")).outcome == "success"
+    assert swaps == [1, 2]
+
+
+def test_a_binder_failing_on_the_first_load_is_fatal(rules_dir: Path) -> None:
+    def bind(rules: Rules, compiled: Compiled) -> None:
+        raise RuntimeError("no state")
+
+    store = ConfigStore([rules_dir], compile_rules, binders=[bind])
+    with pytest.raises(ConfigError, match="cannot bind runtime state"):
+        store.load_initial()
+    assert not store.loaded
