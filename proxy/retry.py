@@ -432,7 +432,15 @@ class Dispatch:
                     self._watch_late(att)
             return Settled(None, None, self.attempts, self.tried, err, unknown=True)
         self.client_outcome = "failure"
-        if last is Outcome.TIMEOUT:
+        if self.tried and all(t.outcome == Outcome.LOCAL.value for t in self.tried):
+            err = errors.NoGatewayAvailable(
+                "payswitch could not open a connection (out of file descriptors, or every "
+                "gateway tried at its connection cap); no gateway was contacted",
+                route=route,
+                region=region,
+                tried=tried,
+            )
+        elif last is Outcome.TIMEOUT:
             err = errors.DeadlineExceeded(
                 "every attempt timed out", route=route, region=region, tried=tried
             )

@@ -173,6 +173,8 @@ class Health:
     ) -> None:
         """An attempt started with `started()` ended; `latency` is its duration in seconds."""
         st.in_flight = max(0, st.in_flight - 1)
+        if outcome is Outcome.LOCAL:
+            return  # payswitch's own shortage says nothing about the gateway
         if outcome.is_failure:
             st.failures += 1
         src = self._live(st)
