@@ -41,6 +41,7 @@ class Raw:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     ended: int = 0  # connections over (the client hung up or the script ended them)
+    stop: Callable[[], None] = lambda: None  # a restart: stop listening, close every connection
 
     @property
     def origin(self) -> Origin:
@@ -110,6 +111,13 @@ async def raw_server(serve: Serve) -> AsyncIterator[Raw]:
 
     server = await asyncio.start_server(accepted, HOST, 0)
     raw.port = server.sockets[0].getsockname()[1]
+
+    def stop() -> None:
+        server.close()
+        for writer in writers:
+            writer.close()
+
+    raw.stop = stop
     try:
         yield raw
     finally:
