@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,6 +34,23 @@ MAX_HEAD_BYTES = 64 * 1024
 #: A streamed body stops being read from the gateway while this much waits for the client.
 HIGH_WATER = 256 * 1024
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+#: TLS alerts a gateway's TLS layer sends when it refuses the handshake. In TLS 1.3 the
+#: client's side of the handshake ends before the server has checked the client's
+#: certificate, so the refusal arrives after the request was written — yet the server
+#: decrypts no application data from a peer it refused: the request was never read.
+_TLS_REFUSALS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    }
+)
 
 
 class UpstreamError(Exception):
@@ -288,6 +306,13 @@ class Connection(asyncio.Protocol):
         if self.head_done and exc is None and self.length is None and not self.chunked:
             self._complete()  # a body without framing ends when the gateway closes
             self._settle()
+        elif (
+            isinstance(exc, ssl.SSLError)
+            and exc.reason in _TLS_REFUSALS
+            and not self.reused
+            and not self.head_bytes
+        ):
+            self._fail(ConnectFailed(f"the gateway refused the TLS handshake: {exc}"))
         else:
             where = "body cut off, connection lost" if self.head_done else "connection lost"
             self._fail(ConnectionLost(f"{where}: {exc or 'closed by the gateway'}"))
