@@ -39,19 +39,17 @@ from typing import Any, TypeVar
 from multidict import CIMultiDict
 
 from proxy.aio import spawn
-from proxy.upstream.connection import (
-    MAX_HEAD_BYTES,
+from proxy.upstream.connection import MAX_HEAD_BYTES, Connection, Convert
+from proxy.upstream.phase import Progress
+from proxy.upstream.response import (
     BadResponse,
     ConnectFailed,
-    Connection,
     ConnectionLost,
-    Convert,
     Expired,
     LocalFailure,
     Response,
     UpstreamError,
 )
-from proxy.upstream.phase import Progress
 
 __all__ = [
     "MAX_HEAD_BYTES",

@@ -20,7 +20,8 @@ from multidict import CIMultiDict
 from proxy.aio import spawn
 from proxy.forward import BUFFER_LIMIT, response_headers
 from proxy.upstream.client import MAX_HEAD_BYTES, Origin, UpstreamClient
-from proxy.upstream.connection import Connection, Response, UpstreamError
+from proxy.upstream.connection import Connection
+from proxy.upstream.response import Response, UpstreamError
 from proxy.upstream.state import Outcome
 from tests.integration.upstream_support import (
     BIG,

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.connection import Connection, ConnectionLost, Response, UpstreamError
+from proxy.upstream.connection import Connection
 from proxy.upstream.phase import Phase, Progress
+from proxy.upstream.response import ConnectionLost, Response, UpstreamError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
