@@ -327,8 +327,9 @@ class UpstreamClient:
                     sock.close()
                     raise
         except BaseException as exc:
-            for conn in made:
+            for conn in made:  # made, but a TLS handshake that failed never reports it lost
                 conn.abort()
+                pool.forget(conn)
             if not made:
                 pool.open -= 1
             if isinstance(exc, TimeoutError):

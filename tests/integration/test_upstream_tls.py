@@ -116,9 +116,11 @@ async def test_a_certificate_that_does_not_verify_is_a_connect_failure(
 ) -> None:
     client = UpstreamClient()
     async with tls_server(pki.server_context()) as (port, _):
-        failed = await failure(client, port, gw=tls_gateway(pki.folder, port, tls))
+        gw = tls_gateway(pki.folder, port, tls)
+        failed = await failure(client, port, gw=gw)
         assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
         assert error in failed.detail
+        assert client.open_count(("https", HOST, port), gw.tls.context if gw.tls else None) == 0
     await client.close()
 
 
