@@ -354,11 +354,13 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self.idle_timeout
         pending = False
-        for pool in self._pools.values():
+        for key, pool in list(self._pools.items()):
             for conn in [c for c in pool.idle if c.idle_since <= cutoff]:
                 pool.forget(conn)
                 conn.abort()
             pending = pending or bool(pool.idle)
+            if not pool.open:  # e.g. the context of a rotated certificate: nothing uses it
+                del self._pools[key]
         self._sweeper = loop.call_later(self.idle_timeout / 2, self._sweep) if pending else None
 
 
