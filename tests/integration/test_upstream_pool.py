@@ -13,13 +13,14 @@ import os
 import resource
 import select
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import uvloop
+from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import Limits
@@ -380,3 +381,49 @@ ON_UVLOOP: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
 @pytest.mark.parametrize("scenario", ON_UVLOOP.values(), ids=ON_UVLOOP.keys())
 def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     uvloop.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def restartable_gateway() -> AsyncIterator[Callable[[], Any]]:
+    """An aiohttp gateway on a fixed port, and a coroutine function that restarts it: every
+    open connection closed, then listening again on the same port."""
+    app = web.Application()
+
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"status": "succeeded"})
+
+    app.router.add_route("*", "/{tail:.*}", ok)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0, reuse_address=True)
+    await site.start()
+    port = next(iter(runner.addresses))[1]
+    holder = [runner]
+
+    async def restart() -> int:
+        await holder[0].cleanup()
+        holder[0] = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
+        await holder[0].setup()
+        await web.TCPSite(holder[0], HOST, port, reuse_address=True).start()
+        return int(port)
+
+    restart.port = port  # type: ignore[attr-defined]
+    try:
+        yield restart
+    finally:
+        await holder[0].cleanup()
+
+
+async def test_a_gateway_restart_loses_no_request(tmp_path: Path) -> None:
+    async with (
+        restartable_gateway() as restart,
+        running_proxy(rules(restart.port), tmp_path) as proxy,
+    ):
+        gets = [proxy.request("GET", "/v1/status", data=None) for _ in range(20)]
+        first = await asyncio.gather(*gets)  # 20 pooled connections
+        await restart()
+        gets = [proxy.request("GET", "/v1/status", data=None) for _ in range(20)]
+        posts = [proxy.post("/v1/pay") for _ in range(20)]
+        after = await asyncio.gather(*gets, *posts)
+        assert [s for s, _, _ in first + after] == [200] * 60
