@@ -13,7 +13,7 @@ import os
 import resource
 import select
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -384,9 +384,9 @@ def test_on_uvloop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def restartable_gateway() -> AsyncIterator[Callable[[], Any]]:
-    """An aiohttp gateway on a fixed port, and a coroutine function that restarts it: every
-    open connection closed, then listening again on the same port."""
+async def restartable_gateway() -> AsyncIterator[tuple[int, Callable[[], Awaitable[None]]]]:
+    """An aiohttp gateway on a fixed port, and a restart: every open connection closed,
+    then listening again on the same port."""
     app = web.Application()
 
     async def ok(request: web.Request) -> web.Response:
@@ -394,31 +394,27 @@ async def restartable_gateway() -> AsyncIterator[Callable[[], Any]]:
         return web.json_response({"status": "succeeded"})
 
     app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
-    await runner.setup()
-    site = web.TCPSite(runner, HOST, 0, reuse_address=True)
-    await site.start()
-    port = next(iter(runner.addresses))[1]
-    holder = [runner]
+    runners = [web.AppRunner(app, access_log=None)]
+    await runners[0].setup()
+    await web.TCPSite(runners[0], HOST, 0, reuse_address=True).start()
+    port = int(next(iter(runners[0].addresses))[1])
 
-    async def restart() -> int:
-        await holder[0].cleanup()
-        holder[0] = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
-        await holder[0].setup()
-        await web.TCPSite(holder[0], HOST, port, reuse_address=True).start()
-        return int(port)
+    async def restart() -> None:
+        await runners[-1].cleanup()
+        runners.append(web.AppRunner(app, access_log=None))
+        await runners[-1].setup()
+        await web.TCPSite(runners[-1], HOST, port, reuse_address=True).start()
 
-    restart.port = port  # type: ignore[attr-defined]
     try:
-        yield restart
+        yield port, restart
     finally:
-        await holder[0].cleanup()
+        await runners[-1].cleanup()
 
 
 async def test_a_gateway_restart_loses_no_request(tmp_path: Path) -> None:
     async with (
-        restartable_gateway() as restart,
-        running_proxy(rules(restart.port), tmp_path) as proxy,
+        restartable_gateway() as (port, restart),
+        running_proxy(rules(port), tmp_path) as proxy,
     ):
         gets = [proxy.request("GET", "/v1/status", data=None) for _ in range(20)]
         first = await asyncio.gather(*gets)  # 20 pooled connections
