@@ -5,6 +5,7 @@ verify being a connect failure the next gateway makes up for — never a bypass.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -24,9 +25,9 @@ import uvloop
 from proxy.config.load import build_rules
 from proxy.config.model import Gateway
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.state import Outcome
+from proxy.upstream.state import Flag, Outcome
 from tests.integration.upstream_support import HOST, aiohttp_gateway, attempt, failure
-from tests.support import running_proxy
+from tests.support import eventually, running_proxy
 
 
 @dataclass
@@ -204,6 +205,30 @@ async def test_an_unverified_gateway_is_failed_over_through_payswitch(
             for _ in range(3):
                 status, headers, _ = await proxy.post("/echo")
                 assert (status, headers["X-Payswitch-Gateway"]) == (200, "g2")
+
+
+async def test_health_checks_verify_the_gateway_as_its_traffic_does(
+    pki: Pki, tmp_path: Path
+) -> None:
+    async with tls_server(pki.server_context(require_client_cert=True)) as (port, handshakes):
+        tls = (
+            f'{{ca_file: "{pki.path("ca.pem")}", server_name: gw.example, '
+            f'client_cert: "{pki.path("client.pem")}", client_key: "{pki.path("client.key")}"}}'
+        )
+        rules = f"""
+            gateways:
+              g1: {{url: "https://{HOST}:{port}", region: eu, tls: {tls},
+                   health_check: {{path: /echo, interval: 50ms, timeout: 40ms,
+                                  healthy_threshold: 1, unhealthy_threshold: 1}}}}
+            routes:
+              - {{name: r, match: {{path_prefix: /}}, region: {{default: eu}}, gateways: [g1]}}
+        """
+        async with running_proxy(rules, tmp_path) as proxy:
+            st = proxy.rt.states["g1"]
+            await eventually(lambda: len(handshakes) >= 1)
+            await asyncio.sleep(0.3)  # six probes: one failure would have flagged it
+            assert not st.flags & Flag.ACTIVE_FAILED
+            assert set(handshakes) == {"gw.example"}
 
 
 # -- the same on uvloop, the loop payswitch serves on ---------------------------------------
