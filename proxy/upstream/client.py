@@ -12,7 +12,7 @@ What can be known about a request the gateway may not have read (RFC 9112 §9.3.
 - A pooled connection is looked at just before its reuse, without blocking: if the
   gateway's FIN or RST (or stray bytes) already arrived, the connection is never written to
   and the request goes on a fresh connection instead. This is the one case where a closing
-  gateway provably did not read the request, and it costs nothing to be sure.
+  gateway provably did not read the request; being sure costs one non-blocking peek.
 - A FIN or RST that arrives after the write is ambiguous: the gateway may have closed an
   idle connection just as the request crossed it (unread), or read it, acted and died. TCP
   does not say which (an ACK is the kernel's, not the application's), so for POST/PATCH it
@@ -20,7 +20,11 @@ What can be known about a request the gateway may not have read (RFC 9112 §9.3.
   with no byte of an answer is sent again, once, on a fresh connection, as aiohttp and
   RFC 9112 §9.3.1 do.
 - Before a connection is up (TCP connect and TLS handshake, certificate checked) nothing
-  was written: every failure there, and every local refusal, is "not sent".
+  was written: every failure there, and every local refusal, is "not sent". Under TLS 1.3
+  a gateway refuses our client certificate only after our side of the handshake ended and
+  the request was written; its refusal alert, before any answer byte, still proves its
+  application never read it (proxy.upstream.connection). Without the alert (a bare close
+  or reset) it stays ambiguous.
 aiohttp's ClientSession is not used here because its generic machinery (request/response
 objects, auto headers, connector bookkeeping, timers) cost more CPU per proxied request
 than the rest of the request path.
