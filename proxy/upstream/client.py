@@ -387,6 +387,7 @@ async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: in
         sock = socket.socket(family, socket.SOCK_STREAM)  # EMFILE shows up here
         try:
             sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one write, sent now
             await loop.sock_connect(sock, address)
         except OSError as exc:
             sock.close()

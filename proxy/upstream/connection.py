@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -40,7 +41,8 @@ MAX_HEADERS = 128
 MAX_HEAD_BYTES = 64 * 1024
 #: A streamed body stops being read from the gateway while this much waits for the client.
 HIGH_WATER = 256 * 1024
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+#: Readable (a FIN reads as end of file, stray bytes as data), peer closed, or an error.
+_STALE = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000)
 #: TLS alerts a gateway's TLS layer sends when it refuses the handshake. In TLS 1.3 the
 #: client's side of the handshake ends before the server has checked the client's
 #: certificate, so the refusal arrives after the request was written — yet the server
@@ -72,7 +74,11 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, pool: Pool, sock: socket.socket) -> None:
         self.pool = pool
-        self.sock = sock  # kept to look, before a reuse, for a close already received
+        # Looked at before a reuse, for a close already received: a poll is cheaper than a
+        # peek, which raises on a live socket. Registered once; never polled once closed.
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), _STALE)
+        self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
@@ -105,14 +111,9 @@ class Connection(asyncio.Protocol):
         one asked for? A close received before the write proves the request unread."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            return True
-        try:
-            self.sock.recv(1, _PEEK)
-        except BlockingIOError:
-            return False  # nothing to read: as alive as can be known
-        except OSError:
-            return True  # reset, or the socket is already closed
-        return True  # b"" is the gateway's FIN; bytes would be an answer to nothing
+            return True  # also keeps a closed descriptor's number from being polled
+        # Anything at all: the gateway's FIN or RST, or bytes that answer nothing.
+        return bool(self.poller.poll(0))
 
     def exchange(
         self,
