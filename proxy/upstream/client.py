@@ -113,11 +113,13 @@ class Pool:
         return None
 
     def put(self, conn: Connection) -> None:
-        if self.client.closed or len(self.idle) >= self.client.max_idle:
+        client = self.client
+        if client.closed or len(self.idle) >= client.max_idle:
             conn.abort()
             return
         self.idle[conn] = None
-        self.client.swept_later(conn.loop)
+        if client.sweeper is None:
+            client.swept_later(conn.loop)
 
     def forget(self, conn: Connection) -> None:
         self.idle.pop(conn, None)
@@ -173,7 +175,7 @@ class UpstreamClient:
         self.closed = False
         self._pools: dict[PoolKey, Pool] = {}
         self._live: set[Connection] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.sweeper: asyncio.TimerHandle | None = None
 
     def pool(
         self, origin: Origin, tls: ssl.SSLContext | None = None, server_name: str | None = None
@@ -212,15 +214,7 @@ class UpstreamClient:
             fut: asyncio.Future[Any] = loop.create_future()
             if idempotent:
                 conn.resend = data
-            conn.exchange(
-                fut,
-                data,
-                head_only=head_only,
-                limit=limit,
-                within=within,
-                convert=convert,
-                progress=progress,
-            )
+            conn.exchange(fut, data, head_only, limit, within, convert, progress)
             return fut
         if self.closed or pool.open >= max_connections:
             done: asyncio.Future[Any] = loop.create_future()
@@ -257,15 +251,7 @@ class UpstreamClient:
         except UpstreamError as exc:
             return convert(instead or exc)
         fut: asyncio.Future[Any] = conn.loop.create_future()
-        conn.exchange(
-            fut,
-            data,
-            head_only=head_only,
-            limit=limit,
-            within=within,
-            convert=convert,
-            progress=progress,
-        )
+        conn.exchange(fut, data, head_only, limit, within, convert, progress)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -299,8 +285,8 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self.closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         for conn in list(self._live):
             conn.abort()
         for pool in self._pools.values():
@@ -308,8 +294,8 @@ class UpstreamClient:
         await asyncio.sleep(0)  # let the transports finish closing their sockets
 
     def swept_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
+        if self.sweeper is None:
+            self.sweeper = loop.call_later(self.idle_timeout, self._sweep)
 
     async def _open(self, pool: Pool, connect_timeout: float) -> Connection:
         """A new connection, TLS included; raises ConnectFailed or LocalFailure. Releases
@@ -365,7 +351,7 @@ class UpstreamClient:
             pending = pending or bool(pool.idle)
             if not pool.open:  # e.g. the context of a rotated certificate: nothing uses it
                 del self._pools[key]
-        self._sweeper = loop.call_later(self.idle_timeout / 2, self._sweep) if pending else None
+        self.sweeper = loop.call_later(self.idle_timeout / 2, self._sweep) if pending else None
 
 
 def _made(made: list[Connection], pool: Pool, sock: socket.socket) -> Connection:

@@ -119,7 +119,6 @@ class Connection(asyncio.Protocol):
         self,
         fut: asyncio.Future[Any],
         data: bytes,
-        *,
         head_only: bool,
         limit: int,
         within: float,
