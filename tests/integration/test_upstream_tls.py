@@ -25,6 +25,7 @@ import uvloop
 from proxy.config.load import build_rules
 from proxy.config.model import Gateway
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.phase import Phase, Progress
 from proxy.upstream.state import Flag, Outcome
 from tests.integration.upstream_support import HOST, aiohttp_gateway, attempt, failure
 from tests.support import eventually, running_proxy
@@ -118,8 +119,10 @@ async def test_a_certificate_that_does_not_verify_is_a_connect_failure(
     client = UpstreamClient()
     async with tls_server(pki.server_context()) as (port, _):
         gw = tls_gateway(pki.folder, port, tls)
-        failed = await failure(client, port, gw=gw)
+        progress = Progress()
+        failed = await failure(client, port, gw=gw, progress=progress)
         assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
+        assert progress.phase is Phase.CONNECTING  # the handshake is part of connecting
         assert error in failed.detail
         assert client.open_count(("https", HOST, port), gw.tls.context if gw.tls else None) == 0
     await client.close()
