@@ -1,9 +1,11 @@
 """One HTTP exchange with one gateway: the endpoint stage of the request path.
 
-Owns: encoding the upstream request (proxy.headers decides which headers go), sending it once on the pooled upstream client, reading a small response whole (so a gateway
-that dies mid-body is a failed attempt, not a truncated answer to the client), and turning
-every client failure into a typed `AttemptFailed` that says whether the request may have
-reached the gateway.
+Owns: encoding the upstream request (proxy.headers decides which headers go), sending it
+once through `UpstreamClient.send` (its one entry point), reading a small response
+whole (so a gateway that dies mid-body is a failed attempt, not a truncated answer to the
+client), and turning every client failure into a typed `AttemptFailed` that says whether the
+request may have reached the gateway; payswitch's own shortages (descriptors, a gateway's
+connection cap) are `Outcome.LOCAL`, never the gateway's failure.
 Must not: retry, pick gateways or touch health; it makes exactly one attempt.
 """
 
@@ -15,18 +17,19 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config.model import Gateway
+from proxy.config.model import IDEMPOTENT_METHODS, Gateway
 from proxy.headers import HOP_BY_HOP, hop_by_hop, response_headers, upstream_headers
 from proxy.upstream.client import (
+    DEFAULT_MAX_CONNECTIONS,
     BadResponse,
     ConnectFailed,
-    ConnectionLost,
     Expired,
+    LocalFailure,
     Response,
     UpstreamClient,
     UpstreamError,
 )
-from proxy.upstream.phase import Phase, Progress
+from proxy.upstream.phase import Progress
 from proxy.upstream.state import Outcome
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ __all__ = [
     "Forwarder",
     "Reply",
     "hop_by_hop",
+    "outcome_of",
     "response_headers",
     "upstream_headers",
 ]
@@ -95,114 +99,35 @@ class Forwarder:
         progress: Progress | None = None,
     ) -> asyncio.Future[Reply | AttemptFailed]:
         """Send once; the future resolves to the reply or the typed failure (see
-        `outcome_of`). On a pooled connection no task is made: the exchange is driven by the
-        connection's own callbacks. Cancelling the future closes the connection. `within`
+        `outcome_of`) and never raises. `progress` follows the exchange. On a pooled
+        connection no task is made. Cancelling the future closes the connection. `within`
         bounds the exchange from its first byte written."""
         client = self._client
-        origin = (gw.scheme, gw.host, gw.port)
-        head_only = method == "HEAD"
+        tls = gw.tls
+        if tls is None:
+            pool = client.pool((gw.scheme, gw.host, gw.port))
+        else:
+            pool = client.pool((gw.scheme, gw.host, gw.port), tls.context, tls.server_name)
         try:
-            data = client.encode(origin, method, gw.base_path + path_qs, headers, body)
+            data = client.encode(pool, method, gw.base_path + path_qs, headers, body)
         except ValueError as exc:
             done: asyncio.Future[Reply | AttemptFailed] = asyncio.get_running_loop().create_future()
             done.set_result(
                 AttemptFailed(Outcome.BAD_RESPONSE, f"bad request head: {exc}", sent=False)
             )
             return done
-        conn = client.idle(origin)
-        if conn is not None:
-            if progress is not None:
-                progress.advance(Phase.SENT)
-            return client.begin(
-                conn,
-                data,
-                head_only=head_only,
-                limit=BUFFER_LIMIT,
-                within=within,
-                convert=outcome_of,
-            )
-        return asyncio.get_running_loop().create_task(
-            self._connect_then(origin, data, head_only, connect_timeout, within, progress),
-            name=f"connect:{gw.name}",
+        return client.send(
+            pool,
+            data,
+            within=within,
+            connect_timeout=connect_timeout,
+            convert=outcome_of,
+            head_only=method == "HEAD",
+            idempotent=method in IDEMPOTENT_METHODS,
+            limit=BUFFER_LIMIT,
+            max_connections=gw.limits.max_connections or DEFAULT_MAX_CONNECTIONS,
+            progress=progress,
         )
-
-    async def _connect_then(
-        self,
-        origin: tuple[str, str, int],
-        data: bytes,
-        head_only: bool,
-        connect_timeout: float,
-        within: float,
-        progress: Progress | None,
-    ) -> Reply | AttemptFailed:
-        try:
-            conn = await self._client.connect(origin, connect_timeout)
-        except ConnectFailed as exc:
-            return outcome_of(exc)
-        if progress is not None:
-            # Written in one call on a fresh connection: treated as handed over at once.
-            progress.advance(Phase.SENT)
-        fut = self._client.begin(
-            conn, data, head_only=head_only, limit=BUFFER_LIMIT, within=within, convert=outcome_of
-        )
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
-
-    async def attempt(
-        self,
-        gw: Gateway,
-        method: str,
-        path_qs: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        *,
-        connect_timeout: float,
-    ) -> Reply:
-        """Send once and return the reply; the caller bounds the whole call in time.
-
-        Raises AttemptFailed. Cancellation (the caller's per-try timer) propagates as is and
-        closes the connection: the caller knows whether the request was already on its way.
-        """
-        try:
-            resp = await self._client.request(
-                (gw.scheme, gw.host, gw.port),
-                method,
-                gw.base_path + path_qs,
-                headers,
-                body,
-                connect_timeout=connect_timeout,
-            )
-        except ConnectFailed as exc:
-            raise AttemptFailed(Outcome.CONNECT_FAILURE, str(exc), sent=False) from None
-        except ConnectionLost as exc:
-            # Also on a reused connection before any response byte: the gateway may have
-            # read the request, so this is never "provably unsent".
-            raise AttemptFailed(Outcome.RESET, str(exc), sent=True) from None
-        except BadResponse as exc:
-            raise AttemptFailed(Outcome.BAD_RESPONSE, str(exc), sent=True) from None
-        except ValueError as exc:  # a header that would split the request; nothing was sent
-            raise AttemptFailed(
-                Outcome.BAD_RESPONSE, f"bad request head: {exc}", sent=False
-            ) from None
-        length = resp.content_length
-        if length is not None and length > BUFFER_LIMIT:
-            return Reply(resp.status, resp.headers, None, resp)
-        try:
-            data = await resp.read_up_to(BUFFER_LIMIT)
-        except BaseException as exc:
-            resp.release()  # the body is incomplete, so this closes the connection
-            if isinstance(exc, ConnectionLost):
-                raise AttemptFailed(Outcome.RESET, f"body cut off: {exc}", sent=True) from None
-            if isinstance(exc, BadResponse):
-                raise AttemptFailed(Outcome.BAD_RESPONSE, str(exc), sent=True) from None
-            raise
-        if len(data) > BUFFER_LIMIT:
-            return Reply(resp.status, resp.headers, data, resp)
-        resp.release()
-        return Reply(resp.status, resp.headers, data)
 
 
 def outcome_of(value: Response | UpstreamError) -> Reply | AttemptFailed:
@@ -214,10 +139,13 @@ def outcome_of(value: Response | UpstreamError) -> Reply | AttemptFailed:
         return Reply(value.status, value.headers, value.body)
     if isinstance(value, ConnectFailed):
         return AttemptFailed(Outcome.CONNECT_FAILURE, str(value), sent=False)
+    if isinstance(value, LocalFailure):
+        return AttemptFailed(Outcome.LOCAL, str(value), sent=False)
     if isinstance(value, Expired):
         return AttemptFailed(Outcome.TIMEOUT, str(value), sent=True)
     if isinstance(value, BadResponse):
         return AttemptFailed(Outcome.BAD_RESPONSE, str(value), sent=True)
-    # ConnectionLost, also on a reused connection before any response byte: the gateway
-    # may have read the request, so this is never "provably unsent".
+    # ConnectionLost after the write, even on a reused connection before any response byte:
+    # the gateway may have read the request, so this is never "provably unsent" (a close
+    # seen before the write never gets here: the client does not use that connection).
     return AttemptFailed(Outcome.RESET, str(value), sent=True)

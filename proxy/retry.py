@@ -385,7 +385,13 @@ class Dispatch:
                 504 if self.last is Outcome.TIMEOUT else 502,
             )
         self.client_outcome = "failure"
-        if self.last is Outcome.TIMEOUT:
+        if self.tried and all(t.outcome == Outcome.LOCAL.value for t in self.tried):
+            err = errors.NoGatewayAvailable(
+                "payswitch could not open a connection (out of file descriptors, or every "
+                "gateway tried at its connection cap); no gateway was contacted",
+                tried=tried,
+            )
+        elif self.last is Outcome.TIMEOUT:
             err = errors.DeadlineExceeded("every attempt timed out", tried=tried)
         else:
             err = errors.UpstreamFailed("every attempt failed", tried=tried)

@@ -8,6 +8,7 @@ Must not: read files or parse YAML (`proxy.config.load` does), or hold runtime s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from proxy.config import model
 from proxy.config.issues import ConfigIssue, Doc
 from proxy.config.units import parse_duration, parse_rate, parse_size
+from proxy.upstream.tls import TLSConfigError, client_context
 
 
 class Builder:
@@ -121,7 +123,12 @@ class Builder:
         burst = lim.get("burst")
         if rate is not None and burst is None:
             burst = max(1, int(rate))
-        limits = model.Limits(rate=rate, burst=burst, max_in_flight=lim.get("max_in_flight"))
+        limits = model.Limits(
+            rate=rate,
+            burst=burst,
+            max_in_flight=lim.get("max_in_flight"),
+            max_connections=lim.get("max_connections"),
+        )
         if burst is not None and rate is None:
             self.issues.append(
                 doc.issue([*where, "limits", "burst"], "burst needs a rate to refill it")
@@ -188,8 +195,33 @@ class Builder:
             health_check=health_check,
             outlier=outlier,
             degradation=degradation,
+            tls=self._tls(doc, where, spec, parts.scheme),
             source=doc.source(where),
         )
+
+    def _tls(
+        self, doc: Doc, where: list[object], spec: Mapping[str, Any], scheme: str
+    ) -> model.GatewayTLS | None:
+        """The gateway's TLS settings with their context, its files loaded now so a bad one
+        refuses the reload; relative paths are from the rules file's folder."""
+        t_spec = spec.get("tls")
+        if scheme != "https":
+            if t_spec is not None:
+                self.issues.append(doc.issue([*where, "tls"], "tls needs an https:// url"))
+            return None
+        t_spec = t_spec or {}
+        base = os.path.dirname(doc.file)
+        files = {
+            k: os.path.join(base, t_spec[k])
+            for k in ("ca_file", "client_cert", "client_key")
+            if k in t_spec
+        }
+        try:
+            context = client_context(**files)
+        except TLSConfigError as exc:
+            self.issues.append(doc.issue([*where, "tls"], str(exc)))
+            return None
+        return model.GatewayTLS(server_name=t_spec.get("server_name"), context=context, **files)
 
     def _route(
         self,

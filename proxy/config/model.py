@@ -7,6 +7,7 @@ here is built once by `proxy.config.load` and then only read.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -42,6 +43,18 @@ class Limits:
     rate: float | None = None  # requests per second refilled into the bucket
     burst: int | None = None  # bucket size; defaults to max(1, rate) when only rate is set
     max_in_flight: int | None = None
+    max_connections: int | None = None  # open to the gateway's origin; None: the client's default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayTLS:
+    """How an https gateway is reached; `context` is built from the files when rules load."""
+
+    ca_file: str | None = None  # None: the system's CAs
+    server_name: str | None = None  # SNI and the name the certificate must carry; None: host
+    client_cert: str | None = None  # mTLS
+    client_key: str | None = None
+    context: ssl.SSLContext = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +112,7 @@ class Gateway:
     health_check: HealthCheck | None = None
     outlier: OutlierDetection = field(default_factory=OutlierDetection)
     degradation: Degradation = field(default_factory=Degradation)
+    tls: GatewayTLS | None = None  # set for every https gateway
     source: Source
 
     @property

@@ -155,12 +155,15 @@ class ActiveChecker:
         if hc is None:
             return False
         url = probe_url(self.st.gateway, hc)
+        tls = self.st.gateway.tls  # probes verify the gateway as its traffic does
         try:
             async with session.request(
                 hc.method,
                 url,
                 timeout=aiohttp.ClientTimeout(total=hc.timeout),
                 allow_redirects=False,
+                ssl=tls.context if tls is not None else True,
+                server_hostname=tls.server_name if tls is not None else None,
             ) as resp:
                 status = resp.status
                 ok = status in hc.expected_statuses

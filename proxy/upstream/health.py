@@ -173,6 +173,10 @@ class Health:
     ) -> None:
         """An attempt started with `started()` ended; `latency` is its duration in seconds."""
         st.in_flight = max(0, st.in_flight - 1)
+        if outcome is Outcome.LOCAL:
+            # payswitch's own shortage says nothing about the gateway: no verdict, as when
+            # we gave up on an attempt (a half-open probe is then free to go again).
+            outcome = Outcome.CANCELLED
         if outcome.is_failure:
             st.failures += 1
         src = self._live(st)

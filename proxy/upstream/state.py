@@ -42,6 +42,9 @@ class Outcome(enum.Enum):
     SERVER_ERROR = "server-error"  # 5xx
     THROTTLED = "throttled"  # 429: a rate signal, not a health failure
     CANCELLED = "cancelled"  # we gave up on it (client left, another attempt won)
+    LOCAL = (
+        "local_failure"  # payswitch's own limit (descriptors, connection cap): not the gateway's
+    )
 
     @property
     def is_failure(self) -> bool:

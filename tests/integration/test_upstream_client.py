@@ -1,197 +1,64 @@
-"""The upstream HTTP/1.1 client and the forwarder on it, against real loopback servers: aiohttp
-gateways for ordinary traffic and raw asyncio servers that script the edge cases byte by byte.
+"""The upstream HTTP/1.1 client and the forwarder on it, against real loopback servers
+(tests/integration/upstream_support.py): ordinary traffic, the bytes on the wire, and every
+way an exchange can end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import re
 import socket
-import ssl
-import struct
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import uvloop
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.aio import spawn
-from proxy.forward import BUFFER_LIMIT, AttemptFailed, Forwarder, Reply, response_headers
-from proxy.upstream.client import (
-    MAX_HEAD_BYTES,
-    ConnectFailed,
-    Origin,
-    UpstreamClient,
-    _Connection,
-)
+from proxy.forward import BUFFER_LIMIT, response_headers
+from proxy.upstream.client import MAX_HEAD_BYTES, Origin, UpstreamClient
+from proxy.upstream.connection import Connection
+from proxy.upstream.response import Response, UpstreamError
 from proxy.upstream.state import Outcome
+from tests.integration.upstream_support import (
+    BIG,
+    HEAD_ANSWER,
+    HOST,
+    OK,
+    Raw,
+    aiohttp_gateway,
+    answering,
+    attempt,
+    failure,
+    raw_server,
+    reset,
+)
 from tests.support import eventually, running_proxy
-from tests.unit.upstream.health_support import gateway
-
-HOST = "127.0.0.1"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-BIG = 3 * 1024 * 1024
-HEAD_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
 
 
-# -- raw scripted servers -------------------------------------------------------------------
+def _same(value: Response | UpstreamError) -> Response | UpstreamError:
+    return value
 
 
-@dataclass
-class Raw:
-    """A raw server's view of what the client did."""
-
-    port: int
-    connections: int = 0
-    requests: list[bytes] = field(default_factory=list)
-    ended: int = 0  # connections over (the client hung up or the script ended them)
-
-    @property
-    def origin(self) -> Origin:
-        return ("http", HOST, self.port)
-
-
-Serve = Callable[[Raw, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    return head + (await reader.readexactly(int(length.group(1))) if length else b"")
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST, as a crashing gateway does."""
-    writer.get_extra_info("socket").setsockopt(
-        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-    )
-    writer.transport.abort()
-
-
-def answering(*answers: bytes, then: str = "wait") -> Serve:
-    """Answer requests in turn, whichever connection they come on; when the script is done,
-    wait for the client to hang up, close, or reset the connection on the next request."""
-    script = list(answers)
-
-    async def serve(raw: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while script:
-            request = await read_request(reader)
-            if request is None:
-                return
-            raw.requests.append(request)
-            writer.write(script.pop(0))
-            await writer.drain()
-        if then == "close":
-            writer.close()
-        elif then == "reset" and await read_request(reader) is not None:
-            reset(writer)
-
-    return serve
-
-
-@contextlib.asynccontextmanager
-async def raw_server(serve: Serve) -> AsyncIterator[Raw]:
-    tasks: set[asyncio.Task[Any]] = set()
-    writers: list[asyncio.StreamWriter] = []
-    raw = Raw(port=0)
-
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        writers.append(writer)
-        raw.connections += 1
-        try:
-            with contextlib.suppress(ConnectionError):
-                await serve(raw, reader, writer)
-                await reader.read()
-            raw.ended += 1
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(accepted, HOST, 0)
-    raw.port = server.sockets[0].getsockname()[1]
-    try:
-        yield raw
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()  # every handler's read then ends
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-
-# -- an aiohttp gateway ---------------------------------------------------------------------
-
-
-async def echo(request: web.Request) -> web.Response:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    body = await request.read()
-    return web.json_response(
-        {"port": peer[1] if peer else None, "size": len(body), "host": request.host}
-    )
-
-
-async def big(request: web.Request) -> web.Response:
-    return web.Response(body=b"x" * BIG)
-
-
-async def chunked(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse()
-    resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    size = int(request.query.get("size", "30"))
-    for _ in range(3):
-        await resp.write(b"y" * (size // 3))
-    await resp.write_eof()
-    return resp
-
-
-@contextlib.asynccontextmanager
-async def aiohttp_gateway(tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
-    app = web.Application()
-    app.router.add_route("*", "/echo", echo)
-    app.router.add_get("/big", big)
-    app.router.add_get("/chunked", chunked)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, HOST, 0, ssl_context=tls)
-    await site.start()
-    try:
-        yield next(iter(runner.addresses))[1]
-    finally:
-        await runner.cleanup()
-
-
-async def attempt(
+async def send(
     client: UpstreamClient,
-    port: int,
-    path: str = "/echo",
-    *,
-    method: str = "POST",
-    body: bytes = b'{"amount": 100}',
-    connect_timeout: float = 1.0,
-) -> Reply:
-    return await Forwarder(client).attempt(
-        gateway(port=port), method, path, CIMultiDict(), body, connect_timeout=connect_timeout
+    origin: Origin,
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+) -> Response:
+    """The client's entry point on its own, answering the Response as soon as it is known."""
+    pool = client.pool(origin)
+    data = client.encode(pool, method, target, headers, body)
+    result = await client.send(
+        pool, data, within=5, connect_timeout=1, convert=_same, head_only=method == "HEAD"
     )
-
-
-async def failure(client: UpstreamClient, port: int, **kw: Any) -> AttemptFailed:
-    with pytest.raises(AttemptFailed) as caught:
-        await attempt(client, port, **kw)
-    return caught.value
+    assert isinstance(result, Response), result
+    return result
 
 
 # -- ordinary traffic -----------------------------------------------------------------------
@@ -234,42 +101,6 @@ async def test_large_response_is_streamed(path: str, buffered: int) -> None:
         reply.release()
         assert client.idle_count(("http", HOST, port)) == 1
     await client.close()
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
-    argv += ["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
-    argv += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
-    try:
-        subprocess.run(argv, check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("openssl cannot make a test certificate here")
-    return cert, key
-
-
-async def test_tls_gateway(certificate: tuple[Path, Path]) -> None:
-    cert, key = certificate
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
-    async with aiohttp_gateway(server_tls) as port:
-        origin = ("https", HOST, port)
-        client = UpstreamClient()
-        # Not trusted by the system roots: a TLS failure before any byte was sent.
-        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
-            await client.request(origin, "GET", "/echo", CIMultiDict(), b"", connect_timeout=2)
-        client._tls = ssl.create_default_context(cafile=str(cert))
-        for _ in range(2):
-            resp = await client.request(
-                origin, "GET", "/echo", CIMultiDict(), b"", connect_timeout=2
-            )
-            assert resp.status == 200
-            assert b"127.0.0.1:" in await resp.read_up_to(1000)
-            resp.release()
-        assert client.idle_count(origin) == 1
-        await client.close()
 
 
 @pytest.mark.parametrize(
@@ -317,9 +148,7 @@ async def test_request_head(method: str, body: bytes, length: bytes | None) -> N
     headers.add("content-length", "999")
     client = UpstreamClient()
     async with raw_server(answering(b"HTTP/1.1 204 No Content\r\n\r\n")) as raw:
-        resp = await client.request(
-            raw.origin, method, "/base/v1/x?q=1", headers, body, connect_timeout=1
-        )
+        resp = await send(client, raw.origin, method, "/base/v1/x?q=1", headers, body)
         resp.release()
         expected = [
             f"{method} /base/v1/x?q=1 HTTP/1.1".encode(),
@@ -339,6 +168,12 @@ class RecordingTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(bytes(data))
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def abort(self) -> None:
         self.closing = True
 
@@ -348,27 +183,28 @@ class RecordingTransport(asyncio.Transport):
 
 async def test_a_request_is_one_write_and_cannot_be_split() -> None:
     client = UpstreamClient()
-    origin = ("https", "gw.example", 443)
-    conn = _Connection(client, origin)
+    origin = ("http", "gw.example", 80)
+    pool = client.pool(origin)
+    ours, theirs = socket.socketpair()  # a live socket with nothing to read: not stale
+    ours.setblocking(False)
+    conn = Connection(pool, ours)
+    pool.open += 1
     transport = RecordingTransport()
     conn.connection_made(transport)
     conn.done = conn.keep_alive = True
-    conn.finish()  # idle in the pool, as after an earlier exchange; no DNS, no socket
+    conn.finish()  # idle in the pool, as after an earlier exchange; no DNS, no connect
     asyncio.get_running_loop().call_soon(conn.data_received, OK)
-    resp = await client.request(
-        origin, "POST", "/pay", CIMultiDict({"X-Id": "7"}), b"{}", connect_timeout=1
-    )
+    resp = await send(client, origin, "POST", "/pay", CIMultiDict({"X-Id": "7"}), b"{}")
     assert transport.writes == [
         b"POST /pay HTTP/1.1\r\nHost: gw.example\r\nX-Id: 7\r\nContent-Length: 2\r\n\r\n{}"
     ]
-    assert await resp.read_up_to(10) == b"ok"
-    resp.release()
+    assert resp.body == b"ok"  # read whole, and the connection handed back
     with pytest.raises(ValueError, match="CR or LF"):
-        await client.request(
-            origin, "GET", "/", CIMultiDict({"X-Id": "7\r\nX-Evil: 1"}), b"", connect_timeout=1
-        )
+        await send(client, origin, "GET", "/", CIMultiDict({"X-Id": "7\r\nX-Evil: 1"}), b"")
     assert len(transport.writes) == 1
     assert client.idle_count(origin) == 1
+    ours.close()
+    theirs.close()
 
 
 @pytest.mark.parametrize(

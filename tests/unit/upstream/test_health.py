@@ -160,6 +160,22 @@ def test_429_backs_off_without_counting_as_a_failure() -> None:
     assert s["g1"].score == 1.0
 
 
+def test_local_failures_say_nothing_about_the_gateway() -> None:
+    s = Setup([gateway("a", outlier=FAST_EJECT), gateway("b")])
+    for _ in range(10):
+        s.send("a", Outcome.LOCAL)  # payswitch out of descriptors, or at the connection cap
+    assert (s["a"].failures, s["a"].in_flight, s["a"].score, s.admit("a")) == (0, 0, 1.0, None)
+    for _ in range(3):
+        s.send("a", Outcome.RESET)
+    s.clock.advance(5.0)
+    assert s.admit("a") is None
+    s.health.started(s["a"], s.clock.now())  # the half-open probe...
+    s.clock.advance(0.05)
+    s.health.finished(s["a"], Outcome.LOCAL, 0.05, s.clock.now())  # ...never reached it
+    assert s.admit("a") is None  # no verdict: the next request probes at once
+    assert s.rec.kinds() == ["gateway.ejected"]
+
+
 # -- passive ejection -------------------------------------------------------------------
 
 
