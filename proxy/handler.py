@@ -21,11 +21,11 @@ from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
 from proxy.forward import response_headers, upstream_headers
+from proxy.http import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 from proxy.ids import new_id
 from proxy.payments import Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
-from proxy.server import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 
 if TYPE_CHECKING:
     from proxy.app import Runtime

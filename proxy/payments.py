@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import errors
 from proxy.aio import spawn
 from proxy.config.model import Idempotency
+from proxy.http import Answer
 from proxy.idempotency import (
     Claimed,
     Completed,
@@ -35,7 +36,6 @@ from proxy.idempotency import (
 )
 from proxy.metrics import Metrics
 from proxy.routing import RoutePlan
-from proxy.server import Answer
 
 if TYPE_CHECKING:
     from proxy.attempt import Attempt, Settled
