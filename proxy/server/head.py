@@ -20,6 +20,8 @@ from proxy.server.limits import MAX_FIELD, MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARG
 if TYPE_CHECKING:
     from proxy.server.connection import Connection
 
+_OWS = frozenset(b" \t")
+
 
 class HeadReader:
     """httptools' callback object for one connection."""
@@ -82,6 +84,10 @@ class HeadReader:
             )
         if not self.in_head:
             return  # a trailer of a chunked body: counted like the head, otherwise ignored
+        if value and value[-1] in _OWS:
+            # llhttp strips the whitespace before a value, not after it (RFC 9110 §5.5
+            # excludes both): "key " and "key" must be one idempotency key.
+            value = value.rstrip(b" \t")
         self.fields.append((name, value))
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
