@@ -42,7 +42,7 @@ from proxy.metrics import Metrics
 from proxy.payments import Payments
 from proxy.retry import Dispatch
 from proxy.routing import Router, compile_router
-from proxy.server import ProxyServer
+from proxy.server import ConnectionCap, ProxyServer, raise_open_files_limit
 from proxy.settings import Settings
 from proxy.tracing import Tracing
 from proxy.upstream.balancer import Balancer
@@ -92,6 +92,7 @@ class Runtime:
         self.forwarder: Forwarder
         self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
+        self.connections = ConnectionCap(settings.max_connections, registry=self.registry)
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -280,7 +281,7 @@ def _sinks(settings: Settings) -> list[Sink]:
 def proxy_server(rt: Runtime) -> ProxyServer:
     """The traffic listener: every request goes to the proxy handler."""
     handler = ProxyHandler(rt)
-    return ProxyServer(handler.handle, handler.body_cap)
+    return ProxyServer(handler.handle, handler.body_cap, rt.connections)
 
 
 #: Allocations between young-generation collections. CPython's 700 makes a proxy at a few
@@ -303,6 +304,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     from proxy.admin import build_admin_app
 
+    raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
     await rt.start()
     _tune_gc()
@@ -331,7 +333,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signal.SIGINT, on_term)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    # Kubernetes keeps sending for a moment after readiness fails: keep serving that long.
+    # Kubernetes keeps sending for a moment after readiness fails: keep serving that long,
+    # telling keep-alive clients to reconnect (to a replica that stays) as they are answered.
+    traffic.drain()
     await asyncio.sleep(settings.shutdown_grace)
     await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
     await admin_runner.cleanup()

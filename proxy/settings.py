@@ -40,6 +40,7 @@ class Settings:
     watch: bool = True
     shutdown_grace: float = 2.0  # readiness fails, traffic still served
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
+    max_connections: int | None = None  # None: min(4096, 80% of the open-files limit)
     log_level: str = "info"
 
     @property
@@ -63,6 +64,7 @@ ENV = {
     "watch": "PAYSWITCH_WATCH",
     "shutdown_grace": "PAYSWITCH_SHUTDOWN_GRACE",
     "shutdown_deadline": "PAYSWITCH_SHUTDOWN_DEADLINE",
+    "max_connections": "PAYSWITCH_MAX_CONNECTIONS",
     "log_level": "PAYSWITCH_LOG_LEVEL",
 }
 
@@ -97,6 +99,11 @@ def from_sources(
             values[name] = raw if isinstance(raw, bool) else _bool(str(raw))
         elif name in ("shutdown_grace", "shutdown_deadline"):
             values[name] = float(str(raw))
+        elif name == "max_connections":
+            count = int(str(raw))
+            if count < 1:
+                raise ValueError(f"max_connections: expected a positive number, got {raw!r}")
+            values[name] = count
         else:
             values[name] = str(raw)
     return Settings(**values)  # type: ignore[arg-type]

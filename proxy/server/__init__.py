@@ -32,7 +32,7 @@ from proxy.http import (
     Request,
     problem,
 )
-from proxy.server.admission import ConnectionCap
+from proxy.server.admission import ConnectionCap, raise_open_files_limit
 from proxy.server.limits import (
     KEEPALIVE_TIMEOUT,
     MAX_FIELD,
@@ -69,4 +69,5 @@ __all__ = [
     "ProxyServer",
     "Request",
     "problem",
+    "raise_open_files_limit",
 ]

@@ -82,6 +82,7 @@ class Connection(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None
         self.eof = False  # the client half-closed
         self.idle_since = self.phase_since
+        self.started = 0  # requests handed to the handler on this connection
         self.admitted = False  # counted against the connection cap
 
     # -- phase ---------------------------------------------------------------------------------
@@ -268,6 +269,7 @@ class Connection(asyncio.Protocol):
 
     def start(self, req: Request) -> None:
         self.current = req
+        self.started += 1
         req.since = self.loop.time()  # the body deadline runs from here, not while queued
         self.server.track(self.loop.create_task(cycle.serve(self, req)))
 

@@ -22,6 +22,7 @@ from proxy.server import deadlines, wire
 from proxy.server.admission import ConnectionCap
 from proxy.server.connection import Connection, Phase
 from proxy.server.limits import (
+    DRAIN_IDLE,
     KEEPALIVE_TIMEOUT,
     READ_TIMEOUT,
     SWEEP_INTERVAL,
@@ -134,15 +135,25 @@ class ProxyServer:
 
     def drain(self) -> None:
         """The grace period begins: every answer from now says Connection: close, and
-        connections idle between requests are closed; a request whose head has begun
-        arriving, or whose bytes are waiting to be read, is served."""
+        the sweep closes connections idle between requests for DRAIN_IDLE; a request
+        whose head has begun arriving, or whose bytes are waiting to be read, is served.
+
+        An active keep-alive client is told to close by its next answer rather than
+        closed while idle, because a close can cross a request already on its way."""
         self.draining = True
-        self._close_idle()
 
     def _close_idle(self) -> None:
+        """Close the connections between requests. A lingering close reads out its own
+        deadline (the sweep ends it); a connection just made gets DRAIN_IDLE to send its
+        first request, which it made the connection for."""
+        now = self.loop.time()
         for conn in list(self.conns):
-            # A lingering close reads out its own deadline (the sweep ends it).
-            if conn.phase.value < Phase.LINGERING.value and conn.idle() and not conn.pending():
+            if (
+                conn.phase.value < Phase.LINGERING.value
+                and conn.idle()
+                and (conn.started or now - conn.idle_since > DRAIN_IDLE)
+                and not conn.pending()
+            ):
                 conn.close()
 
     async def close(self, deadline: float = 60.0) -> None:
