@@ -12,7 +12,7 @@ client went away: a payment already sent must run to its end and be recorded.
 
 The parts, as in uvicorn: `listener` (accepting, the sweep, shutdown), `connection` (one
 connection's phase, intake and order), `head` (request heads from httptools), `cycle`
-(one request's answer), `deadlines`, `admission` (the connection cap), `wire` (answer
+(one request's answer), `deadlines`, `admission` (the connection cap), `sockets`, `wire` (answer
 heads as bytes) and `limits`. The request and answer types live in `proxy.http`, which the
 proxy imports instead of this package.
 

@@ -12,10 +12,7 @@ sent must run to its end and be recorded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import socket
-import struct
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -23,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 from httptools import HttpParserError, HttpParserUpgrade
 
 from proxy.http import ClientClosed, MalformedBody, Request, problem
-from proxy.server import cycle, wire
+from proxy.server import cycle, sockets, wire
 from proxy.server.head import HeadReader
 from proxy.server.limits import (
     LINGER,
@@ -37,8 +34,6 @@ from proxy.server.limits import (
 
 if TYPE_CHECKING:
     from proxy.server.listener import ProxyServer
-
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a reset
 
 
 class Phase(enum.Enum):
@@ -386,27 +381,13 @@ class Connection(asyncio.Protocol):
         """Cut the connection with a reset; nothing more is served on it."""
         self._enter(Phase.ABORTED)
         self.waiting.clear()
-        transport = self.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        transport.abort()
+        if self.transport is not None:
+            sockets.reset(self.transport)
 
     def pending(self) -> bool:
         """Has the client sent bytes the loop has not read yet? Asked before closing an
         idle connection while draining, so a request already on its way is served."""
-        transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return False
-        try:
-            with socket.fromfd(sock.fileno(), sock.family, sock.type) as peek:
-                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:  # nothing to read (EAGAIN), or the socket is gone
-            return False
+        return self.transport is not None and sockets.has_unread(self.transport)
 
     def idle(self) -> bool:
         """Between requests, with nothing waiting: safe to close."""
