@@ -100,10 +100,10 @@ def from_sources(
         elif name in ("shutdown_grace", "shutdown_deadline"):
             values[name] = float(str(raw))
         elif name == "max_connections":
-            count = int(str(raw))
-            if count < 1:
+            text = str(raw).strip()
+            if not text.isdigit() or int(text) < 1:
                 raise ValueError(f"max_connections: expected a positive number, got {raw!r}")
-            values[name] = count
+            values[name] = int(text)
         else:
             values[name] = str(raw)
     return Settings(**values)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from proxy.server.admission import (
     ConnectionCap,
     default_max_connections,
 )
+from proxy.settings import from_sources
 
 
 class Clock:
@@ -104,3 +105,26 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
     )
     assert done.stdout.strip() == "(64, 128) (128, 128)"
     assert "open-files limit: soft 128 (was 64), hard 128" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [
+        ({}, {}, None),
+        ({"max_connections": 100}, {}, 100),
+        ({}, {"PAYSWITCH_MAX_CONNECTIONS": "250"}, 250),
+        ({"max_connections": 7}, {"PAYSWITCH_MAX_CONNECTIONS": "250"}, 7),
+        ({}, {"PAYSWITCH_MAX_CONNECTIONS": "0"}, "expected a positive number, got '0'"),
+        ({}, {"PAYSWITCH_MAX_CONNECTIONS": "many"}, "expected a positive number, got 'many'"),
+        ({"max_connections": -5}, {}, "expected a positive number, got -5"),
+    ],
+    ids=["default", "flag", "env", "flag-wins", "zero", "not-a-number", "negative"],
+)
+def test_the_cap_comes_from_the_flag_or_the_environment(
+    flags: dict[str, object], env: dict[str, str], expected: int | str | None
+) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            from_sources(flags, env)
+    else:
+        assert from_sources(flags, env).max_connections == expected
