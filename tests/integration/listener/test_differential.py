@@ -141,6 +141,23 @@ CORPUS: dict[str, bytes] = {
     + b"GET /b HTTP/1.1\r\n"
     + H
     + b"\r\n",
+    "underscore-length-header": b"POST / HTTP/1.1\r\n" + H + b"Content_Length: 3\r\n\r\n",
+    "cl-leading-zeros": b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 003\r\n\r\nabc",
+    "cl-space-inside": b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1 2\r\n\r\nx",
+    "te-trailing-comma": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
+    "te-quoted": b"POST / HTTP/1.1\r\n" + H + b'Transfer-Encoding: "chunked"\r\n\r\n0\r\n\r\n',
+    "tab-before-colon": b"GET / HTTP/1.1\r\n" + H + b"X-A\t: 1\r\n\r\n",
+    "empty-header-name": b"GET / HTTP/1.1\r\n" + H + b": x\r\n\r\n",
+    "utf8-in-name": b"GET / HTTP/1.1\r\n" + H + "X-Zoë: 1\r\n\r\n".encode(),
+    "double-space-request-line": b"GET  / HTTP/1.1\r\n" + H + b"\r\n",
+    "lowercase-method": b"get / HTTP/1.1\r\n" + H + b"\r\n",
+    "fragment-in-target": b"GET /a#b HTTP/1.1\r\n" + H + b"\r\n",
+    "last-chunk-with-ext": b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+    b"1\r\na\r\n0;done\r\n\r\n",
+    "chunked-then-pipelined": b"POST /a HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+    b"2\r\nab\r\n0\r\n\r\n" + post(b"c"),
     "upgrade-then-bytes": b"GET /ws HTTP/1.1\r\n"
     + H
     + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
@@ -167,6 +184,8 @@ STRICTER: dict[str, str] = {
     "obs-fold-te": "a folded Transfer-Encoding: " + _FRAMING,
     "bare-lf-line-ends": "bare LF line ends (RFC 9112 §2.2 'MAY' accept): " + _FRAMING,
     "bare-lf-after-header": "a bare LF ending one field: " + _FRAMING,
+    "lowercase-method": "methods are case-sensitive and 'get' is not one payswitch knows: "
+    "llhttp parses only registered methods, and no route could match another",
 }
 
 #: Cases where payswitch serves what h11 does not, and why that is right.
@@ -175,6 +194,9 @@ LENIENT: dict[str, str] = {
     "request line (a client's stray CRLF after a body); h11 refuses it",
     "http-1-0-keep-alive-pair": "HTTP/1.0 clients asking for keep-alive get it; h11 "
     "supports keep-alive only on HTTP/1.1 and reads one request",
+    "double-space-request-line": "RFC 9112 §3 lets a recipient split the request line on "
+    "whitespace; payswitch writes its own request line to the gateway, so nothing of the "
+    "client's spacing can be read another way downstream",
     "upgrade-then-bytes": "after declining an upgrade payswitch answers and closes, so the "
     "client's websocket frame is never read as HTTP; h11 parses it as the next request "
     "and refuses it",
