@@ -12,9 +12,9 @@ client went away: a payment already sent must run to its end and be recorded.
 
 The parts, as in uvicorn: `listener` (accepting, the sweep, shutdown), `connection` (one
 connection's phase, intake and order), `head` (request heads from httptools), `cycle`
-(one request's answer), `deadlines`, `admission` (the connection cap), `sockets`, `wire` (answer
-heads as bytes) and `limits`. The request and answer types live in `proxy.http`, which the
-proxy imports instead of this package.
+(one request's answer), `deadlines`, `admission` (the connection cap), `sockets`, `wire`
+(answer heads as bytes) and `limits`. The request and answer types live in `proxy.http`,
+which the proxy imports instead of this package.
 
 aiohttp's web server is not used here for the same reason the upstream client is lean:
 its generic request/response machinery cost more CPU per proxied request than routing,
