@@ -124,11 +124,15 @@ class KeepAliveClient:
     answered: list[str] = field(default_factory=list)
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def request(self, request_id: str) -> bool:
-        """Send one payment; False once the listener refuses connections."""
+    async def request(self, request_id: str, may_connect: bool = True) -> bool:
+        """Send one payment; False when it needs a new connection and may not make one
+        (the endpoint is gone: it would go to another replica), or the listener refuses
+        connections."""
         if self.conn is not None and self.conn[0].at_eof():
             self._drop()  # closed while idle: noticed before reuse
         if self.conn is None:
+            if not may_connect:
+                return False
             try:
                 self.conn = await asyncio.open_connection("127.0.0.1", self.port)
             except ConnectionRefusedError:
@@ -165,9 +169,11 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
 
 
 async def test_keep_alive_clients_through_sigterm_lose_nothing(tmp_path: Path) -> None:
-    """10 keep-alive clients at 200 requests/s in all, from before SIGTERM until the
-    listener stops accepting: each is told to close while draining, no request is cut off
-    or lost, and every payment reached the gateway once."""
+    """10 keep-alive clients at 200 requests/s in all, through SIGTERM, as Kubernetes
+    sends: new connections until shortly before the grace ends (the endpoint is removed),
+    and requests on open keep-alive connections for as long as they stay open. Each client
+    is told to close while draining, no request is cut off or lost, and every payment
+    reached the gateway once."""
     clients_n, rate = 10, 200.0
     async with gateways("g1") as g:
         rules = rules_text({"g1": g["g1"].url}, "g1")
@@ -175,14 +181,17 @@ async def test_keep_alive_clients_through_sigterm_lose_nothing(tmp_path: Path) -
             clients = [KeepAliveClient(ps.port) for _ in range(clients_n)]
             signalled: list[float] = []
 
+            def may_connect() -> bool:
+                return not signalled or time.monotonic() < signalled[0] + GRACE - 0.3
+
             async def run(i: int, client: KeepAliveClient) -> None:
                 n = 0
                 await asyncio.sleep(i / rate)
-                while await client.request(f"c{i}-{n}"):
+                while await client.request(f"c{i}-{n}", may_connect()):
                     n += 1
                     await asyncio.sleep(clients_n / rate)
                     if signalled and time.monotonic() > signalled[0] + GRACE + DEADLINE:
-                        client.errors.append("still accepting after the grace and deadline")
+                        client.errors.append("a keep-alive connection outlived the shutdown")
                         return
 
             async with asyncio.TaskGroup() as group:
@@ -202,8 +211,7 @@ async def test_keep_alive_clients_through_sigterm_lose_nothing(tmp_path: Path) -
     assert exited == 0, ps.output()
     assert {s for c in clients for s in c.statuses} == {200}
     assert sorted(served) == sorted(answered) and set(served.values()) == {1}, "lost or doubled"
-    assert all(c.refused for c in clients), "every client ran until the listener stopped"
-    assert len(answered) >= rate * GRACE * 0.8, "the grace kept serving"
+    assert len(answered) >= rate * (1.0 + GRACE * 0.6), "the grace kept serving"
     assert all(c.told_to_close >= 1 for c in clients), "each was told to close while draining"
 
 
