@@ -60,6 +60,10 @@ def build_admin_app(rt: Runtime) -> web.Application:
             return web.json_response({"status": "shutting down"}, status=503)
         if not rt.store.loaded:
             return web.json_response({"status": "rules not loaded"}, status=503)
+        if rt.connections.overloaded:
+            cap = rt.connections
+            body = {"status": "overloaded", "connections": cap.open, "max_connections": cap.limit}
+            return web.json_response(body, status=503)
         # A store outage is reported, not a reason to leave the Service: every replica shares
         # the store, so failing readiness would take all of them out, unkeyed traffic too.
         return web.json_response(

@@ -46,7 +46,7 @@ from proxy.metrics import Metrics, register_process_collectors
 from proxy.outbound import Parts
 from proxy.payments import Payments
 from proxy.routing import Router, compile_router
-from proxy.server import ProxyServer
+from proxy.server import ConnectionCap, ProxyServer, raise_open_files_limit
 from proxy.settings import Settings
 from proxy.tail import TailSink
 from proxy.tracing import Tracing
@@ -123,6 +123,7 @@ class Runtime:
         self.parts: Parts  # what every dispatch shares; built once the forwarder exists
         self._all_down_at: dict[str, float] = {}
         self.shutting_down = False  # readiness fails; requests are still served
+        self.connections = ConnectionCap(settings.max_connections, registry=self.registry)
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -272,9 +273,7 @@ def _sinks(settings: Settings) -> list[Sink]:
 def proxy_server(rt: Runtime) -> ProxyServer:
     """The traffic listener: every request goes to the proxy handler."""
     handler = ProxyHandler(rt)
-    server = ProxyServer(handler.handle, handler.body_cap)
-    server.on_refusal = rt.metrics.refused
-    return server
+    return ProxyServer(handler.handle, handler.body_cap, rt.connections)
 
 
 #: Allocations between young-generation collections. CPython's 700 makes a proxy at a few
@@ -297,6 +296,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     from proxy.admin import build_admin_app
 
+    raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
     await rt.start()
     _tune_gc()
@@ -325,7 +325,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signal.SIGINT, on_term)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    # Kubernetes keeps sending for a moment after readiness fails: keep serving that long.
+    # Kubernetes keeps sending for a moment after readiness fails: keep serving that long,
+    # telling keep-alive clients to reconnect (to a replica that stays) as they are answered.
+    traffic.drain()
     await asyncio.sleep(settings.shutdown_grace)
     await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
     await admin_runner.cleanup()

@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         const=False,
         help="do not watch the rules for changes",
     )
+    run.add_argument(
+        "--max-connections",
+        dest="max_connections",
+        type=int,
+        help="cap on client connections; more are refused with 503 (env "
+        "PAYSWITCH_MAX_CONNECTIONS; default min(4096, 80%% of the open-files limit))",
+    )
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")

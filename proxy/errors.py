@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.server import Answer, problem_fields
+from proxy.http import Answer, problem_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

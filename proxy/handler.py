@@ -21,13 +21,13 @@ from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
 from proxy.headers import response_headers, upstream_headers
+from proxy.http import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
 from proxy.payments import Payments, Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
-from proxy.server import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 from proxy.upstream.state import Outcome
 
 if TYPE_CHECKING:

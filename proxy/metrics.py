@@ -123,15 +123,6 @@ class _Collector(Collector):
         for (route, reason), n in list(self._m._retries.items()):
             retries.add_metric([route, reason], float(n))
         yield retries
-        refusals = CounterMetricFamily(
-            "payswitch_listener_refusals",
-            "Requests or connections the listener refused before any route, by reason "
-            "(the problem type of the answer: bad-request, request-header-fields-too-large, ...).",
-            labels=("reason",),
-        )
-        for reason, n in list(self._m._refusals.items()):
-            refusals.add_metric([reason], float(n))
-        yield refusals
 
 
 class Metrics:
@@ -140,7 +131,6 @@ class Metrics:
         #: Link latency buckets to the current trace; on only when tracing is on, so the
         #: request path pays one branch when it is off.
         self.exemplars = exemplars
-        self._refusals: dict[str, int] = {}
         self._requests = _Timed(
             "payswitch_requests",
             "Requests answered, by route, the gateway that answered and outcome (status class or error).",
@@ -179,11 +169,6 @@ class Metrics:
         dashboard's windows; bucket i counts values <= BUCKETS[i], the last is +Inf."""
         for (route, _, outcome), s in list(self._requests.series.items()):
             yield route, outcome, s.count, s.buckets
-
-    def refused(self, reason: str) -> None:
-        """The listener refused a request or connection before routing it; `reason` is a
-        short kebab-case slug (the problem type it answered with, or e.g. `connection-cap`)."""
-        self._refusals[reason] = self._refusals.get(reason, 0) + 1
 
     def retry(self, route: str, reason: str) -> None:
         key = (route, reason)

@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import errors
 from proxy.aio import spawn
 from proxy.config.model import Idempotency
+from proxy.http import Answer
 from proxy.idempotency import (
     Claimed,
     ClaimResult,
@@ -41,7 +42,6 @@ from proxy.idempotency import (
 from proxy.idempotency.guard import StoreGuard
 from proxy.metrics import Metrics
 from proxy.routing import RoutePlan
-from proxy.server import Answer
 
 if TYPE_CHECKING:
     from proxy.attempt import Attempt, Settled

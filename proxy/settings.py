@@ -50,6 +50,7 @@ class Settings:
     watch: bool = True
     shutdown_grace: float = 2.0  # readiness fails, traffic still served
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
+    max_connections: int | None = None  # None: min(4096, 80% of the open-files limit)
     log_level: str = "info"
 
     @property
@@ -78,6 +79,7 @@ ENV = {
     "watch": "PAYSWITCH_WATCH",
     "shutdown_grace": "PAYSWITCH_SHUTDOWN_GRACE",
     "shutdown_deadline": "PAYSWITCH_SHUTDOWN_DEADLINE",
+    "max_connections": "PAYSWITCH_MAX_CONNECTIONS",
     "log_level": "PAYSWITCH_LOG_LEVEL",
 }
 
@@ -124,6 +126,11 @@ def from_sources(
             values[name] = raw if isinstance(raw, bool) else _bool(str(raw))
         elif name in ("shutdown_grace", "shutdown_deadline"):
             values[name] = float(str(raw))
+        elif name == "max_connections":
+            text = str(raw).strip()
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"max_connections: expected a positive number, got {raw!r}")
+            values[name] = int(text)
         elif name in ("idempotency_memory_bytes", "transaction_log_bytes"):
             values[name] = _size(str(raw), var)
         elif name == "trusted_proxies":

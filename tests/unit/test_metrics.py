@@ -118,17 +118,6 @@ def test_exposition_format_follows_accept(accept: str | None, expect: str) -> No
     assert content_type.startswith(expect)
 
 
-def test_listener_refusals_are_counted_by_reason() -> None:
-    registry = CollectorRegistry()
-    m = Metrics(registry)
-    m.refused("bad-request")
-    m.refused("bad-request")
-    m.refused("request-header-fields-too-large")
-    name = "payswitch_listener_refusals_total"
-    assert sample(registry, name, {"reason": "bad-request"}) == 2
-    assert sample(registry, name, {"reason": "request-header-fields-too-large"}) == 1
-
-
 def test_process_platform_and_build_info() -> None:
     registry = CollectorRegistry()
     register_process_collectors(registry)
