@@ -248,6 +248,14 @@ class Builder:
         max_body = model.Route.__dataclass_fields__["max_body"].default
         if "max_body" in spec:
             max_body = parse_size(spec["max_body"])
+            if max_body > model.MAX_BODY_LIMIT:
+                self.issues.append(
+                    doc.issue(
+                        [*where, "max_body"],
+                        f"max_body must be at most 64MiB ({model.MAX_BODY_LIMIT:,} bytes): "
+                        "request bodies are held in memory so that a retry can replay them",
+                    )
+                )
         if len(self.issues) > before:
             return None
         return model.Route(

@@ -23,6 +23,11 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
 
 
+#: The largest `max_body` a route may set: bodies are held in memory so a retry can
+#: replay them, and payment requests are small.
+MAX_BODY_LIMIT = 64 * 1024 * 1024
+
+
 def _empty_map() -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({})
 
