@@ -191,6 +191,11 @@ class ConfigStore(Generic[T]):
             rules, compiled = self._prepare(await asyncio.to_thread(build_rules, sources), digest)
         except ConfigError as exc:
             return self._refused(exc, digest, trigger)
+        except Exception as exc:
+            # A loader bug must not leave a reload uncounted, nor answer the admin with 500.
+            logger.exception("loading rules %s failed", digest[:12])
+            failed = ConfigIssue("-", 0, "", f"cannot load rules: {type(exc).__name__}")
+            return self._refused(ConfigError([failed]), digest, trigger)
         new = self._publish(rules, compiled, digest, trigger)
         return ReloadResult(
             outcome="success", generation=new.generation, hash=digest, trigger=trigger
