@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="payswitch", description="Declarative routing sidecar for payment traffic."
     )
+    p.add_argument("--version", action="version", version=f"payswitch {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve traffic with the rules in a directory")
     run.add_argument(
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
     return p
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("payswitch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
