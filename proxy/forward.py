@@ -113,6 +113,16 @@ def upstream_headers(
     return out
 
 
+def with_gateway_headers(headers: CIMultiDict[str], gw: Gateway) -> CIMultiDict[str]:
+    """`headers` with the gateway's own (credentials) replacing any the client sent.
+
+    A copy: the same request goes on to other gateways, which must not see these."""
+    out = headers.copy()
+    for header in gw.headers:
+        out[header.name] = header.value.reveal()
+    return out
+
+
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The gateway's response headers as the client should see them (framing is ours)."""
     drop = hop_by_hop(headers)
@@ -155,6 +165,8 @@ class Forwarder:
         client = self._client
         origin = (gw.scheme, gw.host, gw.port)
         head_only = method == "HEAD"
+        if gw.headers:
+            headers = with_gateway_headers(headers, gw)
         try:
             data = client.encode(origin, method, gw.base_path + path_qs, headers, body)
         except ValueError as exc:
@@ -220,6 +232,8 @@ class Forwarder:
         Raises AttemptFailed. Cancellation (the caller's per-try timer) propagates as is and
         closes the connection: the caller knows whether the request was already on its way.
         """
+        if gw.headers:
+            headers = with_gateway_headers(headers, gw)
         try:
             resp = await self._client.request(
                 (gw.scheme, gw.host, gw.port),

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from proxy.config import model
 from proxy.config.issues import ConfigIssue, Doc
+from proxy.config.secrets import gateway_headers, url_credentials
 from proxy.config.units import parse_duration, parse_rate, parse_size
 
 
@@ -108,6 +109,10 @@ class Builder:
         where: list[object] = ["gateways", name]
         url = spec["url"].rstrip("/")
         parts = urlsplit(url)
+        credentials = url_credentials(parts)
+        if credentials is not None:
+            # Reported, but the gateway is still built: its routes need not fail with it.
+            self.issues.append(doc.issue([*where, "url"], credentials))
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
@@ -116,6 +121,7 @@ class Builder:
         if not parts.hostname:
             self.issues.append(doc.issue([*where, "url"], f"no host in {url!r}"))
             return None
+        headers = gateway_headers(doc, [*where, "headers"], spec.get("headers", {}), self.issues)
         lim = spec.get("limits", {})
         rate = parse_rate(lim["rate"]) if "rate" in lim else None
         burst = lim.get("burst")
@@ -188,6 +194,7 @@ class Builder:
             health_check=health_check,
             outlier=outlier,
             degradation=degradation,
+            headers=headers,
             source=doc.source(where),
         )
 

@@ -10,6 +10,7 @@ Must not: read files, build the validator or judge meaning across files.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,9 @@ import jsonschema
 
 from proxy.config.issues import ConfigIssue, Doc
 from proxy.config.units import DURATION_FORM, RATE_FORM, SIZE_FORM
+
+#: `user:password@` in anything that looks like a URL: never repeated in a message.
+_USERINFO = re.compile(r"(//)[^/@\s]*@")
 
 #: What a value of each named `$defs` entry looks like, for messages.
 FORMS = {
@@ -51,6 +55,7 @@ def show(value: object, limit: int = 60) -> str:
         text = "a list"
     else:
         text = str(value)
+    text = _USERINFO.sub(r"\1…@", text)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return f"`{text}`" if not isinstance(value, dict | list) else text
@@ -96,7 +101,7 @@ class Explainer:
                 word = "less than" if "aximum" in err.validator else "more than"
             yield doc.issue(path, f"{show(instance)} must be {word} {wanted:,}")
         elif err.validator == "pattern" and isinstance(schema, dict) and "description" in schema:
-            yield doc.issue(path, f"{show(instance)} is not {schema['description']}")
+            yield doc.issue(path, f"{show(instance)} does not fit: {schema['description']}")
         else:
             yield doc.issue(path, _cut(err.message))
 
@@ -174,4 +179,5 @@ def _not_one_of(value: object, options: Sequence[object]) -> str:
 
 
 def _cut(text: str, limit: int = 300) -> str:
+    text = _USERINFO.sub(r"\1…@", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"

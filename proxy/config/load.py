@@ -23,7 +23,7 @@ from proxy.config import model
 from proxy.config.build import Builder
 from proxy.config.explain import Explainer
 from proxy.config.issues import ConfigError, ConfigIssue, Doc
-from proxy.config.yamldoc import DEFAULT_LIMITS, Limits, parse
+from proxy.config.yamldoc import DEFAULT_LIMITS, Limits, parse, too_big
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -145,11 +145,15 @@ def _read_all(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, bytes]
     out: list[tuple[str, bytes]] = []
     issues: list[ConfigIssue] = []
     total = 0
+    cap = DEFAULT_LIMITS.max_file_bytes
     for f in rule_files(paths):
         try:
-            with f.open("rb") as fh:
-                # One byte over the cap is enough to refuse it: a huge file is never read whole.
-                data = fh.read(DEFAULT_LIMITS.max_file_bytes + 1)
+            # A huge file is refused by its size, never read whole.
+            size = f.stat().st_size
+            if size > cap:
+                issues.append(ConfigIssue(str(f), 1, "", too_big(size, DEFAULT_LIMITS)))
+                continue
+            data = f.read_bytes()
         except OSError as exc:
             issues.append(ConfigIssue(str(f), 0, "", f"cannot read: {exc.strerror or exc}"))
             continue

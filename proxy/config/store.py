@@ -180,15 +180,13 @@ class ConfigStore(Generic[T]):
         except ConfigError as exc:
             return self._refused(exc, "", trigger)
         digest = content_hash(sources)
-        if digest == old.hash:
-            self._count("unchanged")
-            # The files are back to what is served, so an earlier refusal no longer applies.
-            self._supersede()
-            return ReloadResult(
-                outcome="unchanged", generation=old.generation, hash=digest, trigger=trigger
-            )
+        if digest == old.hash and not old.rules.reads_secrets:
+            return self._unchanged(old, digest, trigger)
         try:
-            rules, compiled = self._prepare(await asyncio.to_thread(build_rules, sources), digest)
+            built = await asyncio.to_thread(build_rules, sources)
+            if digest == old.hash and built.secrets() == old.rules.secrets():
+                return self._unchanged(old, digest, trigger)  # files and secrets as served
+            rules, compiled = self._prepare(built, digest)
         except ConfigError as exc:
             return self._refused(exc, digest, trigger)
         except Exception as exc:
@@ -199,6 +197,14 @@ class ConfigStore(Generic[T]):
         new = self._publish(rules, compiled, digest, trigger)
         return ReloadResult(
             outcome="success", generation=new.generation, hash=digest, trigger=trigger
+        )
+
+    def _unchanged(self, old: Snapshot[T], digest: str, trigger: str) -> ReloadResult:
+        self._count("unchanged")
+        # The files are back to what is served, so an earlier refusal no longer applies.
+        self._supersede()
+        return ReloadResult(
+            outcome="unchanged", generation=old.generation, hash=digest, trigger=trigger
         )
 
     async def run_watcher(self, stop: asyncio.Event) -> None:

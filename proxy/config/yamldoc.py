@@ -166,18 +166,17 @@ class Parsed:
     lines: Lines
 
 
+def too_big(size: int, limits: Limits) -> str:
+    return (
+        f"file is {size:,} bytes; rules files are limited to "
+        f"{limits.max_file_bytes:,} bytes (split the rules into several files)"
+    )
+
+
 def parse(name: str, data: bytes, issues: list[ConfigIssue], limits: Limits) -> Parsed | None:
     """The document in `data`, or None with the reasons appended to `issues`."""
     if len(data) > limits.max_file_bytes:
-        issues.append(
-            ConfigIssue(
-                name,
-                1,
-                "",
-                f"file is {len(data):,} bytes; rules files are limited to "
-                f"{limits.max_file_bytes:,} bytes (split the rules into several files)",
-            )
-        )
+        issues.append(ConfigIssue(name, 1, "", too_big(len(data), limits)))
         return None
     try:
         text = data.decode("utf-8")
