@@ -158,6 +158,25 @@ class Explainer:
             for sub in meant[0]:
                 yield from self.issues(doc, sub)
             return
+        if not meant:
+            wanted: list[str] = []
+            for errs in branches.values():
+                for e in errs:
+                    if e.relative_path or e.validator not in ("type", "const"):
+                        continue
+                    value: Any = e.validator_value
+                    if e.validator == "const":
+                        wanted.append(show(value))
+                    else:
+                        for w in [value] if isinstance(value, str) else value:
+                            wanted.append(_TYPES.get(w, w))
+            unique = list(dict.fromkeys(wanted))
+            if unique:
+                yield doc.issue(
+                    list(err.absolute_path),
+                    f"expected {', or '.join(unique)}, got {show(err.instance)}",
+                )
+                return
         best = jsonschema.exceptions.best_match(err.context or ())
         yield doc.issue(list(err.absolute_path), _cut(best.message if best else err.message))
 
