@@ -22,8 +22,9 @@ from proxy.config.units import parse_duration, parse_rate, parse_size
 class Builder:
     """Semantic checks and model construction over schema-valid documents."""
 
-    def __init__(self, docs: Sequence[Doc]) -> None:
+    def __init__(self, docs: Sequence[Doc], *, read_secrets: bool = True) -> None:
         self.docs = docs
+        self.read_secrets = read_secrets
         self.issues: list[ConfigIssue] = []
 
     def build(self) -> model.Rules:
@@ -121,7 +122,9 @@ class Builder:
         if not parts.hostname:
             self.issues.append(doc.issue([*where, "url"], f"no host in {url!r}"))
             return None
-        headers = gateway_headers(doc, [*where, "headers"], spec.get("headers", {}), self.issues)
+        headers = gateway_headers(
+            doc, [*where, "headers"], spec.get("headers", {}), self.issues, read=self.read_secrets
+        )
         lim = spec.get("limits", {})
         rate = parse_rate(lim["rate"]) if "rate" in lim else None
         burst = lim.get("burst")

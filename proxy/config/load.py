@@ -23,14 +23,14 @@ from proxy.config import model
 from proxy.config.build import Builder
 from proxy.config.explain import Explainer
 from proxy.config.issues import ConfigError, ConfigIssue, Doc
-from proxy.config.yamldoc import DEFAULT_LIMITS, Limits, parse, too_big
+from proxy.config.yamldoc import DEFAULT_LIMITS, ReadLimits, parse, too_big
 
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_TOTAL_BYTES",
     "ConfigError",
     "ConfigIssue",
-    "Limits",
+    "ReadLimits",
     "build_rules",
     "content_hash",
     "load_rules",
@@ -42,7 +42,7 @@ RULE_SUFFIXES = (".yaml", ".yml")
 SCHEMA_ENV = "PAYSWITCH_SCHEMAS"
 
 
-#: All rules files together; each one also has `Limits.max_file_bytes`.
+#: All rules files together; each one also has `ReadLimits.max_file_bytes`.
 MAX_TOTAL_BYTES = 1024 * 1024
 
 
@@ -188,14 +188,23 @@ def content_hash(sources: Sequence[tuple[str, bytes]]) -> str:
 
 
 def load_rules(
-    paths: Iterable[str | os.PathLike[str]], limits: Limits = DEFAULT_LIMITS
+    paths: Iterable[str | os.PathLike[str]],
+    limits: ReadLimits = DEFAULT_LIMITS,
+    *,
+    read_secrets: bool = True,
 ) -> model.Rules:
-    """Read, validate and build the rules in `paths`; raise ConfigError with every problem."""
-    return build_rules(read_sources(paths), limits)
+    """Read, validate and build the rules in `paths`; raise ConfigError with every problem.
+
+    `read_secrets=False` checks where header values come from without reading them (CI,
+    where the Secrets are not mounted); such rules are for checking, never for serving."""
+    return build_rules(read_sources(paths), limits, read_secrets=read_secrets)
 
 
 def build_rules(
-    sources: Sequence[tuple[str, bytes]], limits: Limits = DEFAULT_LIMITS
+    sources: Sequence[tuple[str, bytes]],
+    limits: ReadLimits = DEFAULT_LIMITS,
+    *,
+    read_secrets: bool = True,
 ) -> model.Rules:
     docs: list[Doc] = []
     issues: list[ConfigIssue] = []
@@ -214,14 +223,14 @@ def build_rules(
             docs.append(doc)
     if issues:
         raise ConfigError(issues)
-    builder = Builder(docs)
+    builder = Builder(docs, read_secrets=read_secrets)
     rules = builder.build()
     if builder.issues:
         raise ConfigError(builder.issues)
     return rules
 
 
-def _parse(name: str, data: bytes, issues: list[ConfigIssue], limits: Limits) -> Doc | None:
+def _parse(name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits) -> Doc | None:
     parsed = parse(name, data, issues, limits)
     if parsed is None:
         return None

@@ -51,8 +51,15 @@ def url_credentials(parts: SplitResult) -> str | None:
 
 
 def gateway_headers(
-    doc: Doc, where: list[object], spec: Mapping[str, Any], issues: list[ConfigIssue]
+    doc: Doc,
+    where: list[object],
+    spec: Mapping[str, Any],
+    issues: list[ConfigIssue],
+    *,
+    read: bool = True,
 ) -> tuple[model.GatewayHeader, ...]:
+    """The headers of one gateway; with `read` False, values from files and the
+    environment are not read (an empty placeholder stands in for each)."""
     out: list[model.GatewayHeader] = []
     for name, source in spec.items():
         at = [*where, name]
@@ -66,6 +73,12 @@ def gateway_headers(
             )
             continue
         value_from = source["value_from"]
+        if not read:
+            origin = (
+                f"file:{value_from['file']}" if "file" in value_from else f"env:{value_from['env']}"
+            )
+            out.append(model.GatewayHeader(name=name, value=model.Secret(""), origin=origin))
+            continue
         if "file" in value_from:
             value, problem, origin = _from_file(value_from["file"])
         else:

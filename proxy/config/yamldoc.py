@@ -29,7 +29,7 @@ from proxy.config.issues import ConfigIssue, pointer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Limits:
+class ReadLimits:
     """How much one rules file may ask of the loader."""
 
     max_file_bytes: int = 256 * 1024
@@ -38,7 +38,7 @@ class Limits:
     max_seconds: float = 5.0
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = ReadLimits()
 
 
 class _Refused(Exception):
@@ -57,7 +57,7 @@ class _Frame:
     keys: dict[str, int] | None = None
 
 
-def _scan(text: str, limits: Limits, issues: list[ConfigIssue], name: str) -> None:
+def _scan(text: str, limits: ReadLimits, issues: list[ConfigIssue], name: str) -> None:
     """Walk the YAML event stream once, refusing what would be too costly to build.
 
     Raises `_Refused` on a limit; appends duplicate keys to `issues`.
@@ -121,7 +121,7 @@ def _note_key(frame: _Frame, key: str, line: int, issues: list[ConfigIssue], nam
         frame.keys[key] = line
 
 
-def _add(stack: list[_Frame], size: int, total: int, limits: Limits, line: int) -> int:
+def _add(stack: list[_Frame], size: int, total: int, limits: ReadLimits, line: int) -> int:
     total += size
     if stack:
         top = stack[-1]
@@ -132,7 +132,7 @@ def _add(stack: list[_Frame], size: int, total: int, limits: Limits, line: int) 
     return total
 
 
-def _too_many(limits: Limits, line: int) -> _Refused:
+def _too_many(limits: ReadLimits, line: int) -> _Refused:
     return _Refused(
         line,
         f"expands to more than {limits.max_nodes:,} values (aliases included); refused",
@@ -166,14 +166,14 @@ class Parsed:
     lines: Lines
 
 
-def too_big(size: int, limits: Limits) -> str:
+def too_big(size: int, limits: ReadLimits) -> str:
     return (
         f"file is {size:,} bytes; rules files are limited to "
         f"{limits.max_file_bytes:,} bytes (split the rules into several files)"
     )
 
 
-def parse(name: str, data: bytes, issues: list[ConfigIssue], limits: Limits) -> Parsed | None:
+def parse(name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits) -> Parsed | None:
     """The document in `data`, or None with the reasons appended to `issues`."""
     if len(data) > limits.max_file_bytes:
         issues.append(ConfigIssue(name, 1, "", too_big(len(data), limits)))

@@ -112,3 +112,20 @@ def test_installed_payswitch_validates_rules(installed: Path, tmp_path: Path) ->
         f"rules/routes.yaml:{line}: /routes/0/timeout: "
         "unknown key `timeout`; did you mean `timeouts`?"
     )
+
+
+def test_pre_commit_hook_validates_the_example_rules() -> None:
+    import yaml
+
+    [hook] = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "payswitch-validate" and hook["pass_filenames"] is False
+    command, _, sub = hook["entry"].partition(" ")
+    assert command == "payswitch"
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", sub, *hook["args"]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

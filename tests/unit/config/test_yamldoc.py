@@ -7,7 +7,7 @@ import time
 import pytest
 
 from proxy.config.issues import ConfigIssue
-from proxy.config.yamldoc import DEFAULT_LIMITS, Limits, parse
+from proxy.config.yamldoc import DEFAULT_LIMITS, ReadLimits, parse
 
 
 def bomb(levels: int = 9) -> str:
@@ -100,6 +100,6 @@ def test_lines_name_the_key_of_a_pointer(pointer: list[object], line: int) -> No
 def test_time_limit_refuses_a_slow_read() -> None:
     issues: list[ConfigIssue] = []
     text = "x: [" + ", ".join(["1"] * 50_000) + "]\n"
-    limits = Limits(max_seconds=0.0, max_nodes=1_000_000)
+    limits = ReadLimits(max_seconds=0.0, max_nodes=1_000_000)
     assert parse("f.yaml", text.encode(), issues, limits) is None
     assert [i.message for i in issues] == ["took longer than 0s to read; refused"]
