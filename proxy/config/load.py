@@ -13,6 +13,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -43,7 +44,7 @@ SCHEMA_ENV = "PAYSWITCH_SCHEMAS"
 
 
 #: All rules files together; each one also has `ReadLimits.max_file_bytes`.
-MAX_TOTAL_BYTES = 1024 * 1024
+MAX_TOTAL_BYTES = 512 * 1024
 
 
 def schema_dir() -> Path:
@@ -209,6 +210,7 @@ def build_rules(
     docs: list[Doc] = []
     issues: list[ConfigIssue] = []
     total = 0
+    deadline = time.monotonic() + limits.max_seconds
     for name, data in sources:
         total += len(data)
         if total > MAX_TOTAL_BYTES:
@@ -218,7 +220,7 @@ def build_rules(
                 )
             )
             break
-        doc = _parse(name, data, issues, limits)
+        doc = _parse(name, data, issues, limits, deadline)
         if doc is not None:
             docs.append(doc)
     if issues:
@@ -230,8 +232,10 @@ def build_rules(
     return rules
 
 
-def _parse(name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits) -> Doc | None:
-    parsed = parse(name, data, issues, limits)
+def _parse(
+    name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits, deadline: float
+) -> Doc | None:
+    parsed = parse(name, data, issues, limits, deadline)
     if parsed is None:
         return None
     value = {} if parsed.value is None else parsed.value

@@ -15,6 +15,7 @@ memory and time stay bounded by the file's size.
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +33,33 @@ from proxy.config.issues import ConfigIssue, pointer
 class ReadLimits:
     """How much one rules file may ask of the loader."""
 
-    max_file_bytes: int = 256 * 1024
+    max_file_bytes: int = 128 * 1024  # ~1.5 s to read in the worst case; examples are ~3 KiB
     max_depth: int = 32  # rules nest about 6 deep
     max_nodes: int = 100_000  # after expanding aliases; the example rules have ~600
-    max_seconds: float = 5.0
+    max_seconds: float = 3.0  # for all the files of one load together
 
 
 DEFAULT_LIMITS = ReadLimits()
+
+
+#: Quoted strings and comments, whose brackets do not nest anything.
+_INERT = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*', re.M)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth_over(text: str, limit: int) -> int | None:
+    """The line where `[`/`{` nesting first passes `limit`, else None.
+
+    Checked before the YAML scanner runs: it looks ahead through every open flow
+    collection, which takes time quadratic in their nesting. Brackets inside plain text
+    may count too, which can only make a file look deeper than it is.
+    """
+    depth = 0
+    for m in _BRACKETS.finditer(_INERT.sub("", text)):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        if depth > limit:
+            return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 class _Refused(Exception):
@@ -57,12 +78,13 @@ class _Frame:
     keys: dict[str, int] | None = None
 
 
-def _scan(text: str, limits: ReadLimits, issues: list[ConfigIssue], name: str) -> None:
+def _scan(
+    text: str, limits: ReadLimits, issues: list[ConfigIssue], name: str, deadline: float
+) -> None:
     """Walk the YAML event stream once, refusing what would be too costly to build.
 
     Raises `_Refused` on a limit; appends duplicate keys to `issues`.
     """
-    deadline = time.monotonic() + limits.max_seconds
     anchors: dict[str, int] = {}
     stack: list[_Frame] = []
     documents = 0
@@ -173,8 +195,19 @@ def too_big(size: int, limits: ReadLimits) -> str:
     )
 
 
-def parse(name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits) -> Parsed | None:
-    """The document in `data`, or None with the reasons appended to `issues`."""
+def parse(
+    name: str,
+    data: bytes,
+    issues: list[ConfigIssue],
+    limits: ReadLimits,
+    deadline: float | None = None,
+) -> Parsed | None:
+    """The document in `data`, or None with the reasons appended to `issues`.
+
+    `deadline` (time.monotonic()) is shared by the files of one load; by default this file
+    gets `limits.max_seconds` of its own."""
+    if deadline is None:
+        deadline = time.monotonic() + limits.max_seconds
     if len(data) > limits.max_file_bytes:
         issues.append(ConfigIssue(name, 1, "", too_big(len(data), limits)))
         return None
@@ -185,7 +218,10 @@ def parse(name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits)
         return None
     before = len(issues)
     try:
-        _scan(text, limits, issues, name)
+        deep = _flow_depth_over(text, limits.max_depth)
+        if deep is not None:
+            raise _Refused(deep, f"nested deeper than {limits.max_depth} levels; refused")
+        _scan(text, limits, issues, name, deadline)
         if len(issues) > before:
             return None
         reader = YAML(typ="rt", pure=True)

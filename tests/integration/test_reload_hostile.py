@@ -111,12 +111,18 @@ async def test_hostile_rules_are_refused_fast_while_traffic_flows(tmp_path: Path
                 assert (await ps.pay())[0] == 200
             rss_before = rss_mib(ps.proc.pid)
             failed = 'payswitch_config_reloads_total{result="failure"}'
+            # Written beforehand and renamed in: the clients share this process, and writing
+            # 50 MB under them would be measured as the proxy's latency.
+            ready = tmp_path / "hostile"
+            ready.mkdir()
+            for kind, (make, _) in HOSTILE.items():
+                (ready / kind).write_text(make(), encoding="utf-8")
             async with streaming(ps) as stream:
                 await asyncio.sleep(1.5)
                 stream.phase = "hostile"
-                for kind, (make, words) in HOSTILE.items():
+                for kind, (_, words) in HOSTILE.items():
                     evil = ps.rules / "evil.yaml"
-                    evil.write_text(make(), encoding="utf-8")
+                    (ready / kind).rename(evil)
                     failures_before = await metric(ps, failed)
                     start = time.monotonic()
                     async with ps.http.post(ps.admin_url + "/admin/reload") as resp:
@@ -136,9 +142,14 @@ async def test_hostile_rules_are_refused_fast_while_traffic_flows(tmp_path: Path
                 stream.phase = "after"
                 await asyncio.sleep(0.5)
             assert stream.failures == []
+            print(
+                "p99 before/hostile",
+                p99(stream.latencies["before"]),
+                p99(stream.latencies["hostile"]),
+            )
             before, hostile = p99(stream.latencies["before"]), p99(stream.latencies["hostile"])
             # Generous: the machine is shared; a stalled loop would be seconds, not this.
-            assert hostile <= max(0.25, 5 * before), (before, hostile)
+            assert hostile <= max(0.1, 4 * before), (before, hostile)
             await asyncio.sleep(0.5)
             rss_after = rss_mib(ps.proc.pid)
             assert rss_after <= rss_before + 40, (rss_before, rss_after)
