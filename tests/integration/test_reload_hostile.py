@@ -174,4 +174,4 @@ def test_validate_refuses_hostile_rules_within_two_seconds(tmp_path: Path, kind:
     assert words in done.stdout + done.stderr
     assert f"{bad}:" in done.stdout + done.stderr
     assert len(done.stdout + done.stderr) < 4096
-    assert took < REFUSED_WITHIN + 1.0, f"validate took {took:.2f}s"  # + interpreter start
+    assert took < REFUSED_WITHIN, f"validate took {took:.2f}s"  # interpreter start included
