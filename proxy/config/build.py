@@ -255,6 +255,8 @@ class Builder:
                 self.issues.append(
                     doc.issue([*where, "idempotency", "ttl"], "ttl must be greater than zero")
                 )
+        if idempotency is not None:
+            self._key_header_is_ours(doc, where, idempotency.header, names, gateways)
         retry = self._retry(doc, where, spec.get("retry", {}), idempotency is not None)
         max_body = model.Route.__dataclass_fields__["max_body"].default
         if "max_body" in spec:
@@ -283,6 +285,26 @@ class Builder:
             idempotency=idempotency,
             source=doc.source(where),
         )
+
+    def _key_header_is_ours(
+        self,
+        doc: Doc,
+        where: list[object],
+        header: str,
+        names: Sequence[str],
+        gateways: Mapping[str, model.Gateway],
+    ) -> None:
+        """A gateway header must not replace the idempotency key the gateway dedupes by."""
+        for name in names:
+            gw = gateways.get(name)
+            if gw is not None and any(h.name.lower() == header.lower() for h in gw.headers):
+                self.issues.append(
+                    doc.issue(
+                        [*where, "idempotency"],
+                        f"gateway {name!r} sets the header `{header}`, which carries this "
+                        "route's idempotency keys; payswitch sets it",
+                    )
+                )
 
     @staticmethod
     def _match(spec: Mapping[str, Any]) -> model.Match:

@@ -175,3 +175,24 @@ def test_secrets_compare_by_value_and_refuse_pickling() -> None:
     assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
     with pytest.raises(TypeError):
         pickle.dumps(Secret(SECRET))
+
+
+def test_a_gateway_header_cannot_replace_the_idempotency_key(tmp_path: Path) -> None:
+    gateway = (
+        "    url: http://127.0.0.1:9101\n    region: eu\n"
+        "    headers: {idempotency-key: {value: fixed}}\n"
+    )
+    (tmp_path / "gateways.yaml").write_text(f"gateways:\n  stripe-eu:\n{gateway}")
+    (tmp_path / "routes.yaml").write_text(ROUTES + "    idempotency: {header: Idempotency-Key}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_rules([tmp_path])
+    got = [(Path(i.file).name, i.line, i.pointer, i.message) for i in caught.value.issues]
+    assert got == [
+        (
+            "routes.yaml",
+            5,
+            "/routes/0/idempotency",
+            "gateway 'stripe-eu' sets the header `Idempotency-Key`, which carries this "
+            "route's idempotency keys; payswitch sets it",
+        )
+    ]
