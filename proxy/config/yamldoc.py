@@ -8,8 +8,9 @@ Must not: know the rules' schema or meaning (`proxy.config.load` and `build` do)
 
 Why the limits: YAML aliases make a few hundred bytes expand to billions of nodes (the
 "billion laughs"), and a deeply nested file makes any recursive reader overflow the stack.
-Both are refused while the event stream is read, before anything is built from it, so
-memory and time stay bounded by the file's size.
+Both are refused as ruamel's composer takes each parser event, before the node it starts
+is built (and flow nesting even before the scanner, whose look-ahead is quadratic in it),
+so memory and time stay bounded by the file's size.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml import events as ev
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.parser import RoundTripParser
 
 from proxy.config.issues import ConfigIssue, pointer
 
@@ -78,26 +80,29 @@ class _Frame:
     keys: dict[str, int] | None = None
 
 
-def _scan(
-    text: str, limits: ReadLimits, issues: list[ConfigIssue], name: str, deadline: float
-) -> None:
-    """Walk the YAML event stream once, refusing what would be too costly to build.
+class _Checker:
+    """Sees every YAML event as the composer takes it, refusing what would be too costly
+    to build before it is built. Raises `_Refused` on a limit; notes duplicate keys."""
 
-    Raises `_Refused` on a limit; appends duplicate keys to `issues`.
-    """
-    anchors: dict[str, int] = {}
-    stack: list[_Frame] = []
-    documents = 0
-    total = 0
-    for count, event in enumerate(YAML(typ="rt", pure=True).parse(text)):
+    def __init__(
+        self, limits: ReadLimits, issues: list[ConfigIssue], name: str, deadline: float
+    ) -> None:
+        self.limits = limits
+        self.issues = issues
+        self.name = name
+        self.deadline = deadline
+        self.anchors: dict[str, int] = {}
+        self.stack: list[_Frame] = []
+        self.count = 0
+        self.total = 0
+
+    def see(self, event: ev.Event) -> None:
+        limits, stack = self.limits, self.stack
         line = event.start_mark.line + 1 if event.start_mark is not None else 1
-        if count % 1024 == 0 and time.monotonic() > deadline:
+        self.count += 1
+        if self.count % 1024 == 0 and time.monotonic() > self.deadline:
             raise _Refused(line, f"took longer than {limits.max_seconds:g}s to read; refused")
-        if isinstance(event, ev.DocumentStartEvent):
-            documents += 1
-            if documents > 1:
-                raise _Refused(line, "one YAML document per file: remove the `---` separator")
-        elif isinstance(event, ev.MappingStartEvent | ev.SequenceStartEvent):
+        if isinstance(event, ev.MappingStartEvent | ev.SequenceStartEvent):
             if len(stack) >= limits.max_depth:
                 raise _Refused(line, f"nested deeper than {limits.max_depth} levels; refused")
             mapping = isinstance(event, ev.MappingStartEvent)
@@ -106,23 +111,42 @@ def _scan(
         elif isinstance(event, ev.ScalarEvent | ev.AliasEvent):
             size = 1
             if isinstance(event, ev.AliasEvent):
-                size = anchors.get(str(event.anchor), 1)
+                size = self.anchors.get(str(event.anchor), 1)
             elif event.anchor is not None:
-                anchors[str(event.anchor)] = 1
+                self.anchors[str(event.anchor)] = 1
             if stack and stack[-1].mapping and stack[-1].expect_key:
                 if isinstance(event, ev.AliasEvent):
                     raise _Refused(line, "an alias cannot be a key; write the key out")
-                _note_key(stack[-1], str(event.value), line, issues, name)
-            total = _add(stack, size, total, limits, line)
+                _note_key(stack[-1], str(event.value), line, self.issues, self.name)
+            self.total = _add(stack, size, self.total, limits, line)
         elif isinstance(event, ev.MappingEndEvent | ev.SequenceEndEvent):
             done = stack.pop()
             if done.anchor is not None:
-                anchors[str(done.anchor)] = done.nodes
+                self.anchors[str(done.anchor)] = done.nodes
             if stack:
                 stack[-1].nodes += done.nodes - 1  # its own 1 was counted when it started
                 if stack[-1].nodes > limits.max_nodes:
                     raise _too_many(limits, line)
                 stack[-1].expect_key = not stack[-1].expect_key
+
+
+class _CheckedParser(RoundTripParser):
+    """The round-trip parser, showing each event to the reader's checker as it is taken."""
+
+    def get_event(self) -> Any:
+        event = super().get_event()
+        self.loader.checker.see(event)
+        return event
+
+
+class _Reader(YAML):
+    """ruamel.yaml's round-trip reader (YAML 1.2, positions kept) with our checks."""
+
+    def __init__(self, checker: _Checker) -> None:
+        super().__init__(typ="rt", pure=True)
+        self.Parser = _CheckedParser
+        self.allow_duplicate_keys = True  # the checker reports them, with both lines
+        self.checker = checker
 
 
 def _key_shape(stack: list[_Frame], line: int) -> None:
@@ -221,12 +245,7 @@ def parse(
         deep = _flow_depth_over(text, limits.max_depth)
         if deep is not None:
             raise _Refused(deep, f"nested deeper than {limits.max_depth} levels; refused")
-        _scan(text, limits, issues, name, deadline)
-        if len(issues) > before:
-            return None
-        reader = YAML(typ="rt", pure=True)
-        reader.allow_duplicate_keys = True  # `_scan` reported them, with both lines
-        root = reader.load(text)
+        root = _Reader(_Checker(limits, issues, name, deadline)).load(text)
     except _Refused as exc:
         issues.append(ConfigIssue(name, exc.line, "", exc.message))
         return None
@@ -234,7 +253,11 @@ def parse(
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        issues.append(ConfigIssue(name, line, "", f"invalid YAML: {what}"))
+        if "another document" in what:
+            what = "one YAML document per file: remove the `---` separator"
+        else:
+            what = f"invalid YAML: {what}"
+        issues.append(ConfigIssue(name, line, "", what))
         return None
     except (YAMLError, ValueError, TypeError, RecursionError) as exc:
         # ruamel raises plain ValueError/TypeError for a few malformed scalars and tags.
