@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="payswitch", description="Declarative routing sidecar for payment traffic."
     )
+    p.add_argument("--version", action="version", version=f"payswitch {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve traffic with the rules in a directory")
     run.add_argument(
@@ -122,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")
+    val.add_argument(
+        "--skip-secrets",
+        action="store_true",
+        help="do not read gateway header values from files or the environment "
+        "(where the Secrets are not mounted, as in CI)",
+    )
     sim = sub.add_parser(
         "sim", help="start simulated gateways for every loopback gateway URL in the rules"
     )
@@ -129,10 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("payswitch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
-        return validate(args.paths)
+        return validate(args.paths, read_secrets=not args.skip_secrets)
     if args.command == "sim":
         from proxy.sim import run_from_rules
 
@@ -141,9 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(vars(args))
 
 
-def validate(paths: Sequence[str]) -> int:
+def validate(paths: Sequence[str], *, read_secrets: bool = True) -> int:
     try:
-        rules = load_rules(paths)
+        rules = load_rules(paths, read_secrets=read_secrets)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)

@@ -75,6 +75,16 @@ class Reply:
             self.stream = None
 
 
+def with_gateway_headers(headers: CIMultiDict[str], gw: Gateway) -> CIMultiDict[str]:
+    """`headers` with the gateway's own (credentials) replacing any the client sent.
+
+    A copy: the same request goes on to other gateways, which must not see these."""
+    out = headers.copy()
+    for header in gw.headers:
+        out[header.name] = header.value.reveal()
+    return out
+
+
 def new_session(*, idle_timeout: float = 15.0, max_idle: int = 256) -> UpstreamClient:
     """The one pooled keep-alive upstream client every attempt shares."""
     return UpstreamClient(idle_timeout=idle_timeout, max_idle=max_idle)
@@ -108,6 +118,8 @@ class Forwarder:
             pool = client.pool((gw.scheme, gw.host, gw.port))
         else:
             pool = client.pool((gw.scheme, gw.host, gw.port), tls.context, tls.server_name)
+        if gw.headers:
+            headers = with_gateway_headers(headers, gw)
         try:
             data = client.encode(pool, method, gw.base_path + path_qs, headers, body)
         except ValueError as exc:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from proxy.config import model
 from proxy.config.issues import ConfigIssue, Doc
+from proxy.config.secrets import gateway_headers, url_credentials
 from proxy.config.units import parse_duration, parse_rate, parse_size
 from proxy.upstream.tls import TLSConfigError, client_context
 
@@ -23,8 +24,9 @@ from proxy.upstream.tls import TLSConfigError, client_context
 class Builder:
     """Semantic checks and model construction over schema-valid documents."""
 
-    def __init__(self, docs: Sequence[Doc]) -> None:
+    def __init__(self, docs: Sequence[Doc], *, read_secrets: bool = True) -> None:
         self.docs = docs
+        self.read_secrets = read_secrets
         self.issues: list[ConfigIssue] = []
 
     def build(self) -> model.Rules:
@@ -110,6 +112,10 @@ class Builder:
         where: list[object] = ["gateways", name]
         url = spec["url"].rstrip("/")
         parts = urlsplit(url)
+        credentials = url_credentials(parts)
+        if credentials is not None:
+            # Reported, but the gateway is still built: its routes need not fail with it.
+            self.issues.append(doc.issue([*where, "url"], credentials))
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
@@ -118,6 +124,9 @@ class Builder:
         if not parts.hostname:
             self.issues.append(doc.issue([*where, "url"], f"no host in {url!r}"))
             return None
+        headers = gateway_headers(
+            doc, [*where, "headers"], spec.get("headers", {}), self.issues, read=self.read_secrets
+        )
         lim = spec.get("limits", {})
         rate = parse_rate(lim["rate"]) if "rate" in lim else None
         burst = lim.get("burst")
@@ -196,6 +205,7 @@ class Builder:
             outlier=outlier,
             degradation=degradation,
             tls=self._tls(doc, where, spec, parts.scheme),
+            headers=headers,
             source=doc.source(where),
         )
 
@@ -278,10 +288,20 @@ class Builder:
                 self.issues.append(
                     doc.issue([*where, "idempotency", "ttl"], "ttl must be greater than zero")
                 )
+        if idempotency is not None:
+            self._key_header_is_ours(doc, where, idempotency.header, names, gateways)
         retry = self._retry(doc, where, spec.get("retry", {}), idempotency is not None)
         max_body = model.Route.__dataclass_fields__["max_body"].default
         if "max_body" in spec:
             max_body = parse_size(spec["max_body"])
+            if max_body > model.MAX_BODY_LIMIT:
+                self.issues.append(
+                    doc.issue(
+                        [*where, "max_body"],
+                        f"max_body must be at most 64MiB ({model.MAX_BODY_LIMIT:,} bytes): "
+                        "request bodies are held in memory so that a retry can replay them",
+                    )
+                )
         if len(self.issues) > before:
             return None
         return model.Route(
@@ -298,6 +318,26 @@ class Builder:
             idempotency=idempotency,
             source=doc.source(where),
         )
+
+    def _key_header_is_ours(
+        self,
+        doc: Doc,
+        where: list[object],
+        header: str,
+        names: Sequence[str],
+        gateways: Mapping[str, model.Gateway],
+    ) -> None:
+        """A gateway header must not replace the idempotency key the gateway dedupes by."""
+        for name in names:
+            gw = gateways.get(name)
+            if gw is not None and any(h.name.lower() == header.lower() for h in gw.headers):
+                self.issues.append(
+                    doc.issue(
+                        [*where, "idempotency"],
+                        f"gateway {name!r} sets the header `{header}`, which carries this "
+                        "route's idempotency keys; payswitch sets it",
+                    )
+                )
 
     @staticmethod
     def _match(spec: Mapping[str, Any]) -> model.Match:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import yaml
+from typing import Any, Protocol
 
 from proxy.config import model
+
+#: Longest message an issue keeps: a 50 MB value must not be copied into logs and events.
+MAX_MESSAGE = 500
+#: Most issues a ConfigError keeps; the rest are counted in a last one.
+MAX_ISSUES = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,12 @@ class ConfigIssue:
     line: int
     pointer: str
     message: str
+
+    def __post_init__(self) -> None:
+        for name, limit in (("message", MAX_MESSAGE), ("pointer", 200), ("file", 300)):
+            text = getattr(self, name)
+            if len(text) > limit:
+                object.__setattr__(self, name, text[: limit - 1] + "…")
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.pointer or '/'}: {self.message}"
@@ -39,7 +48,12 @@ class ConfigError(Exception):
     """The rules are not valid; `issues` lists every problem found."""
 
     def __init__(self, issues: Sequence[ConfigIssue]) -> None:
-        self.issues = tuple(issues)
+        kept = list(issues[:MAX_ISSUES])
+        if len(issues) > MAX_ISSUES:
+            last = issues[MAX_ISSUES]
+            more = f"and {len(issues) - MAX_ISSUES} more problem(s) not shown"
+            kept.append(ConfigIssue(last.file, last.line, "", more))
+        self.issues = tuple(kept)
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
@@ -50,43 +64,17 @@ def pointer(parts: Iterable[object]) -> str:
     return "/" + "/".join(out) if out else ""
 
 
-class Lines:
-    """Maps a JSON pointer inside one YAML document to the line it was written on."""
+class LineIndex(Protocol):
+    """Names the line a JSON pointer inside one document was written on."""
 
-    def __init__(self, node: yaml.Node | None) -> None:
-        self._node = node
-
-    def line(self, parts: Sequence[object]) -> int:
-        node = self._node
-        if node is None:
-            return 1
-        best = node.start_mark.line + 1
-        for part in parts:
-            nxt: yaml.Node | None = None
-            if isinstance(node, yaml.MappingNode):
-                for key, value in node.value:
-                    if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                        nxt = value
-                        best = key.start_mark.line + 1
-                        break
-            elif (
-                isinstance(node, yaml.SequenceNode)
-                and isinstance(part, int)
-                and 0 <= part < len(node.value)
-            ):
-                nxt = node.value[part]
-                best = nxt.start_mark.line + 1
-            if nxt is None:
-                break
-            node = nxt
-        return best
+    def line(self, parts: Sequence[object]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Doc:
     file: str
     data: Mapping[str, Any]
-    lines: Lines
+    lines: LineIndex
 
     def issue(self, parts: Sequence[object], message: str) -> ConfigIssue:
         return ConfigIssue(self.file, self.lines.line(parts), pointer(parts), message)

@@ -10,23 +10,28 @@ Must not: publish anything or touch runtime state; the store decides what to do 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
-import re
+import time
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
 import jsonschema
-import yaml
 
 from proxy.config import model
 from proxy.config.build import Builder
-from proxy.config.issues import ConfigError, ConfigIssue, Doc, Lines
+from proxy.config.explain import Explainer
+from proxy.config.issues import ConfigError, ConfigIssue, Doc
+from proxy.config.yamldoc import DEFAULT_LIMITS, ReadLimits, parse, too_big
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_TOTAL_BYTES",
     "ConfigError",
     "ConfigIssue",
+    "ReadLimits",
     "build_rules",
     "content_hash",
     "load_rules",
@@ -38,38 +43,43 @@ RULE_SUFFIXES = (".yaml", ".yml")
 SCHEMA_ENV = "PAYSWITCH_SCHEMAS"
 
 
+#: All rules files together; each one also has `ReadLimits.max_file_bytes`.
+MAX_TOTAL_BYTES = 512 * 1024
+
+
 def schema_dir() -> Path:
+    """Where the JSON Schemas are: $PAYSWITCH_SCHEMAS, else inside the installed package
+    (`proxy/schemas`, copied there when the wheel is built), else the source tree's
+    top-level `schemas/`, their one copy in git."""
     env = os.environ.get(SCHEMA_ENV)
     if env:
         return Path(env)
+    packaged = Path(str(importlib.resources.files("proxy"))) / "schemas"
+    if (packaged / "rules.schema.json").is_file():
+        return packaged
     return Path(__file__).resolve().parents[2] / "schemas"
 
 
 @cache
+def _schema() -> dict[str, object]:
+    schema: dict[str, object] = json.loads(
+        (schema_dir() / "rules.schema.json").read_text(encoding="utf-8")
+    )
+    return schema
+
+
+@cache
 def _validator() -> jsonschema.protocols.Validator:
-    schema = json.loads((schema_dir() / "rules.schema.json").read_text(encoding="utf-8"))
+    schema = _schema()
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     validator: jsonschema.protocols.Validator = cls(schema)
     return validator
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: `on`, `off`, `yes`, `no` stay strings.
-
-    `retry: {on: [...]}` must not turn into `{True: [...]}`.
-    """
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
+@cache
+def _explainer() -> Explainer:
+    return Explainer(_schema())
 
 
 def rule_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -135,11 +145,31 @@ def read_sources(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, byt
 def _read_all(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     issues: list[ConfigIssue] = []
+    total = 0
+    cap = DEFAULT_LIMITS.max_file_bytes
     for f in rule_files(paths):
         try:
-            out.append((str(f), f.read_bytes()))
+            # A huge file is refused by its size, never read whole.
+            size = f.stat().st_size
+            if size > cap:
+                issues.append(ConfigIssue(str(f), 1, "", too_big(size, DEFAULT_LIMITS)))
+                continue
+            data = f.read_bytes()
         except OSError as exc:
             issues.append(ConfigIssue(str(f), 0, "", f"cannot read: {exc.strerror or exc}"))
+            continue
+        total += len(data)
+        if total > MAX_TOTAL_BYTES:
+            issues.append(
+                ConfigIssue(
+                    str(f),
+                    1,
+                    "",
+                    f"the rules files together exceed {MAX_TOTAL_BYTES:,} bytes; refused",
+                )
+            )
+            break
+        out.append((str(f), data))
     if issues:
         raise ConfigError(issues)
     if not out:
@@ -158,66 +188,62 @@ def content_hash(sources: Sequence[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def load_rules(paths: Iterable[str | os.PathLike[str]]) -> model.Rules:
-    """Read, validate and build the rules in `paths`; raise ConfigError with every problem."""
-    return build_rules(read_sources(paths))
+def load_rules(
+    paths: Iterable[str | os.PathLike[str]],
+    limits: ReadLimits = DEFAULT_LIMITS,
+    *,
+    read_secrets: bool = True,
+) -> model.Rules:
+    """Read, validate and build the rules in `paths`; raise ConfigError with every problem.
+
+    `read_secrets=False` checks where header values come from without reading them (CI,
+    where the Secrets are not mounted); such rules are for checking, never for serving."""
+    return build_rules(read_sources(paths), limits, read_secrets=read_secrets)
 
 
-def build_rules(sources: Sequence[tuple[str, bytes]]) -> model.Rules:
+def build_rules(
+    sources: Sequence[tuple[str, bytes]],
+    limits: ReadLimits = DEFAULT_LIMITS,
+    *,
+    read_secrets: bool = True,
+) -> model.Rules:
     docs: list[Doc] = []
     issues: list[ConfigIssue] = []
+    total = 0
+    deadline = time.monotonic() + limits.max_seconds
     for name, data in sources:
-        doc = _parse(name, data, issues)
+        total += len(data)
+        if total > MAX_TOTAL_BYTES:
+            issues.append(
+                ConfigIssue(
+                    name, 1, "", f"the rules files together exceed {MAX_TOTAL_BYTES:,} bytes"
+                )
+            )
+            break
+        doc = _parse(name, data, issues, limits, deadline)
         if doc is not None:
             docs.append(doc)
     if issues:
         raise ConfigError(issues)
-    builder = Builder(docs)
+    builder = Builder(docs, read_secrets=read_secrets)
     rules = builder.build()
     if builder.issues:
         raise ConfigError(builder.issues)
     return rules
 
 
-def _parse(name: str, data: bytes, issues: list[ConfigIssue]) -> Doc | None:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        issues.append(ConfigIssue(name, 1, "", f"not UTF-8 text: {exc.reason}"))
+def _parse(
+    name: str, data: bytes, issues: list[ConfigIssue], limits: ReadLimits, deadline: float
+) -> Doc | None:
+    parsed = parse(name, data, issues, limits, deadline)
+    if parsed is None:
         return None
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        value = yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
-        issues.append(ConfigIssue(name, line, "", f"invalid YAML: {what}"))
-        return None
-    except yaml.YAMLError as exc:
-        issues.append(ConfigIssue(name, 1, "", f"invalid YAML: {exc}"))
-        return None
-    if value is None:
-        value = {}
-    lines = Lines(node)
-    doc = Doc(name, value if isinstance(value, dict) else {}, lines)
+    value = {} if parsed.value is None else parsed.value
+    doc = Doc(name, value if isinstance(value, dict) else {}, parsed.lines)
     if not isinstance(value, dict):
         issues.append(doc.issue([], "a rules file must be a mapping with gateways and/or routes"))
         return None
-    found = sorted(_validator().iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
-    for err in found:
-        issues.append(doc.issue(list(err.absolute_path), _schema_message(err)))
+    found = list(_validator().iter_errors(value))
+    explained = [i for err in found for i in _explainer().issues(doc, err)]
+    issues.extend(sorted(explained, key=lambda i: (i.line, i.pointer)))
     return None if found else doc
-
-
-def _schema_message(err: jsonschema.ValidationError) -> str:
-    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-        schema = err.schema if isinstance(err.schema, dict) else {}
-        allowed = set(schema.get("properties", {}))
-        extra = sorted(k for k in err.instance if k not in allowed)
-        if extra and allowed:
-            return f"unknown field(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}"
-    if err.validator == "oneOf" and err.context:
-        best = jsonschema.exceptions.best_match(err.context)
-        return str(best.message)
-    return str(err.message)

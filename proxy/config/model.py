@@ -7,6 +7,7 @@ here is built once by `proxy.config.load` and then only read.
 
 from __future__ import annotations
 
+import hmac
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,8 +25,53 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")
 
 
+#: The largest `max_body` a route may set: bodies are held in memory so a retry can
+#: replay them, and payment requests are small.
+MAX_BODY_LIMIT = 64 * 1024 * 1024
+
+
 def _empty_map() -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({})
+
+
+class Secret:
+    """A value that must never be shown: its repr, str and JSON form are `<redacted>`.
+
+    Only `reveal()` gives the value, where it is written into a request to a gateway.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret is not to be pickled")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayHeader:
+    """A header payswitch adds to every request to one gateway, replacing the client's."""
+
+    name: str
+    value: Secret
+    origin: str  # where the value was read: "file:/path", "env:NAME" or "rules"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +159,7 @@ class Gateway:
     outlier: OutlierDetection = field(default_factory=OutlierDetection)
     degradation: Degradation = field(default_factory=Degradation)
     tls: GatewayTLS | None = None  # set for every https gateway
+    headers: tuple[GatewayHeader, ...] = ()
     source: Source
 
     @property
@@ -221,3 +268,12 @@ class Rules:
     files: tuple[str, ...] = ()
     content_hash: str = ""
     raw: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def reads_secrets(self) -> bool:
+        """Whether loading read header values from files or the environment: then the
+        same rules files can load to different rules, and a reload must read them again."""
+        return any(h.origin != "rules" for g in self.gateways.values() for h in g.headers)
+
+    def secrets(self) -> tuple[tuple[str, str, Secret], ...]:
+        return tuple((g.name, h.name, h.value) for g in self.gateways.values() for h in g.headers)

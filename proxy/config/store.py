@@ -187,21 +187,32 @@ class ConfigStore(Generic[T]):
         except ConfigError as exc:
             return self._refused(exc, "", trigger)
         digest = content_hash(sources)
-        if digest == old.hash:
-            self._count("unchanged")
-            # The files are back to what is served, so an earlier refusal no longer applies.
-            self._supersede()
-            return ReloadResult(
-                outcome="unchanged", generation=old.generation, hash=digest, trigger=trigger
-            )
+        if digest == old.hash and not old.rules.reads_secrets:
+            return self._unchanged(old, digest, trigger)
         try:
-            rules, compiled = self._prepare(await asyncio.to_thread(build_rules, sources), digest)
+            built = await asyncio.to_thread(build_rules, sources)
+            if digest == old.hash and built.secrets() == old.rules.secrets():
+                return self._unchanged(old, digest, trigger)  # files and secrets as served
+            rules, compiled = self._prepare(built, digest)
             self._bind(rules, compiled)
         except ConfigError as exc:
             return self._refused(exc, digest, trigger)
+        except Exception as exc:
+            # A loader bug must not leave a reload uncounted, nor answer the admin with 500.
+            logger.exception("loading rules %s failed", digest[:12])
+            failed = ConfigIssue("-", 0, "", f"cannot load rules: {type(exc).__name__}")
+            return self._refused(ConfigError([failed]), digest, trigger)
         new = self._publish(rules, compiled, digest, trigger)
         return ReloadResult(
             outcome="success", generation=new.generation, hash=digest, trigger=trigger
+        )
+
+    def _unchanged(self, old: Snapshot[T], digest: str, trigger: str) -> ReloadResult:
+        self._count("unchanged")
+        # The files are back to what is served, so an earlier refusal no longer applies.
+        self._supersede()
+        return ReloadResult(
+            outcome="unchanged", generation=old.generation, hash=digest, trigger=trigger
         )
 
     async def run_watcher(self, stop: asyncio.Event) -> None:

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import re
 
+#: How each form is described in error messages, with examples.
+DURATION_FORM = "a duration like 250ms, 2s, 1m, 24h (one number, one unit: ms, s, m, h, d)"
+SIZE_FORM = "a size like 64KiB, 1MiB, or a number of bytes"
+RATE_FORM = "a rate like 200/s, 600/m, or a number per second"
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
@@ -39,7 +44,7 @@ def parse_duration(text: str | int | float) -> float:
         return float(text)
     m = _DURATION.match(text)
     if m is None:
-        raise ValueError(f"not a duration: {text!r} (write e.g. 250ms, 2s, 1m, 24h)")
+        raise ValueError(f"`{text}` is not {DURATION_FORM}")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -53,7 +58,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(text)
     if m is None:
-        raise ValueError(f"not a size: {text!r} (write e.g. 1MiB, 64KiB, 4096)")
+        raise ValueError(f"`{text}` is not {SIZE_FORM}")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
@@ -67,7 +72,7 @@ def parse_rate(text: str | int | float) -> float:
         return float(text)
     m = _RATE.match(text)
     if m is None:
-        raise ValueError(f"not a rate: {text!r} (write e.g. 200/s, 600/m)")
+        raise ValueError(f"`{text}` is not {RATE_FORM}")
     value = float(m.group(1)) / _RATE_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError(f"a rate must be positive: {text!r}")

@@ -59,3 +59,29 @@ def test_run_refuses_invalid_rules_with_exit_1(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "x.yaml:1: /routes:" in result.stderr
+
+
+def test_validate_reads_secrets_unless_told_to_skip_them(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(
+        "gateways:\n"
+        "  g:\n"
+        "    url: http://127.0.0.1:9101\n"
+        "    region: eu\n"
+        "    headers: {Authorization: {value_from: {file: /nonexistent/secret}}}\n"
+        "routes:\n"
+        "  - {name: r, match: {path: /}, gateways: [g]}\n"
+    )
+    read = run("validate", str(tmp_path))
+    assert read.returncode == 1
+    assert read.stderr.splitlines()[0] == (
+        f"{tmp_path / 'rules.yaml'}:5: /gateways/g/headers/Authorization/value_from: "
+        "header `Authorization`: cannot read /nonexistent/secret: No such file or directory"
+    )
+    skipped = run("validate", "--skip-secrets", str(tmp_path))
+    assert skipped.returncode == 0, skipped.stderr
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("payswitch ")

@@ -70,8 +70,8 @@ def test_issue_shape_loads_with_defaults(tmp_path: Path) -> None:
             },
             "a.yaml",
             3,
-            "/gateways/adyen-us",
-            "unknown field(s) 'wieght'",
+            "/gateways/adyen-us/wieght",
+            "unknown key `wieght`; did you mean `weight`?",
         ),
         (
             {
@@ -81,7 +81,7 @@ def test_issue_shape_loads_with_defaults(tmp_path: Path) -> None:
             "b.yaml",
             6,
             "/routes/0/timeouts/per_try",
-            "does not match",
+            "`fast` is not a duration like 250ms",
         ),
         (
             {
@@ -210,3 +210,213 @@ def test_unknown_after_must_be_positive(tmp_path: Path) -> None:
     routes = GOOD_ROUTES.replace("total: 3s", "total: 3s, unknown_after: 0s")
     with pytest.raises(ConfigError, match="unknown_after must be greater than zero"):
         load_rules([write(tmp_path, **{"a.yaml": GOOD_GATEWAYS, "b.yaml": routes})])
+
+
+DURATION = "a duration like 250ms, 2s, 1m, 24h (one number, one unit: ms, s, m, h, d)"
+
+
+@pytest.mark.parametrize(
+    ("gateways", "routes", "where", "line", "pointer", "message"),
+    [
+        (
+            GOOD_GATEWAYS + "  stripe-eu: {url: 'http://127.0.0.1:1', region: eu}\n",
+            GOOD_ROUTES,
+            "a.yaml",
+            4,
+            "",
+            "duplicate key `stripe-eu`: first written on line 2",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("timeouts:", "timeout:"),
+            "b.yaml",
+            6,
+            "/routes/0/timeout",
+            "unknown key `timeout`; did you mean `timeouts`?",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace(
+                "    timeouts: {per_try: 500ms, total: 3s}\n",
+                "    timeouts:\n      total: 3s\n    per_try: 500ms\n",
+            ),
+            "b.yaml",
+            8,
+            "/routes/0/per_try",
+            "unknown key `per_try`: it belongs inside `timeouts` (check its indentation)",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES + "    idempotency: {ttl: 1d12h}\n",
+            "b.yaml",
+            8,
+            "/routes/0/idempotency/ttl",
+            f"`1d12h` is not {DURATION}",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("per_try: 500ms", "per_try: 500"),
+            "b.yaml",
+            6,
+            "/routes/0/timeouts/per_try",
+            f"`500` needs a unit: write {DURATION}",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES + "    max_body: 64kb\n",
+            "b.yaml",
+            8,
+            "/routes/0/max_body",
+            "`64kb` is not a size like 64KiB, 1MiB, or a number of bytes",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES + "    max_body: 999999999999GiB\n",
+            "b.yaml",
+            8,
+            "/routes/0/max_body",
+            "max_body must be at most 64MiB (67,108,864 bytes): "
+            "request bodies are held in memory so that a retry can replay them",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES + "    max_body: 67108865\n",
+            "b.yaml",
+            8,
+            "/routes/0/max_body",
+            "`67108865` must be at most 67,108,864",
+        ),
+        (
+            GOOD_GATEWAYS.replace("provider: stripe", "provider: stripe, limits: {rate: 5/sec}"),
+            GOOD_ROUTES,
+            "a.yaml",
+            2,
+            "/gateways/stripe-eu/limits/rate",
+            "`5/sec` is not a rate like 200/s, 600/m, or a number per second",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("after_ambiguous: any-gateway", "after_ambiguous: any_gateway"),
+            "b.yaml",
+            7,
+            "/routes/0/retry/after_ambiguous",
+            "`any_gateway` is not one of `never`, `same-provider`, `any-gateway`; "
+            "did you mean `any-gateway`?",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("connect-failure,", "connect-fail,"),
+            "b.yaml",
+            7,
+            "/routes/0/retry/on/0",
+            "`connect-fail` is not one of `connect-failure`, `timeout`, `reset`, `5xx`; "
+            "did you mean `connect-failure`?",
+        ),
+        (
+            GOOD_GATEWAYS.replace("gateways:", "gateway:"),
+            GOOD_ROUTES,
+            "a.yaml",
+            1,
+            "/gateway",
+            "unknown key `gateway`; did you mean `gateways`?",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("gateways: [stripe-eu, adyen-us]", "gateways: stripe-eu"),
+            "b.yaml",
+            5,
+            "/routes/0/gateways",
+            "expected a list, got `stripe-eu`",
+        ),
+        (
+            GOOD_GATEWAYS.replace("adyen-us:", "Adyen US:"),
+            GOOD_ROUTES,
+            "a.yaml",
+            3,
+            "/gateways/Adyen US",
+            "`Adyen US` is not a name of lower-case letters, digits, `.`, `_` or `-` (up to 63), "
+            "like stripe-eu",
+        ),
+        (
+            GOOD_GATEWAYS,
+            GOOD_ROUTES.replace("timeouts: {per_try: 500ms, total: 3s}", "timeouts:"),
+            "b.yaml",
+            6,
+            "/routes/0/timeouts",
+            "expected a mapping (key: value), got an empty value",
+        ),
+        (
+            GOOD_GATEWAYS.replace('url: "http://127.0.0.1:9101", ', ""),
+            GOOD_ROUTES,
+            "a.yaml",
+            2,
+            "/gateways/stripe-eu",
+            "missing `url`",
+        ),
+        (
+            GOOD_GATEWAYS + "---\nroutes: []\n",
+            GOOD_ROUTES,
+            "a.yaml",
+            4,
+            "",
+            "one YAML document per file: remove the `---` separator",
+        ),
+        (
+            GOOD_GATEWAYS + "  200: {url: 'http://127.0.0.1:1', region: eu}\n",
+            GOOD_ROUTES,
+            "a.yaml",
+            4,
+            "/gateways",
+            'key 200 must be text: quote it ("200")',
+        ),
+    ],
+    ids=[
+        "duplicate-key-names-both-lines",
+        "typo-suggests-closest-key",
+        "mis-indented-key-at-its-own-line",
+        "duration-of-wrong-form",
+        "duration-without-unit",
+        "size-of-wrong-form",
+        "max-body-over-limit-as-text",
+        "max-body-over-limit-as-number",
+        "rate-of-wrong-form",
+        "enum-suggests-closest",
+        "retry-condition-suggests-closest",
+        "top-level-typo",
+        "wrong-type",
+        "bad-name-at-the-key",
+        "empty-block",
+        "missing-key",
+        "two-documents",
+        "number-as-key",
+    ],
+)
+def test_messages_say_what_to_write_at_the_offending_line(
+    tmp_path: Path,
+    gateways: str,
+    routes: str,
+    where: str,
+    line: int,
+    pointer: str,
+    message: str,
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_rules([write(tmp_path, **{"a.yaml": gateways, "b.yaml": routes})])
+    got = [(Path(i.file).name, i.line, i.pointer, i.message) for i in caught.value.issues]
+    assert got == [(where, line, pointer, message)]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("x: [on, yes, no, off]\n", ["on", "yes", "no", "off"]),
+        ("x: [true, false, True]\n", [True, False, True]),
+    ],
+    ids=["yaml-1.1-booleans-stay-text", "yaml-1.2-booleans"],
+)
+def test_yaml_12_semantics(tmp_path: Path, text: str, words: list[object]) -> None:
+    from proxy.config.yamldoc import DEFAULT_LIMITS, parse
+
+    issues: list[object] = []
+    parsed = parse("a.yaml", text.encode(), issues, DEFAULT_LIMITS)  # type: ignore[arg-type]
+    assert parsed is not None and parsed.value == {"x": words}

@@ -95,17 +95,17 @@ routes:
         (
             '{url: "https://gw.example", region: eu, tls: {server_name: "a b"}}',
             "/gateways/g1/tls/server_name",
-            "does not match",
+            "does not fit",
         ),
         (
             '{url: "https://gw.example", region: eu, tls: {verify: false}}',
-            "/gateways/g1/tls",
-            "unknown field(s) 'verify'",
+            "/gateways/g1/tls/verify",
+            "unknown key `verify`",
         ),
         (
             '{url: "http://gw.example", region: eu, limits: {max_connections: 0}}',
             "/gateways/g1/limits/max_connections",
-            "less than the minimum",
+            "must be at least 1",
         ),
     ],
     ids=[
