@@ -2,7 +2,8 @@
 
 Owns: `Balancer.pick`, synchronous and free of I/O: region order first, then smooth
 weighted round robin (nginx's algorithm) or power-of-two-choices over peak-EWMA latency
-within a region, over gateways that are eligible, allowed and not yet tried.
+within a region, over gateways that are eligible, allowed and not yet tried; a gateway whose
+half-open probe is due is picked first, so the probe does not wait its turn.
 Must not: change health flags or send anything. SWRR positions are kept per
 (route, region, gateway) and survive reloads.
 """
@@ -65,6 +66,8 @@ class Balancer:
                     if skipped is not None:
                         skipped.append(Skip(gw.name, reason))
                     continue
+                if st.probe_due:
+                    return st  # its half-open probe goes out now, not when SWRR gets to it
                 eligible.append(st)
             if eligible:
                 if len(eligible) == 1:

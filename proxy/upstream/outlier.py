@@ -6,7 +6,10 @@ in a row, or when failures reach `failure_percentage` of at least `min_requests`
 in the sliding `window` — a per-gateway rule, so it works with the 2-4 gateways a payment
 route has (Envoy's success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
-period in between; then the gateway is half-open and exactly one request decides.
+period in between, unless active checks see the gateway come back first (`end_ejection`);
+then the gateway is half-open and exactly one request decides: the first one *started*
+after it came back. Requests started before that (stragglers from before the ejection)
+neither decide the probe nor count against the gateway once it is back.
 Must not: read the clock (every method takes `now`), decide the share of gateways that may
 be out at once (the caller's `may_eject` does, it sees every gateway) or count 429s and
 cancelled attempts as failures.
@@ -30,6 +33,13 @@ SLOW_START_FLOOR = 0.1
 #: A half-open probe that never reports back (a caller lost it) frees the slot after this,
 #: so one lost request cannot keep a gateway out for good.
 PROBE_STALE_AFTER = 60.0
+#: Slack when telling a request started after the gateway came back from one started
+#: before: callers measure latency from the `started()` call, so only float noise remains.
+START_TOLERANCE = 0.005
+
+#: `may_eject(st, since)`: whether `st` may be ejected now. `since` is when its run of
+#: consecutive failures began (proven failure), None for a failure-percentage verdict.
+MayEject = Callable[[GatewayState, float | None], bool]
 
 
 def ejection_time(policy: OutlierDetection, n: int) -> float:
@@ -58,12 +68,14 @@ class OutlierStatus:
     window_requests: int
     window_failures: int
     slow_start_factor: float
+    full_share_in_s: float  # until the slow-start ramp reaches the full weight
 
 
 class OutlierDetector:
     """Ejection state of one gateway; `policy` is read from `st.gateway` on every call."""
 
     __slots__ = (
+        "_back_at",
         "_calm_since",
         "_consecutive",
         "_ejected",
@@ -73,10 +85,13 @@ class OutlierDetector:
         "_events",
         "_held",
         "_may_eject",
+        "_on_return",
         "_probe_started",
         "_ramp_since",
+        "_run_since",
         "_window",
         "_window_failures",
+        "last_success",
         "st",
     )
 
@@ -84,13 +99,21 @@ class OutlierDetector:
         self,
         st: GatewayState,
         events: Emitter,
-        may_eject: Callable[[GatewayState], bool],
+        may_eject: MayEject,
         now: float,
+        *,
+        on_return: Callable[[float], None] | None = None,
     ) -> None:
         self.st = st
         self._events = events
         self._may_eject = may_eject
+        self._on_return = on_return
         self._consecutive = 0
+        self._run_since = 0.0  # when the current run of consecutive failures began
+        #: When a request to it last succeeded (None: never); peers read it to tell a
+        #: gateway's own fault from one every gateway shares.
+        self.last_success: float | None = None
+        self._back_at: float | None = None  # when it last came back (half-open or restored)
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._ejected = False
@@ -117,6 +140,9 @@ class OutlierDetector:
             return "ejected"
         if self._probe_started is not None and now - self._probe_started < PROBE_STALE_AFTER:
             return "half-open"
+        # Half-open with a free slot: the balancer sends the next request here at once
+        # rather than when round robin comes around to it.
+        self.st.probe_due = True
         return None
 
     def started(self, now: float) -> None:
@@ -125,34 +151,42 @@ class OutlierDetector:
             return
         if self._probe_started is None or now - self._probe_started >= PROBE_STALE_AFTER:
             self._probe_started = now
+            self.st.probe_due = False
 
     # -- outcomes --------------------------------------------------------------------
 
-    def _is_probe(self, latency: float, now: float) -> bool:
-        # Requests sent before the ejection can still finish while the probe is out. They
-        # began at least one ejection time before the probe, so the request's start
-        # (now - latency) tells them apart, with half that gap as slack for callers whose
-        # latency does not cover exactly the span between started() and finished().
-        assert self._probe_started is not None
-        slack = 0.5 * (self._probe_started - self._ejected_at)
-        return now - max(latency, 0.0) >= self._probe_started - slack
+    def predates_return(self, latency: float, now: float) -> bool:
+        """Whether a request that took `latency` until `now` was started before the
+        gateway last came back: what it says is about the gateway before its outage."""
+        back = self._back_at
+        return back is not None and now - max(latency, 0.0) < back - START_TOLERANCE
 
     def finished(self, outcome: Outcome, latency: float, now: float) -> None:
+        """Count one finished request; `latency` runs from its `started()` call."""
         if self._ejected:
             self._finished_while_ejected(outcome, latency, now)
             return
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             return
+        if self.predates_return(latency, now):
+            return
         failed = outcome.is_failure
-        self._consecutive = self._consecutive + 1 if failed else 0
+        if not failed:
+            self.last_success = now
+            self._consecutive = 0
+        else:
+            if self._consecutive == 0:
+                self._run_since = now
+            self._consecutive += 1
         self._window.append((now, failed))
         self._window_failures += failed
         self._prune(now)
-        reason = self._verdict()
-        if reason is None:
+        verdict = self._verdict()
+        if verdict is None:
             self._held = False
             return
-        if not self._may_eject(self.st):
+        reason, proven = verdict
+        if not self._may_eject(self.st, self._run_since if proven else None):
             if not self._held:
                 logger.warning(
                     "%s: %s, but ejecting it would exceed the ejection cap", self.st.name, reason
@@ -163,8 +197,8 @@ class OutlierDetector:
         self._eject(now, reason, self._decayed_ejections(now) + 1)
 
     def _finished_while_ejected(self, outcome: Outcome, latency: float, now: float) -> None:
-        if self._probe_started is None or not self._is_probe(latency, now):
-            return  # sent before the ejection: it says nothing new
+        if self._probe_started is None or self.predates_return(latency, now):
+            return  # started before it came back: it says nothing new
         self._probe_started = None
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             return  # no verdict; the next request after this one probes again
@@ -179,15 +213,16 @@ class OutlierDetector:
             _, failed = self._window.popleft()
             self._window_failures -= failed
 
-    def _verdict(self) -> str | None:
+    def _verdict(self) -> tuple[str, bool] | None:
+        """(why, whether the failure is proven by a run of consecutive failures)."""
         policy = self.policy
         if 0 < policy.consecutive_failures <= self._consecutive:
-            return f"{self._consecutive} consecutive failures"
+            return f"{self._consecutive} consecutive failures", True
         seen = len(self._window)
         if 0 < policy.failure_percentage <= 100 and seen and seen >= policy.min_requests:
             pct = 100.0 * self._window_failures / seen
             if pct >= policy.failure_percentage:
-                return f"{pct:.0f}% of {seen} requests failed"
+                return f"{pct:.0f}% of {seen} requests failed", False
         return None
 
     # -- transitions -----------------------------------------------------------------
@@ -215,6 +250,8 @@ class OutlierDetector:
         self._ejected_at = now
         self._ejected_until = now + duration
         self._probe_started = None
+        self._back_at = self._ejected_until  # moved sooner if active checks see it back
+        self.st.probe_due = False
         self._consecutive = 0
         self._window.clear()
         self._window_failures = 0
@@ -229,11 +266,28 @@ class OutlierDetector:
             duration_s=duration,
         )
 
+    def end_ejection(self, now: float, reason: str) -> bool:
+        """Cut a passive ejection short: the gateway is half-open from `now`, so the next
+        request probes it. False when it was not ejected or already half-open."""
+        if not self._ejected or now >= self._ejected_until:
+            return False
+        logger.info(
+            "%s: ejection cut short by %.1fs: %s", self.st.name, self._ejected_until - now, reason
+        )
+        self._ejected_until = now
+        self._back_at = now
+        return True
+
     def _restore(self, now: float) -> None:
         reason = "half-open probe succeeded"
         self._ejected = False
         self._calm_since = now
+        self._back_at = now
+        self.st.probe_due = False
+        self.last_success = now
         self.start_slow_start(now)
+        if self._on_return is not None:
+            self._on_return(now)
         logger.info("%s restored: %s", self.st.name, reason)
         self.st.clear_flag(Flag.EJECTED, reason)
         self._events.emit(
@@ -267,4 +321,7 @@ class OutlierDetector:
             window_requests=len(self._window),
             window_failures=self._window_failures,
             slow_start_factor=slow_start_factor(self.policy, self._ramp_since, now),
+            full_share_in_s=0.0
+            if self._ramp_since is None
+            else max(0.0, self._ramp_since + self.policy.slow_start - now),
         )

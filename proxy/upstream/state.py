@@ -77,6 +77,7 @@ class GatewayState:
         "flags",
         "gateway",
         "in_flight",
+        "probe_due",
         "requests",
         "score",
         "throttled_until",
@@ -88,6 +89,9 @@ class GatewayState:
         self.flags = Flag.NONE
         self.score = 1.0  # predictive health score in (0, 1]
         self.weight_factor = 1.0  # slow-start ramp in (0, 1]
+        #: Half-open with its probe slot free: the balancer picks it first, so the probe
+        #: goes out at once instead of when round robin comes around to it.
+        self.probe_due = False
         self.in_flight = 0
         self.requests = 0
         self.failures = 0

@@ -31,7 +31,7 @@ class Setup:
         self.st = GatewayState(gateway(outlier=policy))
         self.rec = Recorder()
         self.allow = allow
-        self.det = OutlierDetector(self.st, self.rec, lambda _st: self.allow, self.clock.now())
+        self.det = OutlierDetector(self.st, self.rec, lambda _st, _since: self.allow, self.clock.now())
 
     def send(self, outcome: Outcome, latency: float = 0.01) -> str | None:
         """One request through admission, start and finish, as the request path does."""
