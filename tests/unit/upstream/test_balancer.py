@@ -120,3 +120,26 @@ def test_state_survives_reconcile_for_unchanged_identity() -> None:
     assert states["a"].requests == 42 and states["a"].flags & Flag.EJECTED
     assert states["a"].gateway.weight == 9
     assert [s.name for s in created] == ["b"] and [s.name for s in removed] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("due", "exclude", "allow_p2", "expected"),
+    [
+        ("c", set(), False, "c"),
+        ("c", {"c"}, False, None),
+        ("c", set(), True, None),
+        ("d", set(), False, None),
+    ],
+    ids=["picked-first", "already-tried", "other-provider", "other-region-waits"],
+)
+def test_a_due_half_open_probe_does_not_wait_for_round_robin(
+    due: str, exclude: set[str], allow_p2: bool, expected: str | None
+) -> None:
+    bal, states, plan = setup()
+    states[due].probe_due = True
+    allow = (lambda g: g.provider == "p2") if allow_p2 else None
+    picks = [name_of(bal.pick(plan, "eu", admit_all, exclude, allow)) for _ in range(3)]
+    if expected is not None:
+        assert picks == [expected] * 3  # until the probe starts, every pick sends it
+    else:
+        assert due not in picks
