@@ -167,6 +167,21 @@ class FakeGateway:
             if conn.transport is not None:
                 conn.transport.abort()
 
+    async def restart(self, pause: float) -> None:
+        """Restart as a gateway process does: stop listening, close every connection
+        once its request in progress is answered (an idle pooled one at once, with a FIN),
+        and listen again after `pause`. A request written on a connection as it closes
+        is lost unread."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        server = self._runner.server if self._runner is not None else None
+        for conn in list(server.connections if server is not None else ()):
+            conn.close()
+        await asyncio.sleep(pause)
+        if self._site is None and self._runner is not None:
+            await self._listen()
+
     async def up(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
         if self._site is None and self._runner is not None:

@@ -348,8 +348,8 @@ class Health:
 
     def _may_eject(self, st: GatewayState, since: float | None) -> bool:
         """Whether `st` may be ejected: in every route it serves, either the route stays
-        within its ejection cap, or the failure is proven (`since`: when its run of
-        consecutive failures began) and a peer that is in service has succeeded since.
+        within its ejection cap, or the failure is proven (`since`: when the first request of
+        its run of consecutive failures was sent) and a peer in service has succeeded since.
 
         The cap guards against weak evidence (a failure percentage, a fault on our side
         that every gateway shares); it must not keep a gateway that failed every request

@@ -2,7 +2,8 @@
 
 Owns: `OutlierDetector`, which owns the EJECTED flag and the slow-start ramp
 (`GatewayState.weight_factor`). A gateway is ejected after `consecutive_failures` failures
-in a row, or when failures reach `failure_percentage` of at least `min_requests` requests
+in a row — counting, when a request times out and the gateway has answered nothing since
+it was sent, the requests still waiting on it (a gateway gone silent) — or when failures reach `failure_percentage` of at least `min_requests` requests
 in the sliding `window` — a per-gateway rule, so it works with the 2-4 gateways a payment
 route has (Envoy's success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
@@ -37,8 +38,9 @@ PROBE_STALE_AFTER = 60.0
 #: before: callers measure latency from the `started()` call, so only float noise remains.
 START_TOLERANCE = 0.005
 
-#: `may_eject(st, since)`: whether `st` may be ejected now. `since` is when its run of
-#: consecutive failures began (proven failure), None for a failure-percentage verdict.
+#: `may_eject(st, since)`: whether `st` may be ejected now. `since` is when the first
+#: request of its run of consecutive failures was sent (a proven failure), None for a
+#: failure-percentage verdict.
 MayEject = Callable[[GatewayState, float | None], bool]
 
 
@@ -84,6 +86,7 @@ class OutlierDetector:
         "_ejections",
         "_events",
         "_held",
+        "_last_answer",
         "_may_eject",
         "_on_return",
         "_probe_started",
@@ -109,11 +112,12 @@ class OutlierDetector:
         self._may_eject = may_eject
         self._on_return = on_return
         self._consecutive = 0
-        self._run_since = 0.0  # when the current run of consecutive failures began
+        self._run_since = 0.0  # when the first failed request of the current run was sent
         #: When a request to it last succeeded (None: never); peers read it to tell a
         #: gateway's own fault from one every gateway shares.
         self.last_success: float | None = None
         self._back_at: float | None = None  # when it last came back (half-open or restored)
+        self._last_answer = now  # when it last answered anything (a timeout is no answer)
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._ejected = False
@@ -171,17 +175,23 @@ class OutlierDetector:
         if self.predates_return(latency, now):
             return
         failed = outcome.is_failure
+        silent = 0
+        if outcome is Outcome.TIMEOUT:
+            if self._last_answer < now - latency:
+                silent = self.st.in_flight  # waiting on a gateway that answers nothing
+        else:
+            self._last_answer = now
         if not failed:
             self.last_success = now
             self._consecutive = 0
         else:
             if self._consecutive == 0:
-                self._run_since = now
+                self._run_since = now - max(latency, 0.0)
             self._consecutive += 1
         self._window.append((now, failed))
         self._window_failures += failed
         self._prune(now)
-        verdict = self._verdict()
+        verdict = self._verdict(silent)
         if verdict is None:
             self._held = False
             return
@@ -213,11 +223,21 @@ class OutlierDetector:
             _, failed = self._window.popleft()
             self._window_failures -= failed
 
-    def _verdict(self) -> tuple[str, bool] | None:
-        """(why, whether the failure is proven by a run of consecutive failures)."""
+    def _verdict(self, silent: int = 0) -> tuple[str, bool] | None:
+        """(why, whether the failure is proven by a run of consecutive failures).
+
+        `silent`: requests still waiting on a gateway that has answered nothing since the
+        request that just timed out was sent; they join the run, since a gateway that
+        answers in milliseconds does not leave them all unanswered for a per-try timeout.
+        """
         policy = self.policy
         if 0 < policy.consecutive_failures <= self._consecutive:
             return f"{self._consecutive} consecutive failures", True
+        if silent and 0 < policy.consecutive_failures <= self._consecutive + silent:
+            return (
+                f"{self._consecutive} timed out and {silent} waiting, nothing answered",
+                True,
+            )
         seen = len(self._window)
         if 0 < policy.failure_percentage <= 100 and seen and seen >= policy.min_requests:
             pct = 100.0 * self._window_failures / seen

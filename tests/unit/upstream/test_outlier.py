@@ -312,8 +312,8 @@ def test_the_cap_hears_whether_the_failure_is_proven() -> None:
     for _ in range(3):
         clock.advance(1.0)
         det.finished(Outcome.TIMEOUT, 0.3, clock.now())
-    # The run began at the first of the three failures.
-    assert heard == [1001.0]
+    # The run began when the first of the three failed requests was sent.
+    assert heard == [pytest.approx(1000.7)]
     for outcome in "FSFSFSF":
         clock.advance(0.1)
         det.finished(Outcome.RESET if outcome == "F" else Outcome.SUCCESS, 0.01, clock.now())
@@ -391,3 +391,30 @@ def test_time_to_full_share_is_reported() -> None:
     s.clock.advance(6.0)
     s.det.refresh_weight(s.clock.now())
     assert s.det.status(s.clock.now()).full_share_in_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "answered_since", "ejected"),
+    [
+        (2, False, True),  # 1 timed out + 2 waiting on a silent gateway = 3
+        (1, False, False),  # 1 + 1 is not yet a run of 3
+        (5, True, False),  # it answered something after the request was sent: just slow
+    ],
+    ids=["silent", "too-few-waiting", "answering"],
+)
+def test_a_timeout_on_a_silent_gateway_counts_the_requests_waiting_on_it(
+    in_flight: int, answered_since: bool, ejected: bool
+) -> None:
+    s = Setup()
+    s.send(Outcome.SUCCESS)
+    s.clock.advance(0.01)
+    sent = s.clock.now()
+    s.clock.advance(0.1)
+    if answered_since:
+        s.det.finished(Outcome.SUCCESS, 0.05, s.clock.now())
+    s.clock.advance(0.2)
+    s.st.in_flight = in_flight
+    s.det.finished(Outcome.TIMEOUT, s.clock.now() - sent, s.clock.now())
+    assert s.ejected() is ejected
+    if ejected:
+        assert "nothing answered" in str(s.rec.of("gateway.ejected")[0]["reason"])
