@@ -3,9 +3,10 @@
 Owns: `OutlierDetector`, which owns the EJECTED flag and the slow-start ramp
 (`GatewayState.weight_factor`). A gateway is ejected after `consecutive_failures` failures
 in a row — counting, when a request times out and the gateway has answered nothing since
-it was sent, the requests still waiting on it (a gateway gone silent) — or when failures reach `failure_percentage` of at least `min_requests` requests
-in the sliding `window` — a per-gateway rule, so it works with the 2-4 gateways a payment
-route has (Envoy's success-rate outlier needs five hosts to compare). Ejection lasts
+it was sent, the requests still waiting on it (a gateway gone silent) — or when failures
+reach `failure_percentage` of at least `min_requests` requests in the sliding `window` — a
+per-gateway rule, so it works with the 2-4 gateways a payment route has (Envoy's
+success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
 period in between, unless active checks see the gateway come back first (`end_ejection`);
 then the gateway is half-open and exactly one request decides: the first one *started*
