@@ -70,6 +70,7 @@ class ActiveChecker:
         clock: Clock,
         events: Emitter,
         on_restored: Callable[[GatewayState], None] | None = None,
+        on_result: Callable[[GatewayState, bool], None] | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -77,6 +78,7 @@ class ActiveChecker:
         self._clock = clock
         self._events = events
         self._on_restored = on_restored
+        self._on_result = on_result  # every verdict, for passive ejection to heed
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._ok = 0
@@ -102,6 +104,8 @@ class ActiveChecker:
             return
         self._last_result = detail
         self._last_checked = self._clock.now()
+        if self._on_result is not None:
+            self._on_result(self.st, ok)
         if ok:
             self._ok += 1
             self._failed = 0

@@ -313,6 +313,7 @@ class Health:
                     clock=self.clock,
                     events=self.events,
                     on_restored=self._on_active_restored,
+                    on_result=self._on_active_result,
                     sleep=self._sleep,
                     rng=self._rng,
                 )
@@ -329,6 +330,11 @@ class Health:
         src.outlier.end_ejection(now, "active health checks pass again")
         src.outlier.start_slow_start(now)
         src.degradation.reset(now)
+
+    def _on_active_result(self, st: GatewayState, ok: bool) -> None:
+        src = self._sources.get(st.name)
+        if src is not None and src.st is st:
+            src.outlier.active_result(ok)
 
     def _on_flag(self, st: GatewayState, change: FlagChange) -> None:
         if self._metrics is None:

@@ -8,8 +8,10 @@ reach `failure_percentage` of at least `min_requests` requests in the sliding `w
 per-gateway rule, so it works with the 2-4 gateways a payment route has (Envoy's
 success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
-period in between, unless active checks see the gateway come back first (`end_ejection`);
-then the gateway is half-open and exactly one request decides: the first one *started*
+period in between, unless active checks see the gateway come back first (`end_ejection`),
+and longer while its latest active check since the ejection failed (the half-open probe
+is a real payment: it is not sent to a gateway the checks still see down); then it is
+half-open and exactly one request decides: the first one *started*
 after it came back. Requests started before that (stragglers from before the ejection)
 neither decide the probe nor count against the gateway once it is back.
 Must not: read the clock (every method takes `now`), decide the share of gateways that may
@@ -80,6 +82,7 @@ class OutlierDetector:
     __slots__ = (
         "_back_at",
         "_calm_since",
+        "_check_failing",
         "_consecutive",
         "_ejected",
         "_ejected_at",
@@ -119,6 +122,7 @@ class OutlierDetector:
         self.last_success: float | None = None
         self._back_at: float | None = None  # when it last came back (half-open or restored)
         self._last_answer = now  # when it last answered anything (a timeout is no answer)
+        self._check_failing = False  # the latest active check since the ejection failed
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._ejected = False
@@ -141,7 +145,7 @@ class OutlierDetector:
         self.refresh_weight(now)
         if not self._ejected:
             return None
-        if now < self._ejected_until:
+        if now < self._ejected_until or self._check_failing:
             return "ejected"
         if self._probe_started is not None and now - self._probe_started < PROBE_STALE_AFTER:
             return "half-open"
@@ -152,7 +156,7 @@ class OutlierDetector:
 
     def started(self, now: float) -> None:
         """A request was sent; when half-open with a free slot, it becomes the probe."""
-        if not self._ejected or now < self._ejected_until:
+        if not self._ejected or now < self._ejected_until or self._check_failing:
             return
         if self._probe_started is None or now - self._probe_started >= PROBE_STALE_AFTER:
             self._probe_started = now
@@ -272,6 +276,7 @@ class OutlierDetector:
         self._ejected_until = now + duration
         self._probe_started = None
         self._back_at = self._ejected_until  # moved sooner if active checks see it back
+        self._check_failing = False
         self.st.probe_due = False
         self._consecutive = 0
         self._window.clear()
@@ -286,6 +291,12 @@ class OutlierDetector:
             reason=reason,
             duration_s=duration,
         )
+
+    def active_result(self, ok: bool) -> None:
+        """An active check's verdict. While ejected, a failed one holds the half-open
+        probe back until a check passes."""
+        if self._ejected:
+            self._check_failing = not ok
 
     def end_ejection(self, now: float, reason: str) -> bool:
         """Cut a passive ejection short: the gateway is half-open from `now`, so the next
@@ -335,7 +346,7 @@ class OutlierDetector:
         return OutlierStatus(
             ejected=self._ejected,
             ejected_for_s=max(0.0, self._ejected_until - now) if self._ejected else 0.0,
-            half_open=self._ejected and now >= self._ejected_until,
+            half_open=self._ejected and now >= self._ejected_until and not self._check_failing,
             probe_in_flight=self._ejected and self._probe_started is not None,
             ejections=self._decayed_ejections(now) if not self._ejected else self._ejections,
             consecutive_failures=self._consecutive,

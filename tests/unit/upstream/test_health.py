@@ -523,3 +523,18 @@ async def test_removed_gateway_loses_its_checker_and_metrics() -> None:
     assert tasks[0].cancelled()
     assert metrics.get_sample_value("payswitch_gateway_up", {"gateway": "a"}) is None
     await health.close()
+
+
+def test_a_failed_check_keeps_the_half_open_probe_off_a_gateway_still_down() -> None:
+    hc = HealthCheck(interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=3)
+    s = Setup([gateway("a", outlier=FAST_EJECT, health_check=hc), gateway("b")])
+    checker = s.health._sources["a"].active
+    assert checker is not None
+    for _ in range(3):
+        s.send("a", Outcome.TIMEOUT)
+    s.clock.advance(4.0)
+    checker.record(False, "timeout")  # one failure: not yet ACTIVE_FAILED
+    s.clock.advance(1.0)
+    assert s.admit("a") == "ejected", "the probe would be a payment sent to a hanging gateway"
+    checker.record(True, "status 200")
+    assert s.admit("a") is None

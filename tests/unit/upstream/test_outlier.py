@@ -418,3 +418,27 @@ def test_a_timeout_on_a_silent_gateway_counts_the_requests_waiting_on_it(
     assert s.ejected() is ejected
     if ejected:
         assert "nothing answered" in str(s.rec.of("gateway.ejected")[0]["reason"])
+
+
+@pytest.mark.parametrize(
+    ("checks", "after_ejection"),
+    [
+        ("", None),
+        ("F", "ejected"),
+        ("FS", None),
+        ("SF", "ejected"),
+    ],
+    ids=["no-checks", "failing", "passing-again", "failing-again"],
+)
+def test_a_failing_active_check_holds_the_half_open_probe_back(
+    checks: str, after_ejection: str | None
+) -> None:
+    s = Setup()
+    s.det.active_result(False)  # before the ejection: says nothing about its end
+    s.eject()
+    for c in checks:
+        s.det.active_result(c == "S")
+    s.clock.advance(5.0)
+    assert s.det.admit(s.clock.now()) == after_ejection
+    assert s.st.probe_due is (after_ejection is None)
+    assert s.det.status(s.clock.now()).half_open is (after_ejection is None)
