@@ -8,7 +8,8 @@ reach `failure_percentage` of at least `min_requests` requests in the sliding `w
 per-gateway rule, so it works with the 2-4 gateways a payment route has (Envoy's
 success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
-period in between, unless active checks see the gateway come back first (`end_ejection`),
+period in between, unless active checks see the gateway come back from a first ejection
+(`end_ejection`),
 and longer while its latest active check since the ejection failed (the half-open probe
 is a real payment: it is not sent to a gateway the checks still see down); then it is
 half-open and exactly one request decides: the first one *started*
@@ -299,9 +300,11 @@ class OutlierDetector:
             self._check_failing = not ok
 
     def end_ejection(self, now: float, reason: str) -> bool:
-        """Cut a passive ejection short: the gateway is half-open from `now`, so the next
-        request probes it. False when it was not ejected or already half-open."""
-        if not self._ejected or now >= self._ejected_until:
+        """Cut a first passive ejection short: the gateway is half-open from `now`, so the
+        next request probes it. False when it was not ejected, already half-open, or ejected
+        again soon after a return: a flapping gateway serves its doubled ejection in full,
+        since passing checks are what it showed before failing again."""
+        if not self._ejected or now >= self._ejected_until or self._ejections > 1:
             return False
         logger.info(
             "%s: ejection cut short by %.1fs: %s", self.st.name, self._ejected_until - now, reason

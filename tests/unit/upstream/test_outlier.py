@@ -330,6 +330,10 @@ def test_active_checks_cut_the_ejection_short() -> None:
     s.send(Outcome.SUCCESS)
     assert not s.ejected()
     assert not s.det.end_ejection(s.clock.now(), "not ejected")
+    s.clock.advance(1.0)
+    s.eject()  # back soon after returning: a second ejection in a row, 10 s
+    assert not s.det.end_ejection(s.clock.now(), "checks pass")
+    assert s.det.admit(s.clock.now()) == "ejected"
 
 
 def test_probe_due_until_the_probe_starts() -> None:
