@@ -206,6 +206,14 @@ class DegradationTracker:
             )
         return applied
 
+    @property
+    def usual_latency(self) -> float | None:
+        """The long-window latency: how fast the gateway usually answers (None: no
+        sample yet, or still warming up)."""
+        if self._samples < WARMUP_SAMPLES:
+            return None
+        return self._long_lat.value
+
     def reset(self, now: float) -> None:
         """Forget every average: the gateway is back from an outage, and what it did
         before (timeouts, errors) must not hold its score down now. It warms up again."""

@@ -29,6 +29,7 @@ from proxy.upstream.active import ActiveChecker, Sleep
 from proxy.upstream.degradation import DegradationTracker, exploration_floor
 from proxy.upstream.limits import GatewayLimiter
 from proxy.upstream.outlier import OutlierDetector
+from proxy.upstream.silence import Silence
 from proxy.upstream.state import Flag, FlagChange, GatewayState, Outcome, StateRegistry
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class _Sources:
     outlier: OutlierDetector
     degradation: DegradationTracker
     active: ActiveChecker | None = None
+    silence: Silence = dataclasses.field(default_factory=Silence)
     reported_score: float = -1.0  # last score written to the gauge, to skip unchanged writes
 
 
@@ -142,7 +144,11 @@ class Health:
         if src is None:
             return "draining" if st.flags & Flag.DRAINING else None
         reason = self._refusal(src, now)
-        if reason is not None and self._metrics is not None:
+        if reason is None:
+            st.silent = src.silence.silent(
+                now, src.outlier.last_answer, src.degradation.usual_latency
+            )
+        elif self._metrics is not None:
             self._metrics.spillovers.labels(st.name, reason).inc()
         return reason
 
@@ -165,6 +171,7 @@ class Health:
             return
         src.limiter.take(now)
         src.outlier.started(now)
+        src.silence.started(now)
 
     def finished(
         self,
@@ -183,6 +190,7 @@ class Health:
             return
         if outcome is Outcome.THROTTLED:
             src.limiter.throttle(retry_after, now)
+        src.silence.finished(now - latency)
         src.outlier.finished(outcome, latency, now)
         if src.outlier.predates_return(latency, now):
             return  # a straggler from before its outage must not drag the fresh averages

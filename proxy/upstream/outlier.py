@@ -165,6 +165,11 @@ class OutlierDetector:
 
     # -- outcomes --------------------------------------------------------------------
 
+    @property
+    def last_answer(self) -> float:
+        """When the gateway last answered anything (a timeout is no answer)."""
+        return self._last_answer
+
     def predates_return(self, latency: float, now: float) -> bool:
         """Whether a request that took `latency` until `now` was started before the
         gateway last came back: what it says is about the gateway before its outage."""
@@ -176,9 +181,10 @@ class OutlierDetector:
         if self._ejected:
             self._finished_while_ejected(outcome, latency, now)
             return
-        if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
+        if outcome is Outcome.THROTTLED:
+            self._last_answer = now  # a 429 is an answer
             return
-        if self.predates_return(latency, now):
+        if outcome is Outcome.CANCELLED or self.predates_return(latency, now):
             return
         failed = outcome.is_failure
         silent = 0

@@ -80,6 +80,7 @@ class GatewayState:
         "probe_due",
         "requests",
         "score",
+        "silent",
         "throttled_until",
         "weight_factor",
     )
@@ -92,6 +93,9 @@ class GatewayState:
         #: Half-open with its probe slot free: the balancer picks it first, so the probe
         #: goes out at once instead of when round robin comes around to it.
         self.probe_due = False
+        #: Requests wait on it and it answered none for several times its usual latency:
+        #: the balancer passes it over while another gateway can take the request.
+        self.silent = False
         self.in_flight = 0
         self.requests = 0
         self.failures = 0

@@ -143,3 +143,29 @@ def test_a_due_half_open_probe_does_not_wait_for_round_robin(
         assert picks == [expected] * 3  # until the probe starts, every pick sends it
     else:
         assert due not in picks
+
+
+@pytest.mark.parametrize(
+    ("silent", "region", "expected", "skipped"),
+    [
+        ({"a"}, "eu", {"b", "c"}, {"a"}),
+        ({"a", "b", "c"}, "eu", {"d"}, set()),  # the fallback region answers
+        ({"d"}, "us", {"d"}, set()),  # silent beats nothing
+    ],
+    ids=["passed-over", "fallback-region-first", "last-resort"],
+)
+def test_a_silent_gateway_only_when_no_other_can_take_it(
+    silent: set[str], region: str, expected: set[str], skipped: set[str]
+) -> None:
+    bal, states, plan = setup()
+    states["e"].set_flag(Flag.DRAINING, "test")
+    for name in silent:
+        states[name].silent = True
+
+    def admit(st: GatewayState) -> str | None:
+        return "draining" if st.blocked else None
+
+    seen: list[Skip] = []
+    picks = {name_of(bal.pick(plan, region, admit, skipped=seen)) for _ in range(12)}
+    assert picks == expected
+    assert {sk.gateway for sk in seen if sk.reason == "silent"} == skipped

@@ -538,3 +538,21 @@ def test_a_failed_check_keeps_the_half_open_probe_off_a_gateway_still_down() -> 
     assert s.admit("a") == "ejected", "the probe would be a payment sent to a hanging gateway"
     checker.record(True, "status 200")
     assert s.admit("a") is None
+
+
+def test_a_gateway_answering_nothing_is_marked_silent_until_it_answers() -> None:
+    s = Setup([gateway("a"), gateway("b")], routes=[route("r", ("a", "b"))])
+    for _ in range(30):
+        s.send("a", latency=0.02)
+    s.clock.advance(0.001)
+    hung = []
+    for _ in range(3):
+        hung.append(s.clock.now())
+        s.health.started(s["a"], s.clock.now())
+        s.clock.advance(0.03)
+    seen = [(s.admit("a"), s["a"].silent)]  # the oldest is 90 ms old
+    s.clock.advance(0.02)
+    seen.append((s.admit("a"), s["a"].silent))  # 110 ms: over 5x its usual 20 ms
+    s.health.finished(s["a"], Outcome.SUCCESS, s.clock.now() - hung[1], s.clock.now())
+    seen.append((s.admit("a"), s["a"].silent))  # it answered
+    assert seen == [(None, False), (None, True), (None, False)]
