@@ -42,7 +42,7 @@ gateways:
 routes:
   - name: deposits
     match: {{path_prefix: /v1/deposits, methods: [POST]}}
-    region: {{default: eu}}
+    region: {{default: eu{fallback}}}
     gateways: [g1, g2, g3]
     timeouts: {{per_try: {per_try_ms}ms, total: {total_s}s, connect: 300ms, abandoned: 10s}}
     retry:
@@ -54,26 +54,52 @@ routes:
 GATEWAY = """\
   {name}:
     url: {url}
-    region: eu
-    provider: {provider}
-    health_check: {{path: /health, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}}
-    outlier: {{consecutive_failures: 3, base_ejection: 2s, max_ejection: 60s, slow_start: 3s}}
+    region: {region}
+    provider: {provider}{health_check}
+    outlier: {{consecutive_failures: 3, base_ejection: 2s, max_ejection: 60s}}
     degradation: {{enabled: {degradation}, short_window: 1s}}
 """
+HEALTH_CHECK = """
+    health_check: {path: /health, interval: 1s, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2}"""
 
 
-def rules_text(urls: dict[str, str], *, degradation: bool) -> str:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """Where the gateways are and how payswitch watches them; the default is the anchors'
+    setup (one region, active checks on)."""
+
+    regions: tuple[tuple[str, str], ...] = (("g1", "eu"), ("g2", "eu"), ("g3", "eu"))
+    health_checks: bool = True
+
+    def region(self, name: str) -> str:
+        return dict(self.regions)[name]
+
+
+ONE_REGION = Layout()
+#: A region's two gateways (g1, g2) with the third in the fallback region, no active
+#: checks: passive outlier detection alone must take the dead region out.
+REGIONS = Layout(regions=(("g1", "eu"), ("g2", "eu"), ("g3", "us")), health_checks=False)
+
+
+def rules_text(urls: dict[str, str], *, degradation: bool, layout: Layout = ONE_REGION) -> str:
     gws = "".join(
         GATEWAY.format(
             name=name,
             url=url,
+            region=layout.region(name),
             provider=PROVIDERS[name],
+            health_check=HEALTH_CHECK if layout.health_checks else "",
             degradation="true" if degradation else "false",
         )
         for name, url in urls.items()
     )
+    regions = sorted(set(dict(layout.regions).values()) - {"eu"})
+    fallback = f", fallback: {{eu: [{', '.join(regions)}]}}" if regions else ""
     return RULES.format(
-        gateways=gws.rstrip("\n"), per_try_ms=round(PER_TRY * 1000), total_s=f"{TOTAL:g}"
+        gateways=gws.rstrip("\n"),
+        fallback=fallback,
+        per_try_ms=round(PER_TRY * 1000),
+        total_s=f"{TOTAL:g}",
     )
 
 
@@ -161,7 +187,7 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(*, degradation: bool) -> AsyncIterator[World]:
+async def world(*, degradation: bool, layout: Layout = ONE_REGION) -> AsyncIterator[World]:
     """Three healthy gateways and a payswitch in front of them; all torn down on exit."""
     ledger = Ledger()
     gws = {
@@ -179,7 +205,9 @@ async def world(*, degradation: bool) -> AsyncIterator[World]:
                 await gw.start()
             rules_dir = Path(tmp) / "rules"
             rules_dir.mkdir()
-            text = rules_text({n: g.url for n, g in gws.items()}, degradation=degradation)
+            text = rules_text(
+                {n: g.url for n, g in gws.items()}, degradation=degradation, layout=layout
+            )
             (rules_dir / "rules.yaml").write_text(textwrap.dedent(text))
             settings = Settings(
                 rules=(str(rules_dir),),

@@ -32,6 +32,7 @@ class Sample:
     gateway: str | None
     key: str
     attempts: int
+    unknown: bool = False  # payswitch answered "outcome unknown": sent, outcome lost
 
     @property
     def ok(self) -> bool:
@@ -41,7 +42,7 @@ class Sample:
 async def _one(session: aiohttp.ClientSession, url: str, t0: float, deadline: float) -> Sample:
     key = uuid.uuid4().hex
     started = time.monotonic()
-    status, gateway, attempts = 0, None, 0
+    status, gateway, attempts, unknown = 0, None, 0, False
     try:
         async with session.post(
             url,
@@ -49,13 +50,14 @@ async def _one(session: aiohttp.ClientSession, url: str, t0: float, deadline: fl
             headers={"Idempotency-Key": key, "Content-Type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=deadline),
         ) as resp:
-            await resp.read()
+            body = await resp.read()
             status = resp.status
+            unknown = status >= 500 and b"outcome-unknown" in body
             gateway = resp.headers.get("X-Payswitch-Gateway")
             attempts = int(resp.headers.get("X-Payswitch-Attempts", "0") or 0)
     except (TimeoutError, aiohttp.ClientError) as exc:
         logger.debug("request failed on the client side: %r", exc)
-    return Sample(started - t0, time.monotonic() - started, status, gateway, key, attempts)
+    return Sample(started - t0, time.monotonic() - started, status, gateway, key, attempts, unknown)
 
 
 async def drive(

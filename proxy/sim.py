@@ -125,6 +125,7 @@ class FakeGateway:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._hanging: set[asyncio.Future[None]] = set()
+        self._busy: set[asyncio.BaseTransport] = set()  # connections with a request in hand
 
     @property
     def url(self) -> str:
@@ -167,6 +168,26 @@ class FakeGateway:
             if conn.transport is not None:
                 conn.transport.abort()
 
+    async def restart(self, pause: float) -> None:
+        """Restart as a gateway process does: stop listening, close every connection
+        once its request in progress is answered (an idle pooled one at once, with a FIN),
+        and listen again after `pause`. A request written on a connection as it closes
+        is lost unread."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        server = self._runner.server if self._runner is not None else None
+        for conn in list(server.connections if server is not None else ()):
+            if conn.transport is None:
+                continue
+            if conn.transport in self._busy:
+                conn.close()  # once this answer is out
+            else:
+                conn.transport.close()
+        await asyncio.sleep(pause)
+        if self._site is None and self._runner is not None:
+            await self._listen()
+
     async def up(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or Behaviour()
         if self._site is None and self._runner is not None:
@@ -188,6 +209,16 @@ class FakeGateway:
             self._hanging.discard(fut)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None:
+            return await self._respond(request)
+        self._busy.add(transport)
+        try:
+            return await self._respond(request)
+        finally:
+            self._busy.discard(transport)
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
         b = self.behaviour
         body = await request.read()
         health = request.path == "/health"

@@ -126,7 +126,7 @@ class OutlierDetection:
     min_requests: int = 10  # in the window before the percentage counts
     base_ejection: float = 5.0
     max_ejection: float = 300.0
-    slow_start: float = 10.0  # ramp from 10% to full weight after a return
+    slow_start: float = 3.0  # ramp from 10% to full weight after a return
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

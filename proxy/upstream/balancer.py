@@ -2,7 +2,9 @@
 
 Owns: `Balancer.pick`, synchronous and free of I/O: region order first, then smooth
 weighted round robin (nginx's algorithm) or power-of-two-choices over peak-EWMA latency
-within a region, over gateways that are eligible, allowed and not yet tried.
+within a region, over gateways that are eligible, allowed and not yet tried; a gateway whose
+half-open probe is due is picked first, so the probe does not wait its turn, and a silent
+one (requests waiting on it, none answered) only when no other gateway of the region can.
 Must not: change health flags or send anything. SWRR positions are kept per
 (route, region, gateway) and survive reloads.
 """
@@ -48,8 +50,10 @@ class Balancer:
         """
         order = plan.region_order.get(region) or plan.region_order[plan.route.region.default]
         lookup = states if states is not None else self.states
+        last_resort: tuple[str, list[GatewayState]] | None = None
         for reg in order:
             eligible: list[GatewayState] = []
+            quiet: list[GatewayState] = []
             for gw in plan.by_region[reg]:
                 if gw.name in exclude:
                     continue
@@ -65,13 +69,28 @@ class Balancer:
                     if skipped is not None:
                         skipped.append(Skip(gw.name, reason))
                     continue
+                if st.probe_due:
+                    return st  # its half-open probe goes out now, not when SWRR gets to it
+                if st.silent:
+                    quiet.append(st)
+                    continue
                 eligible.append(st)
+            if quiet:
+                if not eligible:
+                    if last_resort is None:
+                        last_resort = (reg, quiet)
+                    continue  # a fallback region may answer; silent beats nothing, below
+                if skipped is not None:
+                    skipped.extend(Skip(st.name, "silent") for st in quiet)
             if eligible:
                 if len(eligible) == 1:
                     return eligible[0]
                 if plan.route.balancing == "least-latency":
                     return self._p2c(eligible)
                 return self._swrr(plan.name, reg, eligible)
+        if last_resort is not None:
+            reg, quiet = last_resort
+            return quiet[0] if len(quiet) == 1 else self._swrr(plan.name, reg, quiet)
         if plan.route.panic:
             return self._panic(plan, order, exclude, allow, lookup)
         return None

@@ -206,6 +206,27 @@ class DegradationTracker:
             )
         return applied
 
+    @property
+    def usual_latency(self) -> float | None:
+        """The long-window latency: how fast the gateway usually answers (None: no
+        sample yet, or still warming up)."""
+        if self._samples < WARMUP_SAMPLES:
+            return None
+        return self._long_lat.value
+
+    def reset(self, now: float) -> None:
+        """Forget every average: the gateway is back from an outage, and what it did
+        before (timeouts, errors) must not hold its score down now. It warms up again."""
+        self._short_lat = DecayingMean()
+        self._long_lat = DecayingMean()
+        self._short_err = DecayingMean()
+        self._long_err = DecayingMean()
+        self._samples = 0
+        self._first = None
+        self._last_timed = None
+        self.st.ewma_latency = 0.0
+        self.evaluate(now)
+
     def status(self, now: float) -> DegradationStatus:
         short_lat, long_lat = self._short_lat.value, self._long_lat.value
         return DegradationStatus(

@@ -3,7 +3,8 @@
 Owns: `Health`, which wires every health source of a gateway (limits, passive outlier
 detection, predictive degradation, active checks) to its `GatewayState`, keeps them across
 reloads for unchanged gateways, enforces the cap on how many gateways may be ejected at
-once, owns the operator's DRAINING flag and exports health metrics.
+once (and the one exception to it: a failure proven by a run of consecutive failures while
+a peer serves well), owns the operator's DRAINING flag and exports health metrics.
 Must not: pick gateways or speak HTTP to clients. The balancer asks `admit()` whether a
 gateway may take a request and calls `started()` only for the one it sends to, so merely
 looking at a gateway costs nothing (no rate token, no half-open probe slot).
@@ -28,6 +29,7 @@ from proxy.upstream.active import ActiveChecker, Sleep
 from proxy.upstream.degradation import DegradationTracker, exploration_floor
 from proxy.upstream.limits import GatewayLimiter
 from proxy.upstream.outlier import OutlierDetector
+from proxy.upstream.silence import Silence
 from proxy.upstream.state import Flag, FlagChange, GatewayState, Outcome, StateRegistry
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class _Metrics:
 
 
 _OUT = Flag.DRAINING | Flag.ACTIVE_FAILED
+#: A peer under any of these carries no traffic, so it proves nothing about a fault.
+_OUT_OF_SERVICE = Flag.DRAINING | Flag.ACTIVE_FAILED | Flag.EJECTED
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,6 +87,7 @@ class _Sources:
     outlier: OutlierDetector
     degradation: DegradationTracker
     active: ActiveChecker | None = None
+    silence: Silence = dataclasses.field(default_factory=Silence)
     reported_score: float = -1.0  # last score written to the gauge, to skip unchanged writes
 
 
@@ -139,7 +144,11 @@ class Health:
         if src is None:
             return "draining" if st.flags & Flag.DRAINING else None
         reason = self._refusal(src, now)
-        if reason is not None and self._metrics is not None:
+        if reason is None:
+            st.silent = src.silence.silent(
+                now, src.outlier.last_answer, src.degradation.usual_latency
+            )
+        elif self._metrics is not None:
             self._metrics.spillovers.labels(st.name, reason).inc()
         return reason
 
@@ -162,6 +171,7 @@ class Health:
             return
         src.limiter.take(now)
         src.outlier.started(now)
+        src.silence.started(now)
 
     def finished(
         self,
@@ -184,7 +194,10 @@ class Health:
             return
         if outcome is Outcome.THROTTLED:
             src.limiter.throttle(retry_after, now)
+        src.silence.finished(now - latency)
         src.outlier.finished(outcome, latency, now)
+        if src.outlier.predates_return(latency, now):
+            return  # a straggler from before its outage must not drag the fresh averages
         src.degradation.observe(outcome, latency, now, self._exploration_floor(st))
         # The gauge moves in steps of 0.01: writing every tiny drift costs a locked update
         # per request for nothing a dashboard shows.
@@ -280,11 +293,14 @@ class Health:
         if src is not None and src.st is st:
             return src
         now = self.clock.now()
+        degradation = DegradationTracker(st, self.events)
         src = _Sources(
             st=st,
             limiter=GatewayLimiter(st, self.events, now),
-            outlier=OutlierDetector(st, self.events, self._may_eject, now),
-            degradation=DegradationTracker(st, self.events),
+            outlier=OutlierDetector(
+                st, self.events, self._may_eject, now, on_return=degradation.reset
+            ),
+            degradation=degradation,
         )
         self._sources[st.name] = src
         st.subscribe(self._on_flag)
@@ -309,6 +325,7 @@ class Health:
                     clock=self.clock,
                     events=self.events,
                     on_restored=self._on_active_restored,
+                    on_result=self._on_active_result,
                     sleep=self._sleep,
                     rng=self._rng,
                 )
@@ -316,9 +333,20 @@ class Health:
                 src.active.start(self._http)
 
     def _on_active_restored(self, st: GatewayState) -> None:
+        """Active checks saw it fail and come back: a passive ejection still running ends
+        now (the half-open probe still decides), and it starts over on fresh averages."""
+        src = self._sources.get(st.name)
+        if src is None or src.st is not st:
+            return
+        now = self.clock.now()
+        src.outlier.end_ejection(now, "active health checks pass again")
+        src.outlier.start_slow_start(now)
+        src.degradation.reset(now)
+
+    def _on_active_result(self, st: GatewayState, ok: bool) -> None:
         src = self._sources.get(st.name)
         if src is not None and src.st is st:
-            src.outlier.start_slow_start(self.clock.now())
+            src.outlier.active_result(ok)
 
     def _on_flag(self, st: GatewayState, change: FlagChange) -> None:
         if self._metrics is None:
@@ -336,20 +364,38 @@ class Health:
             groups.append(([s.name for s in self.states.values()], self.max_ejected_percent))
         return groups
 
-    def _may_eject(self, st: GatewayState) -> bool:
-        """Whether ejecting `st` keeps every route it serves within its ejection cap.
+    def _may_eject(self, st: GatewayState, since: float | None) -> bool:
+        """Whether `st` may be ejected: in every route it serves, either the route stays
+        within its ejection cap, or the failure is proven (`since`: when the first request of
+        its run of consecutive failures was sent) and a peer in service has succeeded since.
 
-        Below a 100% cap this always leaves one gateway of each route in (ejecting the
-        last would make the share 100%), so outlier detection alone never turns a route
-        into a hard 503.
+        The cap guards against weak evidence (a failure percentage, a fault on our side
+        that every gateway shares); it must not keep a gateway that failed every request
+        in a row in rotation while another one serves. The exception never ejects the
+        last gateway of a route (it needs a peer in service), so below a 100% cap outlier
+        detection alone never turns a route into a hard 503.
         """
         for names, cap in self._peer_groups(st):
-            peers = [p for p in (self.states.get(n) for n in names) if p is not None]
-            total = len(peers) or 1
-            out = 1 + sum(1 for p in peers if p is not st and p.flags & Flag.EJECTED)
-            if out * 100 > cap * total:
+            peers = [
+                p for p in (self.states.get(n) for n in names) if p is not None and p is not st
+            ]
+            total = len(peers) + 1
+            out = 1 + sum(1 for p in peers if p.flags & Flag.EJECTED)
+            if out * 100 <= cap * total:
+                continue
+            if since is None or not any(self._serves_since(p, since) for p in peers):
                 return False
         return True
+
+    def _serves_since(self, st: GatewayState, since: float) -> bool:
+        """Whether `st` is in service and a request to it succeeded at or after `since`."""
+        if st.flags & _OUT_OF_SERVICE:
+            return False
+        src = self._sources.get(st.name)
+        if src is None or src.st is not st:
+            return False
+        last = src.outlier.last_success
+        return last is not None and last >= since
 
     def _exploration_floor(self, st: GatewayState) -> float:
         peers: set[str] = set()

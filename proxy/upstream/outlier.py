@@ -2,11 +2,19 @@
 
 Owns: `OutlierDetector`, which owns the EJECTED flag and the slow-start ramp
 (`GatewayState.weight_factor`). A gateway is ejected after `consecutive_failures` failures
-in a row, or when failures reach `failure_percentage` of at least `min_requests` requests
-in the sliding `window` — a per-gateway rule, so it works with the 2-4 gateways a payment
-route has (Envoy's success-rate outlier needs five hosts to compare). Ejection lasts
+in a row — counting, when a request times out and the gateway has answered nothing since
+it was sent, the requests still waiting on it (a gateway gone silent) — or when failures
+reach `failure_percentage` of at least `min_requests` requests in the sliding `window` — a
+per-gateway rule, so it works with the 2-4 gateways a payment route has (Envoy's
+success-rate outlier needs five hosts to compare). Ejection lasts
 `base_ejection * 2^(n-1)` capped at `max_ejection`, n counting ejections without a calm
-period in between; then the gateway is half-open and exactly one request decides.
+period in between, unless active checks see the gateway come back from a first ejection
+(`end_ejection`),
+and longer while its latest active check since the ejection failed (the half-open probe
+is a real payment: it is not sent to a gateway the checks still see down); then it is
+half-open and exactly one request decides: the first one *started*
+after it came back. Requests started before that (stragglers from before the ejection)
+neither decide the probe nor count against the gateway once it is back.
 Must not: read the clock (every method takes `now`), decide the share of gateways that may
 be out at once (the caller's `may_eject` does, it sees every gateway) or count 429s and
 cancelled attempts as failures.
@@ -30,6 +38,14 @@ SLOW_START_FLOOR = 0.1
 #: A half-open probe that never reports back (a caller lost it) frees the slot after this,
 #: so one lost request cannot keep a gateway out for good.
 PROBE_STALE_AFTER = 60.0
+#: Slack when telling a request started after the gateway came back from one started
+#: before: callers measure latency from the `started()` call, so only float noise remains.
+START_TOLERANCE = 0.005
+
+#: `may_eject(st, since)`: whether `st` may be ejected now. `since` is when the first
+#: request of its run of consecutive failures was sent (a proven failure), None for a
+#: failure-percentage verdict.
+MayEject = Callable[[GatewayState, float | None], bool]
 
 
 def ejection_time(policy: OutlierDetection, n: int) -> float:
@@ -58,13 +74,16 @@ class OutlierStatus:
     window_requests: int
     window_failures: int
     slow_start_factor: float
+    full_share_in_s: float  # until the slow-start ramp reaches the full weight
 
 
 class OutlierDetector:
     """Ejection state of one gateway; `policy` is read from `st.gateway` on every call."""
 
     __slots__ = (
+        "_back_at",
         "_calm_since",
+        "_check_failing",
         "_consecutive",
         "_ejected",
         "_ejected_at",
@@ -72,11 +91,15 @@ class OutlierDetector:
         "_ejections",
         "_events",
         "_held",
+        "_last_answer",
         "_may_eject",
+        "_on_return",
         "_probe_started",
         "_ramp_since",
+        "_run_since",
         "_window",
         "_window_failures",
+        "last_success",
         "st",
     )
 
@@ -84,13 +107,23 @@ class OutlierDetector:
         self,
         st: GatewayState,
         events: Emitter,
-        may_eject: Callable[[GatewayState], bool],
+        may_eject: MayEject,
         now: float,
+        *,
+        on_return: Callable[[float], None] | None = None,
     ) -> None:
         self.st = st
         self._events = events
         self._may_eject = may_eject
+        self._on_return = on_return
         self._consecutive = 0
+        self._run_since = 0.0  # when the first failed request of the current run was sent
+        #: When a request to it last succeeded (None: never); peers read it to tell a
+        #: gateway's own fault from one every gateway shares.
+        self.last_success: float | None = None
+        self._back_at: float | None = None  # when it last came back (half-open or restored)
+        self._last_answer = now  # when it last answered anything (a timeout is no answer)
+        self._check_failing = False  # the latest active check since the ejection failed
         self._window: deque[tuple[float, bool]] = deque()
         self._window_failures = 0
         self._ejected = False
@@ -113,46 +146,69 @@ class OutlierDetector:
         self.refresh_weight(now)
         if not self._ejected:
             return None
-        if now < self._ejected_until:
+        if now < self._ejected_until or self._check_failing:
             return "ejected"
         if self._probe_started is not None and now - self._probe_started < PROBE_STALE_AFTER:
             return "half-open"
+        # Half-open with a free slot: the balancer sends the next request here at once
+        # rather than when round robin comes around to it.
+        self.st.probe_due = True
         return None
 
     def started(self, now: float) -> None:
         """A request was sent; when half-open with a free slot, it becomes the probe."""
-        if not self._ejected or now < self._ejected_until:
+        if not self._ejected or now < self._ejected_until or self._check_failing:
             return
         if self._probe_started is None or now - self._probe_started >= PROBE_STALE_AFTER:
             self._probe_started = now
+            self.st.probe_due = False
 
     # -- outcomes --------------------------------------------------------------------
 
-    def _is_probe(self, latency: float, now: float) -> bool:
-        # Requests sent before the ejection can still finish while the probe is out. They
-        # began at least one ejection time before the probe, so the request's start
-        # (now - latency) tells them apart, with half that gap as slack for callers whose
-        # latency does not cover exactly the span between started() and finished().
-        assert self._probe_started is not None
-        slack = 0.5 * (self._probe_started - self._ejected_at)
-        return now - max(latency, 0.0) >= self._probe_started - slack
+    @property
+    def last_answer(self) -> float:
+        """When the gateway last answered anything (a timeout is no answer)."""
+        return self._last_answer
+
+    def predates_return(self, latency: float, now: float) -> bool:
+        """Whether a request that took `latency` until `now` was started before the
+        gateway last came back: what it says is about the gateway before its outage."""
+        back = self._back_at
+        return back is not None and now - max(latency, 0.0) < back - START_TOLERANCE
 
     def finished(self, outcome: Outcome, latency: float, now: float) -> None:
+        """Count one finished request; `latency` runs from its `started()` call."""
         if self._ejected:
             self._finished_while_ejected(outcome, latency, now)
             return
-        if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
+        if outcome is Outcome.THROTTLED:
+            self._last_answer = now  # a 429 is an answer
+            return
+        if outcome is Outcome.CANCELLED or self.predates_return(latency, now):
             return
         failed = outcome.is_failure
-        self._consecutive = self._consecutive + 1 if failed else 0
+        silent = 0
+        if outcome is Outcome.TIMEOUT:
+            if self._last_answer < now - latency:
+                silent = self.st.in_flight  # waiting on a gateway that answers nothing
+        else:
+            self._last_answer = now
+        if not failed:
+            self.last_success = now
+            self._consecutive = 0
+        else:
+            if self._consecutive == 0:
+                self._run_since = now - max(latency, 0.0)
+            self._consecutive += 1
         self._window.append((now, failed))
         self._window_failures += failed
         self._prune(now)
-        reason = self._verdict()
-        if reason is None:
+        verdict = self._verdict(silent)
+        if verdict is None:
             self._held = False
             return
-        if not self._may_eject(self.st):
+        reason, proven = verdict
+        if not self._may_eject(self.st, self._run_since if proven else None):
             if not self._held:
                 logger.warning(
                     "%s: %s, but ejecting it would exceed the ejection cap", self.st.name, reason
@@ -163,8 +219,8 @@ class OutlierDetector:
         self._eject(now, reason, self._decayed_ejections(now) + 1)
 
     def _finished_while_ejected(self, outcome: Outcome, latency: float, now: float) -> None:
-        if self._probe_started is None or not self._is_probe(latency, now):
-            return  # sent before the ejection: it says nothing new
+        if self._probe_started is None or self.predates_return(latency, now):
+            return  # started before it came back: it says nothing new
         self._probe_started = None
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             return  # no verdict; the next request after this one probes again
@@ -179,15 +235,26 @@ class OutlierDetector:
             _, failed = self._window.popleft()
             self._window_failures -= failed
 
-    def _verdict(self) -> str | None:
+    def _verdict(self, silent: int = 0) -> tuple[str, bool] | None:
+        """(why, whether the failure is proven by a run of consecutive failures).
+
+        `silent`: requests still waiting on a gateway that has answered nothing since the
+        request that just timed out was sent; they join the run, since a gateway that
+        answers in milliseconds does not leave them all unanswered for a per-try timeout.
+        """
         policy = self.policy
         if 0 < policy.consecutive_failures <= self._consecutive:
-            return f"{self._consecutive} consecutive failures"
+            return f"{self._consecutive} consecutive failures", True
+        if silent and 0 < policy.consecutive_failures <= self._consecutive + silent:
+            return (
+                f"{self._consecutive} timed out and {silent} waiting, nothing answered",
+                True,
+            )
         seen = len(self._window)
         if 0 < policy.failure_percentage <= 100 and seen and seen >= policy.min_requests:
             pct = 100.0 * self._window_failures / seen
             if pct >= policy.failure_percentage:
-                return f"{pct:.0f}% of {seen} requests failed"
+                return f"{pct:.0f}% of {seen} requests failed", False
         return None
 
     # -- transitions -----------------------------------------------------------------
@@ -215,6 +282,9 @@ class OutlierDetector:
         self._ejected_at = now
         self._ejected_until = now + duration
         self._probe_started = None
+        self._back_at = self._ejected_until  # moved sooner if active checks see it back
+        self._check_failing = False
+        self.st.probe_due = False
         self._consecutive = 0
         self._window.clear()
         self._window_failures = 0
@@ -229,11 +299,36 @@ class OutlierDetector:
             duration_s=duration,
         )
 
+    def active_result(self, ok: bool) -> None:
+        """An active check's verdict. While ejected, a failed one holds the half-open
+        probe back until a check passes."""
+        if self._ejected:
+            self._check_failing = not ok
+
+    def end_ejection(self, now: float, reason: str) -> bool:
+        """Cut a first passive ejection short: the gateway is half-open from `now`, so the
+        next request probes it. False when it was not ejected, already half-open, or ejected
+        again soon after a return: a flapping gateway serves its doubled ejection in full,
+        since passing checks are what it showed before failing again."""
+        if not self._ejected or now >= self._ejected_until or self._ejections > 1:
+            return False
+        logger.info(
+            "%s: ejection cut short by %.1fs: %s", self.st.name, self._ejected_until - now, reason
+        )
+        self._ejected_until = now
+        self._back_at = now
+        return True
+
     def _restore(self, now: float) -> None:
         reason = "half-open probe succeeded"
         self._ejected = False
         self._calm_since = now
+        self._back_at = now
+        self.st.probe_due = False
+        self.last_success = now
         self.start_slow_start(now)
+        if self._on_return is not None:
+            self._on_return(now)
         logger.info("%s restored: %s", self.st.name, reason)
         self.st.clear_flag(Flag.EJECTED, reason)
         self._events.emit(
@@ -260,11 +355,14 @@ class OutlierDetector:
         return OutlierStatus(
             ejected=self._ejected,
             ejected_for_s=max(0.0, self._ejected_until - now) if self._ejected else 0.0,
-            half_open=self._ejected and now >= self._ejected_until,
+            half_open=self._ejected and now >= self._ejected_until and not self._check_failing,
             probe_in_flight=self._ejected and self._probe_started is not None,
             ejections=self._decayed_ejections(now) if not self._ejected else self._ejections,
             consecutive_failures=self._consecutive,
             window_requests=len(self._window),
             window_failures=self._window_failures,
             slow_start_factor=slow_start_factor(self.policy, self._ramp_since, now),
+            full_share_in_s=0.0
+            if self._ramp_since is None
+            else max(0.0, self._ramp_since + self.policy.slow_start - now),
         )

@@ -80,8 +80,10 @@ class GatewayState:
         "flags",
         "gateway",
         "in_flight",
+        "probe_due",
         "requests",
         "score",
+        "silent",
         "throttled_until",
         "weight_factor",
     )
@@ -91,6 +93,12 @@ class GatewayState:
         self.flags = Flag.NONE
         self.score = 1.0  # predictive health score in (0, 1]
         self.weight_factor = 1.0  # slow-start ramp in (0, 1]
+        #: Half-open with its probe slot free: the balancer picks it first, so the probe
+        #: goes out at once instead of when round robin comes around to it.
+        self.probe_due = False
+        #: Requests wait on it and it answered none for several times its usual latency:
+        #: the balancer passes it over while another gateway can take the request.
+        self.silent = False
         self.in_flight = 0
         self.requests = 0
         self.failures = 0

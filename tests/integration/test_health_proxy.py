@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
+from proxy.aio import spawn
 from proxy.events import Event
 from proxy.sim import FakeGateway
 from proxy.upstream.state import Flag
@@ -325,3 +327,35 @@ async def test_slowing_gateway_loses_its_share_before_any_ejection(
                 [degraded] = p.events.of("gateway.degraded")
                 assert degraded.fields["gateway"] == "g1"
                 assert str(degraded.fields["reason"]).startswith("latency")
+
+
+async def test_a_dead_region_goes_out_whole_past_the_ejection_cap(tmp_path: Path) -> None:
+    async with gateways("g1", "g2", "g3") as g:
+        outlier = "outlier: {consecutive_failures: 3, base_ejection: 10s}"
+        text = rules(g, gateway_extra=dict.fromkeys(g, outlier))
+        async with running_proxy(text, tmp_path) as p:
+            await asyncio.gather(g["g1"].down(), g["g2"].down())
+            results = [await p.post() for _ in range(12)]
+            assert [r[0] for r in results] == [200] * 12
+            # Cap 50% of three is one, but both failed every request while g3 answered.
+            assert p.rt.states["g1"].flags & Flag.EJECTED
+            assert p.rt.states["g2"].flags & Flag.EJECTED
+            results = await burst(p, 20)
+            assert {r[1]["X-Payswitch-Attempts"] for r in results} == {"1"}, "dead ones tried"
+            assert {r[1]["X-Payswitch-Gateway"] for r in results} == {"g3"}
+
+
+async def test_a_restarting_gateway_closes_its_connections_and_serves_again() -> None:
+    async with gateways("g1") as g:
+        async with aiohttp.ClientSession() as session:
+            url = g["g1"].url + "/v1/deposits"
+            async with session.post(url, data=b"{}") as resp:
+                assert resp.status == 200
+            restarting = spawn(g["g1"].restart(0.2), name="test-restart")
+            await asyncio.sleep(0.05)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.post(url, data=b"{}") as resp:
+                    await resp.read()
+            await restarting
+            async with session.post(url, data=b"{}") as resp:
+                assert resp.status == 200

@@ -13,7 +13,7 @@ from pytest_aiohttp import AiohttpServer
 from proxy.clock import ManualClock
 from proxy.config.model import HealthCheck
 from proxy.events import Severity
-from proxy.upstream.active import JITTER, ActiveChecker, probe_url
+from proxy.upstream.active import FAILING_INTERVAL, JITTER, ActiveChecker, probe_url
 from proxy.upstream.state import Flag, GatewayState
 from tests.unit.upstream.health_support import Recorder, gateway
 
@@ -184,7 +184,9 @@ async def test_loop_sleeps_the_interval_with_jitter_and_stops_when_removed() -> 
     first, *rest = sleeps
     assert 0 <= first <= HC.interval * JITTER
     assert len(rest) == 4
-    assert all(HC.interval <= s <= HC.interval * (1 + JITTER) for s in rest)
+    # Two probes at the interval; failing after the third, it is probed twice as often.
+    intervals = [HC.interval, HC.interval, HC.interval * FAILING_INTERVAL, HC.interval * 0.5]
+    assert all(i <= s <= i * (1 + JITTER) for s, i in zip(rest, intervals, strict=True))
     assert len(set(rest)) > 1  # jittered, not lockstep
     assert st.flags & Flag.ACTIVE_FAILED
 

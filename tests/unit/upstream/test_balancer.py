@@ -120,3 +120,52 @@ def test_state_survives_reconcile_for_unchanged_identity() -> None:
     assert states["a"].requests == 42 and states["a"].flags & Flag.EJECTED
     assert states["a"].gateway.weight == 9
     assert [s.name for s in created] == ["b"] and [s.name for s in removed] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("due", "exclude", "allow_p2", "expected"),
+    [
+        ("c", set(), False, "c"),
+        ("c", {"c"}, False, None),
+        ("c", set(), True, None),
+        ("d", set(), False, None),
+    ],
+    ids=["picked-first", "already-tried", "other-provider", "other-region-waits"],
+)
+def test_a_due_half_open_probe_does_not_wait_for_round_robin(
+    due: str, exclude: set[str], allow_p2: bool, expected: str | None
+) -> None:
+    bal, states, plan = setup()
+    states[due].probe_due = True
+    allow = (lambda g: g.provider == "p2") if allow_p2 else None
+    picks = [name_of(bal.pick(plan, "eu", admit_all, exclude, allow)) for _ in range(3)]
+    if expected is not None:
+        assert picks == [expected] * 3  # until the probe starts, every pick sends it
+    else:
+        assert due not in picks
+
+
+@pytest.mark.parametrize(
+    ("silent", "region", "expected", "skipped"),
+    [
+        ({"a"}, "eu", {"b", "c"}, {"a"}),
+        ({"a", "b", "c"}, "eu", {"d"}, set()),  # the fallback region answers
+        ({"d"}, "us", {"d"}, set()),  # silent beats nothing
+    ],
+    ids=["passed-over", "fallback-region-first", "last-resort"],
+)
+def test_a_silent_gateway_only_when_no_other_can_take_it(
+    silent: set[str], region: str, expected: set[str], skipped: set[str]
+) -> None:
+    bal, states, plan = setup()
+    states["e"].set_flag(Flag.DRAINING, "test")
+    for name in silent:
+        states[name].silent = True
+
+    def admit(st: GatewayState) -> str | None:
+        return "draining" if st.blocked else None
+
+    seen: list[Skip] = []
+    picks = {name_of(bal.pick(plan, region, admit, skipped=seen)) for _ in range(12)}
+    assert picks == expected
+    assert {sk.gateway for sk in seen if sk.reason == "silent"} == skipped

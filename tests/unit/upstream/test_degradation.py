@@ -232,3 +232,22 @@ def test_peak_latency_follows_slow_samples_at_once_and_fast_ones_slowly() -> Non
     s.feed(0.1, 1, outcome=Outcome.CONNECT_FAILURE)  # a refused connect says nothing of speed
     s.feed(0.0, 1, outcome=Outcome.RESET)
     assert s.st.ewma_latency > 0.3
+
+
+def test_reset_forgets_the_averages_of_before_an_outage() -> None:
+    clock = ManualClock()
+    st = GatewayState(gateway(degradation=POLICY))
+    rec = Recorder()
+    tracker = DegradationTracker(st, rec)
+    for _ in range(WARMUP_SAMPLES * 2):
+        clock.advance(0.5)
+        tracker.observe(Outcome.SUCCESS, 0.02, clock.now())
+    for _ in range(10):
+        clock.advance(0.1)
+        tracker.observe(Outcome.TIMEOUT, 0.3, clock.now())
+    assert st.flags & Flag.DEGRADED and st.score < 0.5 and st.ewma_latency > 0.2
+    tracker.reset(clock.now())
+    assert st.score == 1.0 and not st.flags & Flag.DEGRADED and st.ewma_latency == 0.0
+    assert rec.kinds()[-1] == "gateway.recovered"
+    status = tracker.status(clock.now())
+    assert status.warming_up and status.error_rate_short is None

@@ -236,6 +236,148 @@ def test_ejection_cap_is_per_route() -> None:
     assert [n for n in "abcd" if s[n].flags & Flag.EJECTED] == ["a", "c"]
 
 
+# The README's worked example of the cap: three gateways, max_ejected_percent 50 (one).
+# Each row: what g0, g1, g2 answer in each round; which end up ejected.
+CAP_CASES = [
+    # A region's two gateways refuse connections while g2 serves: both are proven dead.
+    ({"g0": Outcome.CONNECT_FAILURE, "g1": Outcome.CONNECT_FAILURE}, ["g0", "g1"]),
+    # Both gateways of one provider hang: both out, g2 carries the traffic.
+    ({"g0": Outcome.TIMEOUT, "g1": Outcome.TIMEOUT}, ["g0", "g1"]),
+    # Every gateway fails at once (a fault on our side): the cap holds at one.
+    (
+        {"g0": Outcome.CONNECT_FAILURE, "g1": Outcome.CONNECT_FAILURE, "g2": Outcome.RESET},
+        ["g0"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("failing", "ejected"), CAP_CASES, ids=["region-refuses", "provider-hangs", "all-fail"]
+)
+def test_proven_failures_eject_past_the_cap_while_a_peer_serves(
+    failing: dict[str, Outcome], ejected: list[str]
+) -> None:
+    names = ("g0", "g1", "g2")
+    s = Setup([gateway(n, outlier=FAST_EJECT) for n in names], routes=[route("r", names, 50.0)])
+    for _ in range(5):
+        for n in names:
+            s.send(n, failing.get(n, Outcome.SUCCESS))
+    assert [n for n in names if s[n].flags & Flag.EJECTED] == ejected
+    if len(ejected) == 1:
+        assert s.admit("g1") is None  # held by the cap: still in rotation
+
+
+def test_a_failure_percentage_stays_within_the_cap() -> None:
+    outlier = OutlierDetection(consecutive_failures=5, failure_percentage=50, min_requests=10)
+    names = ("g0", "g1", "g2")
+    s = Setup([gateway(n, outlier=outlier) for n in names], routes=[route("r", names, 50.0)])
+    # g0 and g1 fail 3 of every 5, never 5 in a row: weak evidence, one may go.
+    for i in range(20):
+        bad = Outcome.SERVER_ERROR if i % 5 in (0, 2, 4) else Outcome.SUCCESS
+        s.send("g0", bad)
+        s.send("g1", bad)
+        s.send("g2")
+    assert [n for n in names if s[n].flags & Flag.EJECTED] == ["g0"]
+
+
+@pytest.mark.parametrize(
+    "peer_state",
+    ["idle-since-the-failures-began", "drained", "active-failed"],
+)
+def test_a_peer_proves_the_fault_only_by_serving_since_it_began(peer_state: str) -> None:
+    names = ("g0", "g1", "g2")
+    s = Setup([gateway(n, outlier=FAST_EJECT) for n in names], routes=[route("r", names, 50.0)])
+    s.send("g2")  # g2's last success, before anything failed
+    s.clock.advance(1.0)
+    if peer_state == "drained":
+        s.send("g2")
+        s.health.drain(s["g2"])
+    elif peer_state == "active-failed":
+        s.send("g2")
+        s["g2"].set_flag(Flag.ACTIVE_FAILED, "test")
+    for _ in range(3):
+        s.send("g0", Outcome.CONNECT_FAILURE)
+        s.send("g1", Outcome.CONNECT_FAILURE)
+    assert [n for n in names if s[n].flags & Flag.EJECTED] == ["g0"]
+
+
+def test_the_last_gateway_of_a_route_is_never_ejected_past_the_cap() -> None:
+    names = ("a", "b")
+    s = Setup([gateway(n, outlier=FAST_EJECT) for n in names], routes=[route("r", names, 50.0)])
+    for _ in range(3):
+        s.send("a", Outcome.TIMEOUT)
+        s.send("b")
+    assert s.admit("a") == "ejected"
+    for _ in range(10):
+        s.send("b", Outcome.TIMEOUT)
+    assert s.admit("b") is None
+
+
+def test_active_checks_end_a_passive_ejection_and_the_probe_decides() -> None:
+    hc = HealthCheck(interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=2)
+    s = Setup([gateway("a", outlier=FAST_EJECT, health_check=hc), gateway("b")])
+    checker = s.health._sources["a"].active  # its results are driven by hand
+    assert checker is not None
+    for _ in range(3):
+        s.send("a", Outcome.CONNECT_FAILURE)
+    assert s.admit("a") == "ejected"
+    for ok in (False, False, True):
+        s.clock.advance(0.5)
+        checker.record(ok, "test")
+    assert s.admit("a") == "active-failed"
+    s.clock.advance(0.5)
+    checker.record(True, "test")  # second pass: restored, 2 s into a 5 s ejection
+    assert s.admit("a") is None and s["a"].probe_due
+    assert s.send("a") is None
+    assert not s["a"].flags & Flag.EJECTED
+    restored = [f["source"] for f in s.rec.of("gateway.restored")]
+    assert restored == ["active", "passive"]
+
+
+def test_passes_without_a_failed_check_do_not_shorten_an_ejection() -> None:
+    hc = HealthCheck(interval=1.0, timeout=0.5, healthy_threshold=1, unhealthy_threshold=2)
+    s = Setup([gateway("a", outlier=FAST_EJECT, health_check=hc), gateway("b")])
+    checker = s.health._sources["a"].active
+    assert checker is not None
+    for _ in range(3):
+        s.send("a", Outcome.TIMEOUT)
+    for _ in range(4):
+        s.clock.advance(1.0)
+        checker.record(True, "test")  # its /health is fine; its payments were not
+    assert s.admit("a") == "ejected"
+
+
+def test_a_return_starts_the_predictive_averages_over() -> None:
+    s = Setup([gateway("a", outlier=FAST_EJECT), gateway("b")], routes=[route("r", ("a", "b"))])
+    for _ in range(40):
+        s.send("a", latency=0.05)
+        s.send("b", latency=0.05)
+    for _ in range(3):
+        s.send("a", Outcome.TIMEOUT, latency=0.3)
+    assert s["a"].flags & Flag.DEGRADED
+    s.clock.advance(5.0)
+    assert s.send("a") is None  # the probe passes
+    assert not s["a"].flags & Flag.EJECTED
+    assert s["a"].score == 1.0 and not s["a"].flags & Flag.DEGRADED
+    described = s.health.describe(s["a"])["degradation"]
+    assert isinstance(described, dict) and described["error_rate_short"] is None
+
+
+def test_a_straggler_from_before_the_ejection_does_not_count_after_the_return() -> None:
+    s = Setup([gateway("a", outlier=FAST_EJECT), gateway("b")])
+    t0 = s.clock.now()
+    s.health.started(s["a"], t0)  # sent before the outage, still running
+    for _ in range(3):
+        s.send("a", Outcome.CONNECT_FAILURE)
+    s.clock.advance(5.0)
+    assert s.send("a") is None  # probe passes
+    s.health.finished(s["a"], Outcome.TIMEOUT, s.clock.now() - t0, s.clock.now())
+    described = s.health.describe(s["a"])["outlier"]
+    assert isinstance(described, dict)
+    assert described["consecutive_failures"] == 0 and described["window_requests"] == 0
+    assert s["a"].score == 1.0
+
+
 def test_half_open_probe_through_the_facade() -> None:
     s = Setup([gateway("a", outlier=FAST_EJECT), gateway("b")])
     for _ in range(3):
@@ -397,3 +539,36 @@ async def test_removed_gateway_loses_its_checker_and_metrics() -> None:
     assert tasks[0].cancelled()
     assert metrics.get_sample_value("payswitch_gateway_up", {"gateway": "a"}) is None
     await health.close()
+
+
+def test_a_failed_check_keeps_the_half_open_probe_off_a_gateway_still_down() -> None:
+    hc = HealthCheck(interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=3)
+    s = Setup([gateway("a", outlier=FAST_EJECT, health_check=hc), gateway("b")])
+    checker = s.health._sources["a"].active
+    assert checker is not None
+    for _ in range(3):
+        s.send("a", Outcome.TIMEOUT)
+    s.clock.advance(4.0)
+    checker.record(False, "timeout")  # one failure: not yet ACTIVE_FAILED
+    s.clock.advance(1.0)
+    assert s.admit("a") == "ejected", "the probe would be a payment sent to a hanging gateway"
+    checker.record(True, "status 200")
+    assert s.admit("a") is None
+
+
+def test_a_gateway_answering_nothing_is_marked_silent_until_it_answers() -> None:
+    s = Setup([gateway("a"), gateway("b")], routes=[route("r", ("a", "b"))])
+    for _ in range(30):
+        s.send("a", latency=0.02)
+    s.clock.advance(0.001)
+    hung = []
+    for _ in range(3):
+        hung.append(s.clock.now())
+        s.health.started(s["a"], s.clock.now())
+        s.clock.advance(0.03)
+    seen = [(s.admit("a"), s["a"].silent)]  # the oldest is 90 ms old
+    s.clock.advance(0.02)
+    seen.append((s.admit("a"), s["a"].silent))  # 110 ms: over 5x its usual 20 ms
+    s.health.finished(s["a"], Outcome.SUCCESS, s.clock.now() - hung[1], s.clock.now())
+    seen.append((s.admit("a"), s["a"].silent))  # it answered
+    assert seen == [(None, False), (None, True), (None, False)]

@@ -31,7 +31,9 @@ class Setup:
         self.st = GatewayState(gateway(outlier=policy))
         self.rec = Recorder()
         self.allow = allow
-        self.det = OutlierDetector(self.st, self.rec, lambda _st: self.allow, self.clock.now())
+        self.det = OutlierDetector(
+            self.st, self.rec, lambda _st, _since: self.allow, self.clock.now()
+        )
 
     def send(self, outcome: Outcome, latency: float = 0.01) -> str | None:
         """One request through admission, start and finish, as the request path does."""
@@ -291,3 +293,156 @@ def test_slow_start_ramp(elapsed: float, factor: float) -> None:
 def test_slow_start_factor_edges(slow_start: float, since: float | None, factor: float) -> None:
     policy = OutlierDetection(slow_start=slow_start)
     assert slow_start_factor(policy, since, 0.0 if since is None else since - 1) == factor
+
+
+# -- what the cap is told, and recovery ----------------------------------------------------
+
+
+def test_the_cap_hears_whether_the_failure_is_proven() -> None:
+    heard: list[float | None] = []
+    clock = ManualClock()
+    st = GatewayState(gateway(outlier=POLICY))
+
+    def may_eject(_st: GatewayState, since: float | None) -> bool:
+        heard.append(since)
+        return False
+
+    det = OutlierDetector(st, Recorder(), may_eject, clock.now())
+    det.finished(Outcome.SUCCESS, 0.01, clock.now())
+    for _ in range(3):
+        clock.advance(1.0)
+        det.finished(Outcome.TIMEOUT, 0.3, clock.now())
+    # The run began when the first of the three failed requests was sent.
+    assert heard == [pytest.approx(1000.7)]
+    for outcome in "FSFSFSF":
+        clock.advance(0.1)
+        det.finished(Outcome.RESET if outcome == "F" else Outcome.SUCCESS, 0.01, clock.now())
+    assert heard[-1] is None  # a failure percentage is never proven
+
+
+def test_active_checks_cut_the_ejection_short() -> None:
+    s = Setup()
+    s.eject()
+    s.clock.advance(1.0)
+    assert s.det.end_ejection(s.clock.now(), "checks pass")
+    assert s.det.admit(s.clock.now()) is None and s.st.probe_due
+    assert not s.det.end_ejection(s.clock.now(), "again")  # already half-open
+    s.send(Outcome.SUCCESS)
+    assert not s.ejected()
+    assert not s.det.end_ejection(s.clock.now(), "not ejected")
+    s.clock.advance(1.0)
+    s.eject()  # back soon after returning: a second ejection in a row, 10 s
+    assert not s.det.end_ejection(s.clock.now(), "checks pass")
+    assert s.det.admit(s.clock.now()) == "ejected"
+
+
+def test_probe_due_until_the_probe_starts() -> None:
+    s = Setup()
+    s.eject()
+    due = []
+    due.append(s.st.probe_due)
+    s.clock.advance(5.0)
+    assert s.det.admit(s.clock.now()) is None
+    due.append(s.st.probe_due)
+    s.det.started(s.clock.now())
+    due.append(s.st.probe_due)
+    assert due == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    "straggler",
+    [Outcome.TIMEOUT, Outcome.SUCCESS],
+    ids=lambda o: o.value,
+)
+def test_only_a_request_started_after_the_return_decides_the_probe(straggler: Outcome) -> None:
+    s = Setup()
+    t0 = s.clock.now()
+    s.det.started(t0)  # in flight from before the outage
+    s.eject()
+    s.clock.advance(5.0)
+    s.det.started(s.clock.now())  # the probe
+    s.clock.advance(0.1)
+    s.det.finished(straggler, s.clock.now() - t0, s.clock.now())
+    assert s.ejected()
+    assert s.det.admit(s.clock.now()) == "half-open"  # neither restored nor ejected again
+    s.det.finished(Outcome.SUCCESS, 0.1, s.clock.now())
+    assert not s.ejected()
+    assert [f["duration_s"] for f in s.rec.of("gateway.ejected")] == [5.0]
+
+
+def test_stragglers_finishing_after_the_return_do_not_count() -> None:
+    s = Setup()
+    t0 = s.clock.now()
+    for _ in range(3):
+        s.det.started(t0)
+    s.eject()
+    s.clock.advance(5.0)
+    s.send(Outcome.SUCCESS)
+    for _ in range(3):
+        s.det.finished(Outcome.TIMEOUT, s.clock.now() - t0, s.clock.now())
+    assert not s.ejected()
+    assert s.det.status(s.clock.now()).consecutive_failures == 0
+
+
+def test_time_to_full_share_is_reported() -> None:
+    s = Setup()
+    s.eject()
+    s.clock.advance(5.0)
+    s.send(Outcome.SUCCESS, latency=0.0)
+    assert s.det.status(s.clock.now()).full_share_in_s == pytest.approx(10.0)
+    s.clock.advance(4.0)
+    assert s.det.status(s.clock.now()).full_share_in_s == pytest.approx(6.0)
+    s.clock.advance(6.0)
+    s.det.refresh_weight(s.clock.now())
+    assert s.det.status(s.clock.now()).full_share_in_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "answered_since", "ejected"),
+    [
+        (2, False, True),  # 1 timed out + 2 waiting on a silent gateway = 3
+        (1, False, False),  # 1 + 1 is not yet a run of 3
+        (5, True, False),  # it answered something after the request was sent: just slow
+    ],
+    ids=["silent", "too-few-waiting", "answering"],
+)
+def test_a_timeout_on_a_silent_gateway_counts_the_requests_waiting_on_it(
+    in_flight: int, answered_since: bool, ejected: bool
+) -> None:
+    s = Setup()
+    s.send(Outcome.SUCCESS)
+    s.clock.advance(0.01)
+    sent = s.clock.now()
+    s.clock.advance(0.1)
+    if answered_since:
+        s.det.finished(Outcome.SUCCESS, 0.05, s.clock.now())
+    s.clock.advance(0.2)
+    s.st.in_flight = in_flight
+    s.det.finished(Outcome.TIMEOUT, s.clock.now() - sent, s.clock.now())
+    assert s.ejected() is ejected
+    if ejected:
+        assert "nothing answered" in str(s.rec.of("gateway.ejected")[0]["reason"])
+
+
+@pytest.mark.parametrize(
+    ("checks", "after_ejection"),
+    [
+        ("", None),
+        ("F", "ejected"),
+        ("FS", None),
+        ("SF", "ejected"),
+    ],
+    ids=["no-checks", "failing", "passing-again", "failing-again"],
+)
+def test_a_failing_active_check_holds_the_half_open_probe_back(
+    checks: str, after_ejection: str | None
+) -> None:
+    s = Setup()
+    s.det.active_result(False)  # before the ejection: says nothing about its end
+    s.eject()
+    for c in checks:
+        s.det.active_result(c == "S")
+    s.clock.advance(5.0)
+    assert s.det.admit(s.clock.now()) == after_ejection
+    assert s.st.probe_due is (after_ejection is None)
+    assert s.det.status(s.clock.now()).half_open is (after_ejection is None)
