@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DEFAULTS = Settings()
 LISTEN_PORT = DEFAULTS.listen[1]
 ADMIN_PORT = DEFAULTS.admin[1]
+# The port deploy/ gives PAYSWITCH_PROBES (probes and /metrics, reachable from the pod IP).
+PROBES_PORT = 9102
 
 # Labels Prometheus adds to every scraped series; they are never in /metrics itself.
 SCRAPE_LABELS = frozenset({"job", "instance", "namespace", "pod"})
@@ -658,8 +661,11 @@ def in_build_context(path: str) -> bool:
 
 def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
     instructions = dockerfile()
+    # The base is a build argument whose default is an official slim image pinned by digest.
+    (base,) = [args for op, args in instructions if op == "ARG" and args.startswith("BASE=")]
+    assert re.fullmatch(r"BASE=python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
     froms = [args for op, args in instructions if op == "FROM"]
-    assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
+    assert froms and all(f.split()[0] == "${BASE}" for f in froms)
 
     copies: dict[str, str] = {}  # destination -> source, for copies from the context
     for op, args in instructions:
@@ -680,8 +686,14 @@ def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
                 left_out = [f for f in files if not in_build_context(f)]
                 assert not left_out, f".dockerignore leaves out {left_out[:5]}"
                 copies[dest.rstrip("/")] = src.rstrip("/")
-    # `pip install .` builds from pyproject.toml, which needs its readme and the package.
-    assert any(op == "RUN" and "pip install ." in args for op, args in instructions)
+    # Every dependency from the hashed lock; then `pip install .` builds from
+    # pyproject.toml (which needs its readme and the package) with the locked backend.
+    runs = [args for op, args in instructions if op == "RUN"]
+    assert any("--require-hashes" in r and "-r requirements.lock" in r for r in runs)
+    assert any(
+        re.search(r"pip install --no-deps --no-build-isolation --no-index \.", r) for r in runs
+    )
+    assert ("COPY", "deploy/docker/requirements.lock ./") in instructions
     for needed in ("pyproject.toml", "README.md", "proxy/__init__.py"):
         assert in_build_context(needed), needed
     assert any(src == "proxy" for src in copies.values())
@@ -701,12 +713,48 @@ def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
 
     assert dockerfile_uid() != 0
     (expose,) = [args for op, args in instructions if op == "EXPOSE"]
-    assert set(expose.split()) == {str(LISTEN_PORT), str(ADMIN_PORT)}
+    assert set(expose.split()) == {str(LISTEN_PORT), str(ADMIN_PORT), str(PROBES_PORT)}
     (entrypoint,) = [json.loads(args) for op, args in instructions if op == "ENTRYPOINT"]
     assert entrypoint == ["payswitch", "run"]
     (healthcheck,) = [args for op, args in instructions if op == "HEALTHCHECK"]
     command = json.loads(healthcheck.split("CMD", 1)[1])
-    assert command[0] == "python" and copies[command[1]] == "deploy/docker/healthcheck.py"
+    assert command[0] == "python3" and copies[command[1]] == "deploy/docker/healthcheck.py"
+
+
+LOCK = DEPLOY / "docker" / "requirements.lock"
+
+
+def requirement_name(spec: str) -> str:
+    name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+    assert name, spec
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    """The image installs only what the lock names (pip's --require-hashes): every runtime
+    dependency, the OTLP exporter and the build backend must be there, each at one version
+    with hashes. `make lock` regenerates it after pyproject.toml changes."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = {requirement_name(d) for d in project["project"]["dependencies"]}
+    wanted |= {requirement_name(d) for d in project["project"]["optional-dependencies"]["otlp"]}
+    wanted |= {requirement_name(d) for d in project["build-system"]["requires"]}
+    assert "opentelemetry-exporter-otlp-proto-http" in wanted
+
+    pinned: dict[str, str] = {}
+    for entry in re.split(r"\n(?=\S)", LOCK.read_text()):
+        if entry.startswith("#") or not entry.strip():
+            continue
+        head = entry.splitlines()[0]
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", head)
+        assert match, f"not pinned to one version: {head}"
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), f"no hash: {head}"
+        pinned[requirement_name(match.group(1))] = match.group(2)
+    missing = wanted - pinned.keys()
+    assert not missing, f"not in {LOCK.name}: {sorted(missing)}; run `make lock`"
+    build_in = (DEPLOY / "docker" / "build-requirements.in").read_text()
+    assert {requirement_name(r) for r in project["build-system"]["requires"]} <= {
+        requirement_name(line) for line in build_in.splitlines() if line and line[0] != "#"
+    }
 
 
 async def run_healthcheck(admin: str) -> int:
