@@ -78,6 +78,8 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
             severity=Severity.CRITICAL,
             required=("transaction_id", "route", "attempt_id", "gateway", "status"),
         ),
+        "store.down": KindSpec(severity=Severity.CRITICAL, required=("op", "error")),
+        "store.up": KindSpec(severity=Severity.INFO, required=("down_s",)),
     }
 )
 

@@ -101,6 +101,8 @@ SAMPLES: dict[str, dict[str, object]] = {
         "gateway": "adyen-eu",
         "status": 200,
     },
+    "store.down": {"op": "claim", "error": "ConnectionError: Connection refused"},
+    "store.up": {"down_s": 12.5},
 }
 
 
