@@ -26,18 +26,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import errors
+from proxy.admin import build_probes_app
 from proxy.config.load import build_rules, load_rules
 from proxy.config.model import Rules, Timeouts
 from proxy.settings import Settings, is_loopback, parse_hostport
+from tests.kustomize import configmap, rendered, rendered_envoy_config
 from tests.support import Proxy, gateways, running_proxy
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 ENVOY_CONFIG = DEPLOY / "envoy" / "envoy.yaml"
-K8S = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "payswitch-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yaml"
@@ -102,7 +104,7 @@ def walk(node: object) -> Iterator[tuple[str, object]]:
 
 
 def configmap_rules() -> Rules:
-    (cm,) = k8s_docs()["ConfigMap"]
+    cm = configmap(rendered("native-sidecar"), "payswitch-rules")
     return build_rules([(name, text.encode()) for name, text in cm["data"].items()])
 
 
@@ -120,9 +122,19 @@ def envoy_config() -> dict[str, Any]:
     return config
 
 
+def listener_named(config: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [
+        ln for ln in config["static_resources"]["listeners"] if ln["name"] == name
+    ]
+    assert len(found) == 1, name
+    return found[0]
+
+
 def envoy_parts(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(listener, its HTTP connection manager, the payswitch cluster)."""
-    (listener,) = config["static_resources"]["listeners"]
+    """(the ingress listener, its HTTP connection manager, the payswitch cluster)."""
+    names = sorted(ln["name"] for ln in config["static_resources"]["listeners"])
+    assert names == ["health", "ingress"], names
+    listener = listener_named(config, "ingress")
     (chain,) = listener["filter_chains"]
     (hcm_filter,) = chain["filters"]
     (cluster,) = config["static_resources"]["clusters"]
@@ -173,33 +185,53 @@ def test_envoy_leaves_retries_and_timeouts_to_payswitch() -> None:
         "address": "127.0.0.1",
         "port_value": LISTEN_PORT,
     }
-    assert endpoint["health_check_config"]["port_value"] == ADMIN_PORT
+    assert endpoint["health_check_config"]["port_value"] == PROBES_PORT
     (check,) = cluster["health_checks"]
     assert check["http_health_check"]["path"] == "/readyz"
 
+    # One network namespace per pod: no port twice. Only the health port is off loopback.
     admin = config["admin"]["address"]["socket_address"]
-    assert is_loopback(admin["address"])
-    assert admin["port_value"] not in (LISTEN_PORT, ADMIN_PORT), "one network namespace per pod"
-    assert listener["address"]["socket_address"]["port_value"] not in (LISTEN_PORT, ADMIN_PORT)
+    health = listener_named(config, "health")["address"]["socket_address"]
+    ingress = listener["address"]["socket_address"]
+    assert is_loopback(admin["address"]) and is_loopback(ingress["address"])
+    ports = [LISTEN_PORT, ADMIN_PORT, PROBES_PORT]
+    ports += [admin["port_value"], health["port_value"], ingress["port_value"]]
+    assert len(set(ports)) == len(ports), ports
+
+    # The health listener answers for payswitch too: ready only while payswitch is.
+    (hc_chain,) = listener_named(config, "health")["filter_chains"]
+    (hc_hcm,) = hc_chain["filters"]
+    hc_filter = hc_hcm["typed_config"]["http_filters"][0]["typed_config"]
+    assert hc_filter["pass_through_mode"] is False
+    assert hc_filter["cluster_min_healthy_percentages"] == {"payswitch": {"value": 100}}
+
+
+def test_the_pod_runs_the_committed_envoy_config_byte_for_byte() -> None:
+    assert rendered_envoy_config() == ENVOY_CONFIG.read_text()
 
 
 def envoy_config_for(
-    *, listen: int, admin: int, upstream: int, upstream_admin: int
+    *, listen: int, health: int, admin: int, upstream: int, upstream_probes: int
 ) -> dict[str, Any]:
-    """The committed config with its ports moved to free loopback ones, and the test as an
-    internal caller: Envoy honours x-envoy-* headers from internal addresses (an app in
-    the pod, or the cluster where internal_address_config lists it), so only the config's
-    own defences stand between such a caller and an Envoy retry."""
-    config = envoy_config()
+    """The pod's Envoy config, as rendered into its ConfigMap, with its ports moved to free
+    loopback ones, and the test as an internal caller: Envoy honours x-envoy-* headers
+    from internal addresses (an app in the pod, or the cluster where
+    internal_address_config lists it), so only the config's own defences stand between
+    such a caller and an Envoy retry."""
+    config: dict[str, Any] = yaml.safe_load(rendered_envoy_config())
     listener, hcm, cluster = envoy_parts(config)
     hcm["internal_address_config"] = {
         "cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]
     }
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen}
+    listener_named(config, "health")["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": health,
+    }
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["port_value"] = upstream
-    endpoint["health_check_config"]["port_value"] = upstream_admin
+    endpoint["health_check_config"]["port_value"] = upstream_probes
     return config
 
 
@@ -277,13 +309,18 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
         gateways("eu1") as g,
         running_proxy(E2E_RULES.format(url=g["eu1"].url), tmp_path) as p,
     ):
-        listen, admin = free_port(), free_port()
+        listen, health, admin = free_port(), free_port(), free_port()
         upstream = int(p.url.rsplit(":", 1)[1])
+        # payswitch's probes listener, as PAYSWITCH_PROBES starts it in the pod.
+        probes = web.AppRunner(build_probes_app(p.rt), access_log=None)
+        await probes.setup()
+        await web.TCPSite(probes, "127.0.0.1", 0).start()
         config = envoy_config_for(
             listen=listen,
+            health=health,
             admin=admin,
             upstream=upstream,
-            upstream_admin=int(p.admin_url.rsplit(":", 1)[1]),
+            upstream_probes=int(probes.addresses[0][1]),
         )
         config_file = tmp_path / "envoy.yaml"
         config_file.write_text(yaml.safe_dump(config))
@@ -304,6 +341,10 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
         try:
             envoy_admin = f"http://127.0.0.1:{admin}"
             await wait_until_envoy_sees_payswitch(p.session, envoy_admin, upstream, proc, log)
+            # kubelet's view: Envoy's health port says ready once payswitch is.
+            ready = f"http://127.0.0.1:{health}/ready"
+            async with p.session.get(ready) as resp:
+                assert resp.status == 200, await resp.text()
             url = f"http://127.0.0.1:{listen}/v1/deposits"
             body = b'{"amount": 100, "currency": "EUR"}'
 
@@ -334,114 +375,31 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
             assert stats["cluster.payswitch.upstream_rq_retry"] == 0, stats
             # Refused by max_retries would still mean the header got through.
             assert stats["cluster.payswitch.upstream_rq_retry_overflow"] == 0, stats
+
+            # payswitch drains (SIGTERM): Envoy's health check sees /readyz fail, and
+            # Envoy's own readiness follows, so the pod stops taking traffic.
+            p.rt.shutting_down = True
+            await wait_for_status(p.session, ready, 503, within=15)
         finally:
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+            await probes.cleanup()
 
 
-# -- Kubernetes ------------------------------------------------------------------------
-
-
-def k8s_docs() -> dict[str, list[dict[str, Any]]]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk, "kustomization.yaml must list every manifest"
-    docs: dict[str, list[dict[str, Any]]] = {}
-    for name in sorted(listed):
-        for doc in yaml.safe_load_all((K8S / name).read_text()):
-            if doc is not None:
-                docs.setdefault(doc["kind"], []).append(doc)
-    return docs
-
-
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-
-
-def port_number(container: dict[str, Any], port: int | str) -> int:
-    if isinstance(port, int):
-        return port
-    by_name = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert port in by_name, f"{container['name']} has no port named {port}"
-    return int(by_name[port])
-
-
-def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def dockerfile_uid() -> int:
-    (user,) = [args for op, args in dockerfile() if op == "USER"]
-    return int(user.split(":")[0])
-
-
-def test_kubernetes_manifests_agree_with_payswitch() -> None:
-    docs = k8s_docs()
-    assert {k: len(v) for k, v in docs.items()} == {
-        "ConfigMap": 1,
-        "Deployment": 1,
-        "Service": 1,
-        "PodDisruptionBudget": 1,
-        "ServiceMonitor": 1,
-    }
-    (deployment,) = docs["Deployment"]
-    (cm,) = docs["ConfigMap"]
-    (service,) = docs["Service"]
-    (pdb,) = docs["PodDisruptionBudget"]
-    (monitor,) = docs["ServiceMonitor"]
-    template = deployment["spec"]["template"]
-    pod_labels = template["metadata"]["labels"]
-    pod = template["spec"]
-    containers = {c["name"]: c for c in pod["containers"]}
-    sidecar = containers["payswitch"]
-    env = env_of(sidecar)
-
-    # Probes on the admin port, which kubelet must be able to reach.
-    admin_host, admin_port = parse_hostport(env["PAYSWITCH_ADMIN"], what="admin")
-    assert not is_loopback(admin_host), "kubelet probes come from outside the pod"
-    token = [e for e in sidecar["env"] if e["name"] == "PAYSWITCH_ADMIN_TOKEN"]
-    assert token and "secretKeyRef" in token[0]["valueFrom"], "a non-loopback admin needs a token"
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = sidecar[probe]["httpGet"]
-        assert get["path"] == path
-        assert port_number(sidecar, get["port"]) == admin_port
-
-    # The app talks to payswitch's traffic port over loopback.
-    _, listen_port = parse_hostport(env["PAYSWITCH_LISTEN"], what="listen")
-    assert env_of(containers["app"])["PAYMENTS_URL"] == f"http://127.0.0.1:{listen_port}"
-
-    # The rules: a whole ConfigMap mounted as the rules directory (subPath never updates).
-    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == env["PAYSWITCH_RULES"]]
-    assert env["PAYSWITCH_RULES"] == "/etc/payswitch/rules"
-    assert "subPath" not in mount
-    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert volume["configMap"]["name"] == cm["metadata"]["name"]
-    assert all(key.endswith((".yaml", ".yml")) for key in cm["data"])
-    assert configmap_rules().routes
-
-    # Shutdown fits the grace period: preStop, then payswitch's grace and deadline.
-    command = sidecar["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
-    budget = float(command[1]) + float(env["PAYSWITCH_SHUTDOWN_GRACE"])
-    budget += float(env["PAYSWITCH_SHUTDOWN_DEADLINE"])
-    assert budget < pod["terminationGracePeriodSeconds"]
-
-    assert sidecar["securityContext"]["runAsUser"] == dockerfile_uid()
-    assert pod["securityContext"]["runAsNonRoot"] is True
-
-    # Selectors and named ports line up.
-    assert matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    assert matches(service["spec"]["selector"], pod_labels)
-    assert matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
-    assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    container_ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
-    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert all(p["targetPort"] in container_ports for p in service_ports.values())
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics"
-    assert container_ports[service_ports[endpoint["port"]]["targetPort"]] == admin_port
+async def wait_for_status(
+    session: aiohttp.ClientSession, url: str, status: int, *, within: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    seen = None
+    while loop.time() < deadline:
+        async with session.get(url) as resp:
+            seen = resp.status
+        if seen == status:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{url} still answers {seen}, not {status}, after {within}s")
 
 
 # -- metrics used by the dashboard and the alerts ---------------------------------------
@@ -711,7 +669,8 @@ def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
     assert parse_hostport(env["PAYSWITCH_LISTEN"], what="listen")[1] == LISTEN_PORT
     assert parse_hostport(env["PAYSWITCH_ADMIN"], what="admin")[1] == ADMIN_PORT
 
-    assert dockerfile_uid() != 0
+    (user,) = [args for op, args in instructions if op == "USER"]
+    assert int(user.split(":")[0]) != 0
     (expose,) = [args for op, args in instructions if op == "EXPOSE"]
     assert set(expose.split()) == {str(LISTEN_PORT), str(ADMIN_PORT), str(PROBES_PORT)}
     (entrypoint,) = [json.loads(args) for op, args in instructions if op == "ENTRYPOINT"]
