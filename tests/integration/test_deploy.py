@@ -1,10 +1,11 @@
 """deploy/ checked against the real things it configures.
 
-Envoy validates the committed config and carries a payment end to end without retrying
-it; the Kubernetes manifests agree with payswitch's admin port, rules loader and graceful
-shutdown; the dashboard and alerts query only metrics a running payswitch exports;
-promtool checks and unit-tests the alerts; the Dockerfile copies files that exist and its
-HEALTHCHECK works against a live admin port.
+Envoy validates the committed config, and the config the pod gets (taken out of the
+rendered manifests) carries a payment end to end without retrying it and reports
+payswitch's readiness to kubelet; the dashboard and alerts query only metrics a running
+payswitch exports; promtool checks and unit-tests the alerts; the Dockerfile copies files
+that exist, installs only from the hashed lock, and its HEALTHCHECK works against a live
+admin port. The Kubernetes manifests themselves are test_kubernetes.py's.
 """
 
 from __future__ import annotations
