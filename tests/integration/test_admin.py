@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 
 from proxy.admin import PROBE_PATHS, build_admin_app, build_probes_app
@@ -157,3 +158,26 @@ async def test_probes_app_serves_probes_and_metrics_only(tmp_path: Path) -> None
             assert await call(p.session, base, "GET", "/readyz", {}) == 503
         finally:
             await runner.cleanup()
+
+
+# Paths that look public but reach a guarded endpoint, or that are not what they seem.
+TRICKS = {
+    "dot-dot from the dashboard": "/dashboard/../admin/config",
+    "encoded dot-dot": "/dashboard/%2e%2e/admin/config",
+    "trailing slash": "/admin/config/",
+    "double slash": "//admin/config",
+    "metrics prefix": "/metrics/../admin/transactions/x",
+}
+
+
+@pytest.mark.parametrize("path", TRICKS.values(), ids=TRICKS)
+async def test_path_tricks_never_reach_a_guarded_endpoint(tmp_path: Path, path: str) -> None:
+    async with (
+        gateways("eu1") as g,
+        running_proxy(RULES.format(url=g["eu1"].url), tmp_path, admin_token=TOKEN) as p,
+    ):
+        url = yarl.URL(p.admin_url + path, encoded=True)
+        async with p.session.get(url) as resp:
+            body = await resp.text()
+            assert resp.status in (401, 404), (resp.status, body)
+            assert "gateways" not in body and "rules" not in body
