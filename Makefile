@@ -37,15 +37,16 @@ typecheck: $(STAMP)
 services: $(STAMP)
 	.ci/services
 
-## make test: every check; warnings fail. The image has its own target (make image-test).
+## make test: every check, the image built and run included; warnings fail
 test: lint typecheck validate services
-	$(BIN)/pytest -q -m "not image"
+	$(BIN)/pytest -q
 
 ## make image: the container image, built with buildah on a local debootstrap'd base
 image:
 	deploy/docker/build-image
 
-## make image-test: build the image, then run it as Kubernetes does (podman, read-only, uid 10001)
+## make image-test: only the image's tests (make test runs them too): build it, then run it
+## as Kubernetes does (podman, read-only root filesystem, uid 10001)
 image-test: $(STAMP)
 	$(BIN)/pytest -q -m image
 
