@@ -35,8 +35,6 @@ from proxy.idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
     MemoryTransactionStore,
-    RedisIdempotencyStore,
-    RedisTransactionStore,
     TransactionStore,
 )
 from proxy.idempotency.guard import StoreGuard
@@ -275,6 +273,9 @@ def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         prefix = settings.idempotency_prefix
+        from proxy.idempotency.redis_store import RedisIdempotencyStore
+        from proxy.idempotency.transactions import RedisTransactionStore
+
         return RedisIdempotencyStore.from_url(url, prefix), RedisTransactionStore.from_url(
             url, prefix
         )

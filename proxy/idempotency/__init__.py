@@ -1,7 +1,8 @@
 """Proxy-side idempotency keys and the transaction log (DESIGN.md §5.4-5.7).
 
-Owns: re-exporting the public API of `keys`, `store`, `memory`, `redis_store` and
-`transactions`, so the request path imports from one place.
+Owns: re-exporting the public API of `keys`, `store`, `memory` and `transactions`, so the
+request path imports from one place. The Redis stores are imported from their modules
+where one is made, so a sidecar on the memory store never loads the Redis client.
 Must not: hold state or choose a store; the composition root builds the store it wants.
 """
 
@@ -14,7 +15,6 @@ from proxy.idempotency.keys import (
     validate_key,
 )
 from proxy.idempotency.memory import MemoryIdempotencyStore
-from proxy.idempotency.redis_store import RedisIdempotencyStore
 from proxy.idempotency.store import (
     Claimed,
     ClaimResult,
@@ -30,7 +30,6 @@ from proxy.idempotency.store import (
 )
 from proxy.idempotency.transactions import (
     MemoryTransactionStore,
-    RedisTransactionStore,
     TransactionStore,
 )
 
@@ -45,8 +44,6 @@ __all__ = [
     "MemoryIdempotencyStore",
     "MemoryTransactionStore",
     "Mismatch",
-    "RedisIdempotencyStore",
-    "RedisTransactionStore",
     "StoreFull",
     "StoredResponse",
     "TransactionStore",
