@@ -1,24 +1,54 @@
-# payswitch: docker build -t payswitch:0.1.0 .
-# Rules are mounted at /etc/payswitch/rules (deploy/kubernetes mounts a ConfigMap there).
+# payswitch image. `make image` builds it with buildah from a local Debian base (no
+# registry needed); anywhere a registry is reachable: docker build -t payswitch:0.1.0 .
+#
+# BASE must provide python3 (3.11) with venv/ensurepip. The default is the official
+# python:3.11-slim pinned by digest, so a rebuild never silently takes another base; bump
+# it on purpose (docker buildx imagetools inspect python:3.11-slim). `make image` passes
+# BASE=localhost/payswitch-base:bookworm, a debootstrap'd bookworm with python3.
+ARG BASE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
-FROM python:3.11-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 WORKDIR /src
+# Every dependency (with the OTLP exporter and the build backend) at one version and one
+# hash: pip refuses anything the lock does not name, so the image is what was reviewed.
+# Behind a TLS-inspecting proxy, hand its CA bundle in as the secret `cacert` (`--secret
+# id=cacert,src=/etc/ssl/certs/ca-certificates.crt`): it is mounted for this step only and
+# never lands in a layer. The hashes are checked either way.
+COPY deploy/docker/requirements.lock ./
+RUN --mount=type=secret,id=cacert \
+    if [ -s /run/secrets/cacert ]; then export PIP_CERT=/run/secrets/cacert; fi \
+ && python3 -m venv /opt/payswitch \
+ && /opt/payswitch/bin/pip install --require-hashes --no-deps --only-binary=:all: \
+      -r requirements.lock
 # pyproject.toml names README.md as the package's readme, so the build needs it too.
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
-RUN python -m venv /opt/payswitch && /opt/payswitch/bin/pip install .
+# The build backend comes from the lock, not from an unpinned isolated build env; then
+# the installers leave the venv, so the runtime has no pip or setuptools.
+RUN /opt/payswitch/bin/pip install --no-deps --no-build-isolation --no-index . \
+ && /opt/payswitch/bin/python -m pip uninstall --yes setuptools pip \
+ && find /opt/payswitch -name '__pycache__' -prune -exec rm -rf {} + \
+ && /opt/payswitch/bin/python -m compileall -q /opt/payswitch/lib
 
-FROM python:3.11-slim
-# The rules schema is read at run time and is not part of the Python package.
+FROM ${BASE}
+# No installer in the runtime: drop whatever pip, setuptools, wheel and bundled
+# ensurepip wheels the base carries (the official image ships pip; Debian's venv support
+# ships wheels), then add the user. A fixed numeric uid, so Kubernetes' runAsNonRoot can
+# check it (the manifests run as the same uid).
+RUN set -eu; \
+    rm -rf /usr/local/bin/pip* /usr/local/lib/python3*/site-packages/pip* \
+      /usr/local/lib/python3*/site-packages/setuptools* \
+      /usr/local/lib/python3*/site-packages/wheel* \
+      /usr/local/lib/python3*/ensurepip /usr/lib/python3*/ensurepip \
+      /usr/share/python-wheels /usr/lib/python3/dist-packages/pip*; \
+    groupadd --gid 10001 payswitch; \
+    useradd --uid 10001 --gid 10001 --no-create-home --no-log-init --shell /usr/sbin/nologin payswitch; \
+    mkdir -p /etc/payswitch/rules
+# The rules schema is read at run time (PAYSWITCH_SCHEMAS) where the package lacks it.
 COPY schemas/ /usr/share/payswitch/schemas/
 COPY deploy/docker/healthcheck.py /usr/local/bin/payswitch-healthcheck
 COPY --from=build /opt/payswitch /opt/payswitch
-# A fixed numeric user, so Kubernetes' runAsNonRoot can check it (deployment.yaml runs
-# as the same uid).
-RUN groupadd --system --gid 10001 payswitch \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin payswitch \
- && mkdir -p /etc/payswitch/rules
 ENV PATH=/opt/payswitch/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -27,11 +57,22 @@ ENV PATH=/opt/payswitch/bin:$PATH \
     PAYSWITCH_LISTEN=0.0.0.0:8080 \
     PAYSWITCH_ADMIN=127.0.0.1:9901
 USER 10001:10001
-# 8080 payment traffic; 9901 admin (probes, /metrics), on loopback unless PAYSWITCH_ADMIN
-# says otherwise: Kubernetes sets 0.0.0.0:9901 so kubelet and Prometheus reach it.
-EXPOSE 8080 9901
+# 8080 payment traffic; 9901 admin API (loopback unless PAYSWITCH_ADMIN says otherwise);
+# 9102 probes and /metrics when PAYSWITCH_PROBES is set, as the Kubernetes manifests do.
+EXPOSE 8080 9901 9102
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "/usr/local/bin/payswitch-healthcheck"]
+  CMD ["python3", "/usr/local/bin/payswitch-healthcheck"]
 # payswitch is PID 1 and handles SIGTERM itself: readiness fails, in-flight payments get
 # PAYSWITCH_SHUTDOWN_DEADLINE (20s) to finish. Give `docker stop` at least that: -t 30.
 ENTRYPOINT ["payswitch", "run"]
+# Last, so a new revision rebuilds only this layer.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="payswitch" \
+      org.opencontainers.image.description="Declarative routing sidecar for payment traffic" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://example.com/payswitch"

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit bench scenarios faults validate clean
+.PHONY: run test lint typecheck unit bench scenarios faults validate clean services image image-test lock manifests
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,15 +27,38 @@ validate: $(STAMP)
 	$(BIN)/payswitch validate rules
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench deploy
+	$(BIN)/ruff format --check proxy tests bench deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## make test: every check; warnings fail
-test: lint typecheck validate
+## make services: Redis, promtool, Chromium, kustomize and the Kafka broker, when missing
+services: $(STAMP)
+	.ci/services
+
+## make test: every check, the image built and run included; warnings fail
+test: lint typecheck validate services
 	$(BIN)/pytest -q
+
+## make image: the container image, built with buildah on a local debootstrap'd base
+image:
+	deploy/docker/build-image
+
+## make image-test: only the image's tests (make test runs them too): build it, then run it
+## as Kubernetes does (podman, read-only root filesystem, uid 10001)
+image-test: $(STAMP)
+	$(BIN)/pytest -q -m image
+
+## make lock: regenerate the image's hashed lock after changing dependencies
+lock: $(STAMP)
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	  --extra otlp --custom-compile-command "make lock" \
+	  --output-file deploy/docker/requirements.lock pyproject.toml deploy/docker/build-requirements.in
+
+## make manifests: regenerate what deploy/kubernetes derives from other files
+manifests: $(STAMP)
+	$(BIN)/python deploy/prometheus/prometheusrule.py > deploy/kubernetes/base/prometheusrule.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -294,7 +294,7 @@ def _tune_gc() -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
-    from proxy.admin import build_admin_app
+    from proxy.admin import build_admin_app, start_probes
 
     raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
@@ -308,6 +308,7 @@ async def serve(settings: Settings) -> int:
     await web.TCPSite(
         admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
     ).start()
+    probes_runner = await start_probes(rt)
     logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
     stop = asyncio.Event()
 
@@ -331,6 +332,8 @@ async def serve(settings: Settings) -> int:
     await asyncio.sleep(settings.shutdown_grace)
     await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
     await admin_runner.cleanup()
+    if probes_runner is not None:
+        await probes_runner.cleanup()
     await rt.close()
     return 0
 

@@ -40,9 +40,14 @@ def _parser() -> argparse.ArgumentParser:
         "--admin", help="HOST:PORT for the admin API (env PAYSWITCH_ADMIN; default 127.0.0.1:9901)"
     )
     run.add_argument(
+        "--probes",
+        help="HOST:PORT serving only /healthz, /readyz and /metrics, for kubelet and "
+        "Prometheus (env PAYSWITCH_PROBES; default: none, they stay on the admin port)",
+    )
+    run.add_argument(
         "--admin-token",
         dest="admin_token",
-        help="token for mutating admin calls (env PAYSWITCH_ADMIN_TOKEN)",
+        help="token every admin call but probes and metrics needs (env PAYSWITCH_ADMIN_TOKEN)",
     )
     run.add_argument(
         "--access-log",

@@ -30,6 +30,9 @@ class Settings:
     rules: tuple[str, ...] = ("rules",)
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     admin: tuple[str, int] = ("127.0.0.1", 9901)
+    # /healthz, /readyz and /metrics on a port of their own (None: only on the admin port),
+    # so kubelet and Prometheus reach them while the admin API stays on loopback.
+    probes: tuple[str, int] | None = None
     admin_token: str | None = None
     access_log: bool = True
     events: str = "stdout"  # stdout | off | a file path
@@ -62,6 +65,7 @@ ENV = {
     "rules": "PAYSWITCH_RULES",
     "listen": "PAYSWITCH_LISTEN",
     "admin": "PAYSWITCH_ADMIN",
+    "probes": "PAYSWITCH_PROBES",
     "admin_token": "PAYSWITCH_ADMIN_TOKEN",
     "access_log": "PAYSWITCH_ACCESS_LOG",
     "events": "PAYSWITCH_EVENTS",
@@ -120,7 +124,7 @@ def from_sources(
             values[name] = (
                 tuple(raw) if isinstance(raw, list | tuple) else tuple(str(raw).split(","))
             )
-        elif name in ("listen", "admin"):
+        elif name in ("listen", "admin", "probes"):
             values[name] = parse_hostport(str(raw), what=name)
         elif name in ("access_log", "watch"):
             values[name] = raw if isinstance(raw, bool) else _bool(str(raw))
@@ -147,4 +151,10 @@ def from_sources(
             values[name] = str(raw)
         else:
             values[name] = str(raw)
-    return Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.probes is not None and settings.probes[1] != 0:
+        ports = {"listen": settings.listen[1], "admin": settings.admin[1]}
+        clash = [name for name, port in ports.items() if port == settings.probes[1]]
+        if clash:
+            raise ValueError(f"probes: port {settings.probes[1]} is already the {clash[0]} port")
+    return settings

@@ -1,10 +1,11 @@
 """deploy/ checked against the real things it configures.
 
-Envoy validates the committed config and carries a payment end to end without retrying
-it; the Kubernetes manifests agree with payswitch's admin port, rules loader and graceful
-shutdown; the dashboard and alerts query only metrics a running payswitch exports;
-promtool checks and unit-tests the alerts; the Dockerfile copies files that exist and its
-HEALTHCHECK works against a live admin port.
+Envoy validates the committed config, and the config the pod gets (taken out of the
+rendered manifests) carries a payment end to end without retrying it and reports
+payswitch's readiness to kubelet; the dashboard and alerts query only metrics a running
+payswitch exports; promtool checks and unit-tests the alerts; the Dockerfile copies files
+that exist, installs only from the hashed lock, and its HEALTHCHECK works against a live
+admin port. The Kubernetes manifests themselves are test_kubernetes.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import errors
+from proxy.admin import build_probes_app
 from proxy.config.load import build_rules, load_rules
 from proxy.config.model import Rules, Timeouts
 from proxy.settings import Settings, is_loopback, parse_hostport
+from tests.kustomize import configmap, rendered, rendered_envoy_config
 from tests.support import Proxy, gateways, running_proxy
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 ENVOY_CONFIG = DEPLOY / "envoy" / "envoy.yaml"
-K8S = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "payswitch-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yaml"
@@ -45,6 +49,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DEFAULTS = Settings()
 LISTEN_PORT = DEFAULTS.listen[1]
 ADMIN_PORT = DEFAULTS.admin[1]
+# The port deploy/ gives PAYSWITCH_PROBES (probes and /metrics, reachable from the pod IP).
+PROBES_PORT = 9102
 
 # Labels Prometheus adds to every scraped series; they are never in /metrics itself.
 SCRAPE_LABELS = frozenset({"job", "instance", "namespace", "pod"})
@@ -99,7 +105,7 @@ def walk(node: object) -> Iterator[tuple[str, object]]:
 
 
 def configmap_rules() -> Rules:
-    (cm,) = k8s_docs()["ConfigMap"]
+    cm = configmap(rendered("native-sidecar"), "payswitch-rules")
     return build_rules([(name, text.encode()) for name, text in cm["data"].items()])
 
 
@@ -117,9 +123,19 @@ def envoy_config() -> dict[str, Any]:
     return config
 
 
+def listener_named(config: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [
+        ln for ln in config["static_resources"]["listeners"] if ln["name"] == name
+    ]
+    assert len(found) == 1, name
+    return found[0]
+
+
 def envoy_parts(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(listener, its HTTP connection manager, the payswitch cluster)."""
-    (listener,) = config["static_resources"]["listeners"]
+    """(the ingress listener, its HTTP connection manager, the payswitch cluster)."""
+    names = sorted(ln["name"] for ln in config["static_resources"]["listeners"])
+    assert names == ["health", "ingress"], names
+    listener = listener_named(config, "ingress")
     (chain,) = listener["filter_chains"]
     (hcm_filter,) = chain["filters"]
     (cluster,) = config["static_resources"]["clusters"]
@@ -170,33 +186,53 @@ def test_envoy_leaves_retries_and_timeouts_to_payswitch() -> None:
         "address": "127.0.0.1",
         "port_value": LISTEN_PORT,
     }
-    assert endpoint["health_check_config"]["port_value"] == ADMIN_PORT
+    assert endpoint["health_check_config"]["port_value"] == PROBES_PORT
     (check,) = cluster["health_checks"]
     assert check["http_health_check"]["path"] == "/readyz"
 
+    # One network namespace per pod: no port twice. Only the health port is off loopback.
     admin = config["admin"]["address"]["socket_address"]
-    assert is_loopback(admin["address"])
-    assert admin["port_value"] not in (LISTEN_PORT, ADMIN_PORT), "one network namespace per pod"
-    assert listener["address"]["socket_address"]["port_value"] not in (LISTEN_PORT, ADMIN_PORT)
+    health = listener_named(config, "health")["address"]["socket_address"]
+    ingress = listener["address"]["socket_address"]
+    assert is_loopback(admin["address"]) and is_loopback(ingress["address"])
+    ports = [LISTEN_PORT, ADMIN_PORT, PROBES_PORT]
+    ports += [admin["port_value"], health["port_value"], ingress["port_value"]]
+    assert len(set(ports)) == len(ports), ports
+
+    # The health listener answers for payswitch too: ready only while payswitch is.
+    (hc_chain,) = listener_named(config, "health")["filter_chains"]
+    (hc_hcm,) = hc_chain["filters"]
+    hc_filter = hc_hcm["typed_config"]["http_filters"][0]["typed_config"]
+    assert hc_filter["pass_through_mode"] is False
+    assert hc_filter["cluster_min_healthy_percentages"] == {"payswitch": {"value": 100}}
+
+
+def test_the_pod_runs_the_committed_envoy_config_byte_for_byte() -> None:
+    assert rendered_envoy_config() == ENVOY_CONFIG.read_text()
 
 
 def envoy_config_for(
-    *, listen: int, admin: int, upstream: int, upstream_admin: int
+    *, listen: int, health: int, admin: int, upstream: int, upstream_probes: int
 ) -> dict[str, Any]:
-    """The committed config with its ports moved to free loopback ones, and the test as an
-    internal caller: Envoy honours x-envoy-* headers from internal addresses (an app in
-    the pod, or the cluster where internal_address_config lists it), so only the config's
-    own defences stand between such a caller and an Envoy retry."""
-    config = envoy_config()
+    """The pod's Envoy config, as rendered into its ConfigMap, with its ports moved to free
+    loopback ones, and the test as an internal caller: Envoy honours x-envoy-* headers
+    from internal addresses (an app in the pod, or the cluster where
+    internal_address_config lists it), so only the config's own defences stand between
+    such a caller and an Envoy retry."""
+    config: dict[str, Any] = yaml.safe_load(rendered_envoy_config())
     listener, hcm, cluster = envoy_parts(config)
     hcm["internal_address_config"] = {
         "cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]
     }
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen}
+    listener_named(config, "health")["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": health,
+    }
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["port_value"] = upstream
-    endpoint["health_check_config"]["port_value"] = upstream_admin
+    endpoint["health_check_config"]["port_value"] = upstream_probes
     return config
 
 
@@ -274,13 +310,18 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
         gateways("eu1") as g,
         running_proxy(E2E_RULES.format(url=g["eu1"].url), tmp_path) as p,
     ):
-        listen, admin = free_port(), free_port()
+        listen, health, admin = free_port(), free_port(), free_port()
         upstream = int(p.url.rsplit(":", 1)[1])
+        # payswitch's probes listener, as PAYSWITCH_PROBES starts it in the pod.
+        probes = web.AppRunner(build_probes_app(p.rt), access_log=None)
+        await probes.setup()
+        await web.TCPSite(probes, "127.0.0.1", 0).start()
         config = envoy_config_for(
             listen=listen,
+            health=health,
             admin=admin,
             upstream=upstream,
-            upstream_admin=int(p.admin_url.rsplit(":", 1)[1]),
+            upstream_probes=int(probes.addresses[0][1]),
         )
         config_file = tmp_path / "envoy.yaml"
         config_file.write_text(yaml.safe_dump(config))
@@ -301,6 +342,10 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
         try:
             envoy_admin = f"http://127.0.0.1:{admin}"
             await wait_until_envoy_sees_payswitch(p.session, envoy_admin, upstream, proc, log)
+            # kubelet's view: Envoy's health port says ready once payswitch is.
+            ready = f"http://127.0.0.1:{health}/ready"
+            async with p.session.get(ready) as resp:
+                assert resp.status == 200, await resp.text()
             url = f"http://127.0.0.1:{listen}/v1/deposits"
             body = b'{"amount": 100, "currency": "EUR"}'
 
@@ -331,114 +376,31 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
             assert stats["cluster.payswitch.upstream_rq_retry"] == 0, stats
             # Refused by max_retries would still mean the header got through.
             assert stats["cluster.payswitch.upstream_rq_retry_overflow"] == 0, stats
+
+            # payswitch drains (SIGTERM): Envoy's health check sees /readyz fail, and
+            # Envoy's own readiness follows, so the pod stops taking traffic.
+            p.rt.shutting_down = True
+            await wait_for_status(p.session, ready, 503, within=15)
         finally:
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+            await probes.cleanup()
 
 
-# -- Kubernetes ------------------------------------------------------------------------
-
-
-def k8s_docs() -> dict[str, list[dict[str, Any]]]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk, "kustomization.yaml must list every manifest"
-    docs: dict[str, list[dict[str, Any]]] = {}
-    for name in sorted(listed):
-        for doc in yaml.safe_load_all((K8S / name).read_text()):
-            if doc is not None:
-                docs.setdefault(doc["kind"], []).append(doc)
-    return docs
-
-
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-
-
-def port_number(container: dict[str, Any], port: int | str) -> int:
-    if isinstance(port, int):
-        return port
-    by_name = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    assert port in by_name, f"{container['name']} has no port named {port}"
-    return int(by_name[port])
-
-
-def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def dockerfile_uid() -> int:
-    (user,) = [args for op, args in dockerfile() if op == "USER"]
-    return int(user.split(":")[0])
-
-
-def test_kubernetes_manifests_agree_with_payswitch() -> None:
-    docs = k8s_docs()
-    assert {k: len(v) for k, v in docs.items()} == {
-        "ConfigMap": 1,
-        "Deployment": 1,
-        "Service": 1,
-        "PodDisruptionBudget": 1,
-        "ServiceMonitor": 1,
-    }
-    (deployment,) = docs["Deployment"]
-    (cm,) = docs["ConfigMap"]
-    (service,) = docs["Service"]
-    (pdb,) = docs["PodDisruptionBudget"]
-    (monitor,) = docs["ServiceMonitor"]
-    template = deployment["spec"]["template"]
-    pod_labels = template["metadata"]["labels"]
-    pod = template["spec"]
-    containers = {c["name"]: c for c in pod["containers"]}
-    sidecar = containers["payswitch"]
-    env = env_of(sidecar)
-
-    # Probes on the admin port, which kubelet must be able to reach.
-    admin_host, admin_port = parse_hostport(env["PAYSWITCH_ADMIN"], what="admin")
-    assert not is_loopback(admin_host), "kubelet probes come from outside the pod"
-    token = [e for e in sidecar["env"] if e["name"] == "PAYSWITCH_ADMIN_TOKEN"]
-    assert token and "secretKeyRef" in token[0]["valueFrom"], "a non-loopback admin needs a token"
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = sidecar[probe]["httpGet"]
-        assert get["path"] == path
-        assert port_number(sidecar, get["port"]) == admin_port
-
-    # The app talks to payswitch's traffic port over loopback.
-    _, listen_port = parse_hostport(env["PAYSWITCH_LISTEN"], what="listen")
-    assert env_of(containers["app"])["PAYMENTS_URL"] == f"http://127.0.0.1:{listen_port}"
-
-    # The rules: a whole ConfigMap mounted as the rules directory (subPath never updates).
-    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == env["PAYSWITCH_RULES"]]
-    assert env["PAYSWITCH_RULES"] == "/etc/payswitch/rules"
-    assert "subPath" not in mount
-    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert volume["configMap"]["name"] == cm["metadata"]["name"]
-    assert all(key.endswith((".yaml", ".yml")) for key in cm["data"])
-    assert configmap_rules().routes
-
-    # Shutdown fits the grace period: preStop, then payswitch's grace and deadline.
-    command = sidecar["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
-    budget = float(command[1]) + float(env["PAYSWITCH_SHUTDOWN_GRACE"])
-    budget += float(env["PAYSWITCH_SHUTDOWN_DEADLINE"])
-    assert budget < pod["terminationGracePeriodSeconds"]
-
-    assert sidecar["securityContext"]["runAsUser"] == dockerfile_uid()
-    assert pod["securityContext"]["runAsNonRoot"] is True
-
-    # Selectors and named ports line up.
-    assert matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    assert matches(service["spec"]["selector"], pod_labels)
-    assert matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
-    assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    container_ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
-    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert all(p["targetPort"] in container_ports for p in service_ports.values())
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics"
-    assert container_ports[service_ports[endpoint["port"]]["targetPort"]] == admin_port
+async def wait_for_status(
+    session: aiohttp.ClientSession, url: str, status: int, *, within: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    seen = None
+    while loop.time() < deadline:
+        async with session.get(url) as resp:
+            seen = resp.status
+        if seen == status:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{url} still answers {seen}, not {status}, after {within}s")
 
 
 # -- metrics used by the dashboard and the alerts ---------------------------------------
@@ -658,8 +620,11 @@ def in_build_context(path: str) -> bool:
 
 def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
     instructions = dockerfile()
+    # The base is a build argument whose default is an official slim image pinned by digest.
+    (base,) = [args for op, args in instructions if op == "ARG" and args.startswith("BASE=")]
+    assert re.fullmatch(r"BASE=python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
     froms = [args for op, args in instructions if op == "FROM"]
-    assert froms and all(f.split()[0] == "python:3.11-slim" for f in froms)
+    assert froms and all(f.split()[0] == "${BASE}" for f in froms)
 
     copies: dict[str, str] = {}  # destination -> source, for copies from the context
     for op, args in instructions:
@@ -680,8 +645,14 @@ def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
                 left_out = [f for f in files if not in_build_context(f)]
                 assert not left_out, f".dockerignore leaves out {left_out[:5]}"
                 copies[dest.rstrip("/")] = src.rstrip("/")
-    # `pip install .` builds from pyproject.toml, which needs its readme and the package.
-    assert any(op == "RUN" and "pip install ." in args for op, args in instructions)
+    # Every dependency from the hashed lock; then `pip install .` builds from
+    # pyproject.toml (which needs its readme and the package) with the locked backend.
+    runs = [args for op, args in instructions if op == "RUN"]
+    assert any("--require-hashes" in r and "-r requirements.lock" in r for r in runs)
+    assert any(
+        re.search(r"pip install --no-deps --no-build-isolation --no-index \.", r) for r in runs
+    )
+    assert ("COPY", "deploy/docker/requirements.lock ./") in instructions
     for needed in ("pyproject.toml", "README.md", "proxy/__init__.py"):
         assert in_build_context(needed), needed
     assert any(src == "proxy" for src in copies.values())
@@ -699,14 +670,51 @@ def test_dockerfile_copies_what_exists_and_runs_payswitch() -> None:
     assert parse_hostport(env["PAYSWITCH_LISTEN"], what="listen")[1] == LISTEN_PORT
     assert parse_hostport(env["PAYSWITCH_ADMIN"], what="admin")[1] == ADMIN_PORT
 
-    assert dockerfile_uid() != 0
+    (user,) = [args for op, args in instructions if op == "USER"]
+    assert int(user.split(":")[0]) != 0
     (expose,) = [args for op, args in instructions if op == "EXPOSE"]
-    assert set(expose.split()) == {str(LISTEN_PORT), str(ADMIN_PORT)}
+    assert set(expose.split()) == {str(LISTEN_PORT), str(ADMIN_PORT), str(PROBES_PORT)}
     (entrypoint,) = [json.loads(args) for op, args in instructions if op == "ENTRYPOINT"]
     assert entrypoint == ["payswitch", "run"]
     (healthcheck,) = [args for op, args in instructions if op == "HEALTHCHECK"]
     command = json.loads(healthcheck.split("CMD", 1)[1])
-    assert command[0] == "python" and copies[command[1]] == "deploy/docker/healthcheck.py"
+    assert command[0] == "python3" and copies[command[1]] == "deploy/docker/healthcheck.py"
+
+
+LOCK = DEPLOY / "docker" / "requirements.lock"
+
+
+def requirement_name(spec: str) -> str:
+    name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+    assert name, spec
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    """The image installs only what the lock names (pip's --require-hashes): every runtime
+    dependency, the OTLP exporter and the build backend must be there, each at one version
+    with hashes. `make lock` regenerates it after pyproject.toml changes."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = {requirement_name(d) for d in project["project"]["dependencies"]}
+    wanted |= {requirement_name(d) for d in project["project"]["optional-dependencies"]["otlp"]}
+    wanted |= {requirement_name(d) for d in project["build-system"]["requires"]}
+    assert "opentelemetry-exporter-otlp-proto-http" in wanted
+
+    pinned: dict[str, str] = {}
+    for entry in re.split(r"\n(?=\S)", LOCK.read_text()):
+        if entry.startswith("#") or not entry.strip():
+            continue
+        head = entry.splitlines()[0]
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", head)
+        assert match, f"not pinned to one version: {head}"
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), f"no hash: {head}"
+        pinned[requirement_name(match.group(1))] = match.group(2)
+    missing = wanted - pinned.keys()
+    assert not missing, f"not in {LOCK.name}: {sorted(missing)}; run `make lock`"
+    build_in = (DEPLOY / "docker" / "build-requirements.in").read_text()
+    assert {requirement_name(r) for r in project["build-system"]["requires"]} <= {
+        requirement_name(line) for line in build_in.splitlines() if line and line[0] != "#"
+    }
 
 
 async def run_healthcheck(admin: str) -> int:
