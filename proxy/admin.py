@@ -108,7 +108,11 @@ def build_admin_app(rt: Runtime) -> web.Application:
     )
     guarded = settings.admin_needs_token or settings.admin_token is not None
     # The dashboard's files are static; the JSON it polls sits under /admin/ and is guarded.
-    public = PROBE_PATHS | {r.path for r in dashboard_routes if isinstance(r, web.RouteDef)}
+    public = PROBE_PATHS | {
+        r.path
+        for r in dashboard_routes
+        if isinstance(r, web.RouteDef) and not r.path.startswith("/admin/")
+    }
     middlewares = [_token_middleware(settings.admin_token, public)] if guarded else []
     app = web.Application(middlewares=middlewares)
 

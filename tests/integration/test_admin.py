@@ -45,8 +45,11 @@ ENDPOINTS: list[tuple[str, str, str, bool]] = [
     ("POST", "/admin/gateways/eu1/drain", "/admin/gateways/{name}/drain", False),
     ("POST", "/admin/gateways/eu1/undrain", "/admin/gateways/{name}/undrain", False),
     ("GET", "/admin/transactions/nope", "/admin/transactions/{id}", False),
+    ("GET", "/admin/stats", "/admin/stats", False),
 ]
 IDS = [f"{m} {p}" for m, p, _, _ in ENDPOINTS]
+#: Guarded routes that stream until the client leaves: checked for the refusal only.
+STREAMS = {("GET", "/admin/events")}
 
 # Requests that must not pass as the token.
 WRONG = {
@@ -79,7 +82,7 @@ async def call(
 async def test_every_admin_route_is_classified(tmp_path: Path) -> None:
     async with gateways("eu1") as g, running_proxy(RULES.format(url=g["eu1"].url), tmp_path) as p:
         listed = {(m, pattern) for m, _, pattern, _ in ENDPOINTS}
-        assert routes_of(build_admin_app(p.rt)) == listed
+        assert routes_of(build_admin_app(p.rt)) == listed | STREAMS
         assert routes_of(build_probes_app(p.rt)) == {("GET", path) for path in PROBE_PATHS}
 
 
@@ -100,6 +103,16 @@ async def test_with_a_token_only_probes_metrics_and_static_files_are_open(
         # With the token every endpoint does its job (404: the unknown transaction).
         ok = await call(p.session, p.admin_url, method, path, {"Authorization": f"Bearer {TOKEN}"})
         assert ok == (404 if "transactions" in path else 200)
+
+
+async def test_the_event_stream_needs_the_token(tmp_path: Path) -> None:
+    async with (
+        gateways("eu1") as g,
+        running_proxy(RULES.format(url=g["eu1"].url), tmp_path, admin_token=TOKEN) as p,
+    ):
+        for method, path in STREAMS:
+            for name, headers in WRONG.items():
+                assert await call(p.session, p.admin_url, method, path, headers) == 401, name
 
 
 ADMIN_HOSTS: dict[str, tuple[dict[str, Any], bool]] = {
