@@ -93,7 +93,7 @@ class Event(NamedTuple):
 
 
 def make_event(kind: str, severity: Severity, wall: float, fields: Mapping[str, object]) -> Event:
-    return Event(kind=kind, severity=severity, ts=wall, id=new_id(), fields=fields)
+    return Event(kind, severity, wall, new_id(), fields)
 
 
 def _fallback(value: object) -> object:
@@ -361,30 +361,34 @@ class EventBus:
         self._checked: set[str] = set()
         self._counts: dict[str, int] = {}
         self._min = min((s.min_severity for s in self.sinks), default=Severity.CRITICAL + 1)
+        # Resolved once: a sink's threshold is fixed, and the clock is the bus's for life.
+        self._offers = tuple((s.offer, s.min_severity) for s in self.sinks)
+        self._wall = clock.wall
         if registry is not None:
             registry.register(_EventCollector(self.sinks, self._counts))
 
     def emit(self, kind: str, severity: Severity, /, **fields: object) -> None:
+        # On the request path twice per payment: one frame, no helper calls.
         try:
-            self._emit(kind, severity, fields)
+            if kind not in self._checked:
+                self._check(kind, fields)
+            counts = self._counts
+            counts[kind] = counts.get(kind, 0) + 1
+            if severity < self._min:
+                return
+            event = Event(kind, severity, self._wall(), new_id(), fields)
+            for offer, min_severity in self._offers:
+                if severity >= min_severity:
+                    offer(event)
         except Exception:  # a bug here must not fail the payment that emitted the event
             self._report_once(f"emit {kind}", "event emission failed", exc_info=True)
 
-    def _emit(self, kind: str, severity: Severity, fields: dict[str, object]) -> None:
-        if kind not in self._checked:
-            # Checked on a kind's first emission only, to keep the per-request cost to a
-            # set lookup; tests emit through RecordingEmitter, which checks every call.
-            for problem in problems(kind, fields):
-                self._report_once(problem, "bad event: %s", problem)
-            self._checked.add(kind)
-        counts = self._counts
-        counts[kind] = counts.get(kind, 0) + 1
-        if severity < self._min:
-            return
-        event = make_event(kind, severity, self.clock.wall(), fields)
-        for sink in self.sinks:
-            if severity >= sink.min_severity:
-                sink.offer(event)
+    def _check(self, kind: str, fields: dict[str, object]) -> None:
+        """Checked on a kind's first emission only, to keep the per-request cost to a set
+        lookup; tests emit through RecordingEmitter, which checks every call."""
+        for problem in problems(kind, fields):
+            self._report_once(problem, "bad event: %s", problem)
+        self._checked.add(kind)
 
     def _report_once(self, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
         if key in self._reported:

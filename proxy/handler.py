@@ -266,7 +266,7 @@ class ProxyHandler:
         outcome = error or f"{status // 100}xx"
         rt.metrics.request(route, gateway or "-", outcome, elapsed)
         if rt.access_log is not None:
-            rt.access_log.log(
+            rt.access_log.add(
                 {
                     "log": "access",
                     "ts": round(time.time(), 3),

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 RECENT = 200  # events replayed to a new subscriber, per ring
 QUEUE = 1000  # events a subscriber may fall behind by before losing some
 HEARTBEAT = 1.0  # seconds between checks for shutdown, with a comment line every 15
+_WARNING = Severity.WARNING  # a module global: `offer` runs twice per payment
 
 
 class TailSink:
@@ -45,10 +46,12 @@ class TailSink:
         return self._dropped
 
     def offer(self, event: Event) -> bool:
-        if event.severity >= Severity.WARNING:
+        if event.severity >= _WARNING:
             self._notable.append(event)
         else:
             self._recent.append(event)
+        if not self._subscribers:
+            return True
         for queue, min_severity in self._subscribers.items():
             if event.severity < min_severity:
                 continue
