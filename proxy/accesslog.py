@@ -1,26 +1,73 @@
 """One structured line per request: route, region, every gateway tried and why it was
 left, final status and durations.
 
-Owns: `AccessLog`, which encodes records through the shared log encoder (proxy.logs:
-RFC 3339 `time`, the current span's `trace_id`/`span_id`) and queues them on a
-`LineWriter`. The request path only appends its record to a batch; the batch is encoded
-and handed to the writer in one piece a moment later (`LINGER`), or at once when it is
-large, so a request pays neither an encode nor a hand-off to the writer's thread, and a
-slow or stuck stdout costs nothing more than a full queue that drops and counts.
+Owns: `AccessRecord` (what the handler knows of a finished request, as a plain tuple) and
+`AccessLog`, which writes records as JSON lines in the shared log form (proxy.logs: RFC
+3339 `time` first, the request span's `trace_id`/`span_id` last) on a `LineWriter`. The
+request path only appends its record to a batch; the batch is encoded and handed to the
+writer in one piece a moment later (`LINGER`), or at once when it is large, so a request
+pays neither an encode nor a hand-off to the writer's thread, and a slow or stuck stdout
+costs nothing more than a full queue that drops and counts.
 Must not: decide what happened to a request; the handler tells it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Final, NamedTuple
 
-from proxy.logs import LineWriter, add_trace_ids, encode, stdout_writer
+import orjson
+from opentelemetry import trace
+
+from proxy.errors import Tried
+from proxy.logs import LineWriter, encode, iso_millis, json_default, stdout_writer
 
 #: Seconds a record may wait for others before its batch is written.
 LINGER: Final = 0.05
 #: Records in one batch at most; a full batch is written at once.
 BATCH_MAX: Final = 1024
+
+
+class AccessRecord(NamedTuple):
+    """One request, in the order its line shows it. A tuple: built on the request path,
+    turned into a line later."""
+
+    ts: float  # unix seconds, written as `time`
+    method: str
+    path: str
+    status: int
+    route: str
+    region: str | None
+    gateway: str | None
+    transaction_id: str | None
+    tried: tuple[Tried, ...]
+    error: str | None
+    duration_ms: float
+    client: str | None
+    trace: tuple[str, str] | None = None  # (trace id, span id) of the request's span
+
+
+def line(r: AccessRecord) -> bytes:
+    """`r` as one JSON line, newline included: the bytes `proxy.logs.encode` makes of the
+    same fields given as a dict with `log: access`."""
+    event: dict[str, object] = {
+        "time": iso_millis(r.ts),
+        "log": "access",
+        "method": r.method,
+        "path": r.path,
+        "status": r.status,
+        "route": r.route,
+        "region": r.region,
+        "gateway": r.gateway,
+        "transaction_id": r.transaction_id,
+        "tried": [{"gateway": t.gateway, "outcome": t.outcome} for t in r.tried],
+        "error": r.error,
+        "duration_ms": r.duration_ms,
+        "client": r.client,
+    }
+    if r.trace is not None:
+        event["trace_id"], event["span_id"] = r.trace
+    return orjson.dumps(event, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class AccessLog:
@@ -36,7 +83,7 @@ class AccessLog:
         self._trace_ids = trace_ids  # off with tracing: no span to look up
         self._linger = linger
         self._batch_max = batch_max
-        self._batch: list[dict[str, object]] = []
+        self._batch: list[AccessRecord] = []
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -49,17 +96,18 @@ class AccessLog:
         """Write `record` as one JSON line now; a `ts` (unix seconds) becomes its `time`."""
         self._writer.offer(encode(record, trace_ids=self._trace_ids))
 
-    def add(self, record: dict[str, object]) -> None:
-        """Write `record` (as `log` does) with the next batch; called on the event loop.
-
-        The record is kept as given until then: the caller must not change it."""
+    def request(self, record: AccessRecord) -> None:
+        """Write `record` with the next batch; called on the event loop, inside the
+        request's span when tracing is on (its ids are read now, written later)."""
+        if self._trace_ids and record.trace is None:
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                record = record._replace(
+                    trace=(format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
+                )
         if self._closed:
-            self.log(record)
+            self._writer.offer(line(record))
             return
-        if self._trace_ids:
-            # The span is the caller's current one: looked up now, encoded later. Added
-            # last, as `encode` would.
-            add_trace_ids(None, "info", record)
         batch = self._batch
         batch.append(record)
         if len(batch) >= self._batch_max:
@@ -76,7 +124,7 @@ class AccessLog:
         if not batch:
             return
         self._batch = []
-        self._writer.offer(b"".join([encode(r, trace_ids=False) for r in batch]))
+        self._writer.offer(b"".join(map(line, batch)))
 
     async def start(self) -> None:
         """Nothing to start: the writer's thread runs from its creation."""

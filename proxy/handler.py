@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.accesslog import AccessRecord
 from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
@@ -266,22 +267,21 @@ class ProxyHandler:
         outcome = error or f"{status // 100}xx"
         rt.metrics.request(route, gateway or "-", outcome, elapsed)
         if rt.access_log is not None:
-            rt.access_log.add(
-                {
-                    "log": "access",
-                    "ts": round(time.time(), 3),
-                    "method": request.method,
-                    "path": request.path,
-                    "status": status,
-                    "route": route,
-                    "region": region,
-                    "gateway": gateway,
-                    "transaction_id": txn_id,
-                    "tried": [{"gateway": t.gateway, "outcome": t.outcome} for t in tried],
-                    "error": error,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "client": request.remote,
-                }
+            rt.access_log.request(
+                AccessRecord(
+                    round(time.time(), 3),
+                    request.method,
+                    request.path,
+                    status,
+                    route,
+                    region,
+                    gateway,
+                    txn_id,
+                    tuple(tried),
+                    error,
+                    round(elapsed * 1000, 3),
+                    request.remote,
+                )
             )
 
 

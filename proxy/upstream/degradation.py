@@ -95,6 +95,17 @@ def score(
     for a payment API); errors are judged absolutely, because a baseline that has slowly
     absorbed 20% errors is not healthy.
     """
+    lat_score, err_score, ratio = _scores(policy, short_lat, long_lat, short_err)
+    if err_score < lat_score:
+        return err_score, f"error rate {short_err:.0%}"
+    return lat_score, f"latency {ratio:.2f}x baseline"
+
+
+def _scores(
+    policy: Degradation, short_lat: float, long_lat: float, short_err: float
+) -> tuple[float, float, float]:
+    """(latency score, error score, latency ratio): `score` without the reason's text,
+    which the request path needs only when the DEGRADED flag is set."""
     floor = policy.min_score
     ratio = short_lat / max(long_lat, LATENCY_FLOOR)
     lat_score = 1.0
@@ -105,9 +116,7 @@ def score(
     err_score = 1.0
     if short_err > 0 and policy.error_rate > 0:
         err_score = 1.0 - (1.0 - floor) * min(1.0, short_err / policy.error_rate)
-    if err_score < lat_score:
-        return err_score, f"error rate {short_err:.0%}"
-    return lat_score, f"latency {ratio:.2f}x baseline"
+    return lat_score, err_score, ratio
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,18 +186,21 @@ class DegradationTracker:
     def evaluate(self, now: float, floor: float = 0.0) -> float:
         """Recompute the score and the DEGRADED flag; returns the score now in force."""
         policy = self.st.gateway.degradation
-        raw, why = 1.0, ""
+        raw = 1.0
         short_lat, long_lat = self._short_lat.value, self._long_lat.value
         short_err = self._short_err.value or 0.0
         if policy.enabled and not self._warming_up(now):
             if short_lat is None or long_lat is None:
                 short_lat = long_lat = 0.0
-            raw, why = score(policy, short_lat, long_lat, short_err)
+            lat_score, err_score, _ = _scores(policy, short_lat, long_lat, short_err)
+            raw = err_score if err_score < lat_score else lat_score
         self._raw = raw
         applied = 1.0 if raw >= 1.0 else max(raw, policy.min_score, min(floor, 1.0))
         self.st.score = applied
         degraded = bool(self.st.flags) and bool(self.st.flags & Flag.DEGRADED)
         if not degraded and raw < DEGRADE_BELOW:
+            assert short_lat is not None and long_lat is not None  # raw < 1: both were set
+            why = score(policy, short_lat, long_lat, short_err)[1]
             logger.warning("%s degraded to %.2f: %s", self.st.name, raw, why)
             self.st.set_flag(Flag.DEGRADED, why)
             self._events.emit(

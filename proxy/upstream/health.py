@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.config.model import Route
+from proxy.config.model import Gateway, Route
 from proxy.events import Emitter, NullEmitter, Severity
 from proxy.upstream.active import ActiveChecker, Sleep
 from proxy.upstream.degradation import DegradationTracker, exploration_floor
@@ -120,6 +120,7 @@ class Health:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._sources: dict[str, _Sources] = {}
+        self._floors: dict[str, tuple[tuple[Route, ...], Gateway, float]] = {}
         self._started = False
         for st in states.values():
             self._ensure(st)
@@ -198,7 +199,7 @@ class Health:
         src.outlier.finished(outcome, latency, now)
         if src.outlier.predates_return(latency, now):
             return  # a straggler from before its outage must not drag the fresh averages
-        src.degradation.observe(outcome, latency, now, self._exploration_floor(st))
+        src.degradation.observe(outcome, latency, now, self._floor(st))
         # The gauge moves in steps of 0.01: writing every tiny drift costs a locked update
         # per request for nothing a dashboard shows.
         if self._metrics is not None and abs(st.score - src.reported_score) >= 0.01:
@@ -253,6 +254,7 @@ class Health:
         """
         if routes is not None:
             self._routes = tuple(routes)
+        self._floors.clear()
         for st in removed:
             src = self._sources.get(st.name)
             if src is None or src.st is not st:
@@ -293,6 +295,7 @@ class Health:
         if src is not None and src.st is st:
             return src
         now = self.clock.now()
+        self._floors.clear()  # a new gateway among the peers of those in no route
         degradation = DegradationTracker(st, self.events)
         src = _Sources(
             st=st,
@@ -396,6 +399,18 @@ class Health:
             return False
         last = src.outlier.last_success
         return last is not None and last >= since
+
+    def _floor(self, st: GatewayState) -> float:
+        """`_exploration_floor`, worked out once per rules: it depends on the routes and
+        the gateways' configured weights only, which change together on a reload (the
+        cache is emptied then, and an entry made under older routes or an older
+        definition of `st` is not used)."""
+        cached = self._floors.get(st.name)
+        if cached is not None and cached[0] is self._routes and cached[1] is st.gateway:
+            return cached[2]
+        floor = self._exploration_floor(st)
+        self._floors[st.name] = (self._routes, st.gateway, floor)
+        return floor
 
     def _exploration_floor(self, st: GatewayState) -> float:
         peers: set[str] = set()

@@ -7,11 +7,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from proxy.accesslog import LINGER, AccessLog
+from proxy.accesslog import LINGER, AccessLog, AccessRecord, line
+from proxy.errors import Tried
 from proxy.logs import LineWriter, encode
 
 
@@ -50,12 +52,66 @@ def test_a_stuck_output_drops_and_counts_without_waiting() -> None:
         os.close(w)
 
 
-async def _batched(records: list[dict[str, object]], batch_max: int, out: Path) -> list[bytes]:
+def _record(n: int, **changes: Any) -> AccessRecord:
+    base = AccessRecord(
+        1_700_000_000.5 + n,
+        "POST",
+        "/v1/deposits",
+        200,
+        "deposits",
+        "eu",
+        "g1",
+        f"txn-{n}",
+        (Tried(gateway="g0", outcome="connect-failure", attempt_id="a0"),),
+        None,
+        float(n),
+        "127.0.0.1",
+    )
+    return base._replace(**changes)
+
+
+def _as_dict(r: AccessRecord) -> dict[str, object]:
+    """The same request as the dict the shared encoder takes."""
+    return {
+        "log": "access",
+        "ts": r.ts,
+        "method": r.method,
+        "path": r.path,
+        "status": r.status,
+        "route": r.route,
+        "region": r.region,
+        "gateway": r.gateway,
+        "transaction_id": r.transaction_id,
+        "tried": [{"gateway": t.gateway, "outcome": t.outcome} for t in r.tried],
+        "error": r.error,
+        "duration_ms": r.duration_ms,
+        "client": r.client,
+    }
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(0),
+        _record(1, tried=(), error="no-route", region=None, gateway=None, transaction_id=None),
+        _record(2, path='/v1/"quoted"\\é', client=None, ts=1_700_000_000.999),
+        _record(3, trace=("0" * 31 + "1", "0" * 15 + "2")),
+    ],
+    ids=["answered", "no-route", "escaped-text", "traced"],
+)
+def test_a_record_is_the_line_the_shared_encoder_makes_of_it(record: AccessRecord) -> None:
+    fields = _as_dict(record)
+    if record.trace is not None:
+        fields["trace_id"], fields["span_id"] = record.trace
+    assert line(record) == encode(fields, trace_ids=False)
+
+
+async def _batched(records: list[AccessRecord], batch_max: int, out: Path) -> list[bytes]:
     w = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         log = AccessLog(LineWriter(w, name="access"), trace_ids=False, batch_max=batch_max)
         for record in records:
-            log.add(record)
+            log.request(record)
         await asyncio.sleep(LINGER * 3)
         assert log._writer.flush(5)
         return (await asyncio.to_thread(out.read_bytes)).splitlines()
@@ -68,15 +124,16 @@ async def _batched(records: list[dict[str, object]], batch_max: int, out: Path) 
     [(1, 1024), (3, 1024), (5, 2), (2000, 1024)],
     ids=["one", "a-few", "batches-of-two", "more-than-a-batch"],
 )
-async def test_added_records_are_written_as_logged_ones_in_order(
+async def test_records_are_written_in_order_whatever_the_batches(
     count: int, batch_max: int, tmp_path: Path
 ) -> None:
-    records: list[dict[str, object]] = [
-        {"log": "access", "ts": 1_700_000_000.5 + i, "status": 200, "n": i, "tried": ()}
-        for i in range(count)
-    ]
-    expected = [encode(dict(x), trace_ids=False).rstrip(b"\n") for x in records]
+    records = [_record(i) for i in range(count)]
+    expected = [line(r).rstrip(b"\n") for r in records]
     assert await _batched(records, batch_max, tmp_path / "out") == expected
+
+
+def _numbers(data: bytes) -> list[str]:
+    return [json.loads(x)["transaction_id"] for x in data.splitlines()]
 
 
 async def test_a_full_batch_is_handed_over_at_once_and_a_partial_one_after_the_linger() -> None:
@@ -85,13 +142,13 @@ async def test_a_full_batch_is_handed_over_at_once_and_a_partial_one_after_the_l
         writer = LineWriter(w, name="access")
         log = AccessLog(writer, trace_ids=False, linger=0.05, batch_max=3)
         for i in range(4):
-            log.add({"log": "access", "n": i})
+            log.request(_record(i))
         assert writer.flush(5)
-        first = [json.loads(x)["n"] for x in os.read(r, 1 << 16).splitlines()]
-        assert first == [0, 1, 2], "the full batch, written before any wait"
+        first = _numbers(os.read(r, 1 << 16))
+        assert first == ["txn-0", "txn-1", "txn-2"], "the full batch, written before any wait"
         await asyncio.sleep(0.15)
         assert writer.flush(5)
-        assert [json.loads(x)["n"] for x in os.read(r, 1 << 16).splitlines()] == [3]
+        assert _numbers(os.read(r, 1 << 16)) == ["txn-3"]
     finally:
         os.close(r)
         os.close(w)
@@ -102,31 +159,33 @@ async def test_close_writes_what_waits_and_later_records_go_out_one_by_one() -> 
     try:
         writer = LineWriter(w, name="access")
         log = AccessLog(writer, trace_ids=False, linger=60.0)
-        log.add({"log": "access", "n": 0})
+        log.request(_record(0))
         await log.close()
-        log.add({"log": "access", "n": 1})
+        log.request(_record(1))
         assert writer.flush(5)
-        assert [json.loads(x)["n"] for x in os.read(r, 1 << 16).splitlines()] == [0, 1]
+        assert _numbers(os.read(r, 1 << 16)) == ["txn-0", "txn-1"]
     finally:
         os.close(r)
         os.close(w)
 
 
-async def test_trace_ids_are_those_of_the_span_current_when_the_record_was_added() -> None:
+async def test_trace_ids_are_those_of_the_span_current_when_the_record_was_made() -> None:
     provider = TracerProvider()
     r, w = os.pipe()
     try:
         writer = LineWriter(w, name="access")
         log = AccessLog(writer, trace_ids=True, linger=0.01)
         with provider.get_tracer("test").start_as_current_span("request") as span:
-            log.add({"log": "access"})
+            log.request(_record(0))
             ctx = span.get_span_context()
+        log.request(_record(1))  # no span: no ids
         await asyncio.sleep(0.1)
         assert writer.flush(5)
-        record = json.loads(os.read(r, 1 << 16))
+        traced, untraced = (json.loads(x) for x in os.read(r, 1 << 16).splitlines())
     finally:
         os.close(r)
         os.close(w)
-    assert list(record) == ["time", "log", "trace_id", "span_id"]
-    assert record["trace_id"] == format(ctx.trace_id, "032x")
-    assert record["span_id"] == format(ctx.span_id, "016x")
+    assert list(traced)[-2:] == ["trace_id", "span_id"]
+    assert traced["trace_id"] == format(ctx.trace_id, "032x")
+    assert traced["span_id"] == format(ctx.span_id, "016x")
+    assert "trace_id" not in untraced
