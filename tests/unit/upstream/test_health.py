@@ -572,3 +572,35 @@ def test_a_gateway_answering_nothing_is_marked_silent_until_it_answers() -> None
     s.health.finished(s["a"], Outcome.SUCCESS, s.clock.now() - hung[1], s.clock.now())
     seen.append((s.admit("a"), s["a"].silent))  # it answered
     assert seen == [(None, False), (None, True), (None, False)]
+
+
+# -- the exploration floor, worked out once per rules ------------------------------------
+
+
+def _reload(s: Setup, gateways: Sequence[Gateway], routes: Sequence[Route] | None) -> None:
+    """A reload as the runtime makes it: states first, then health."""
+    created, removed = s.states.reconcile({g.name: g for g in gateways})
+    s.health.reconcile(created, removed, routes=routes)
+
+
+@pytest.mark.parametrize(
+    ("after", "routes_after"),
+    [
+        ((gateway("g1"), gateway("g2", weight=9), gateway("g3")), None),
+        ((gateway("g1", weight=5), gateway("g2"), gateway("g3")), None),
+        ((gateway("g1"), gateway("g2"), gateway("g3")), [route("r", ("g1", "g2", "g3"))]),
+        ((gateway("g1"), gateway("g2"), gateway("g3"), gateway("g4", weight=7)), None),
+    ],
+    ids=["peer-weight", "own-weight", "routes", "new-gateway-in-no-route"],
+)
+def test_the_cached_exploration_floor_follows_a_reload(
+    after: tuple[Gateway, ...], routes_after: list[Route] | None
+) -> None:
+    before = (gateway("g1"), gateway("g2"), gateway("g3"))
+    s = Setup(before, routes=[route("r", ("g1", "g2"))] if routes_after else ())
+    first = s.health._floor(s["g1"])
+    assert first == s.health._exploration_floor(s["g1"]) > 0
+    _reload(s, after, routes_after)
+    again = s.health._floor(s["g1"])
+    assert again == s.health._exploration_floor(s["g1"])
+    assert again != first, "the reload changed what the floor depends on"
