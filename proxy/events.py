@@ -114,8 +114,20 @@ def encode(event: Event) -> bytes:
 
 
 def encode_line(event: Event) -> bytes:
-    """The event as one line of JSON, newline included."""
-    return orjson.dumps(event.as_dict(), default=_fallback, option=_LINE)
+    """The event as one line of JSON, newline included: `encode` plus a newline, built
+    without the property and method calls (twice per payment, in the sink's batch)."""
+    kind, severity, ts, event_id, fields = event
+    return orjson.dumps(
+        {
+            "kind": kind,
+            "severity": _SEVERITY_NAMES[severity],
+            "time": iso_millis(ts),
+            "id": event_id,
+            "fields": fields,
+        },
+        default=_fallback,
+        option=_LINE,
+    )
 
 
 class Sink(Protocol):

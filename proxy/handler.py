@@ -175,9 +175,7 @@ class ProxyHandler:
             await rt.payments.settle(ticket, settled, status, headers, body)
         rt.ledger.settled(dispatch)
         state = _state(settled, status)
-        self._transaction_event(
-            f"transaction.{_EVENT_OF_STATE[state]}", dispatch, settled, status, started
-        )
+        self._transaction_event(_EVENT_OF_STATE[state], dispatch, settled, status, started)
         await rt.payments.record(dispatch, state, status, started_wall)
         att = settled.attempt
         tried = error.tried if error is not None else settled.tried
@@ -238,7 +236,7 @@ class ProxyHandler:
             att = settled.attempt or (settled.attempts[-1] if settled.attempts else None)
         self.rt.events.emit(
             kind,
-            Severity.WARNING if kind == "transaction.unknown" else Severity.INFO,
+            _SEVERITY_OF_EVENT[kind],
             transaction_id=dispatch.req.transaction_id,
             route=dispatch.req.plan.name,
             region=dispatch.req.region,
@@ -264,7 +262,7 @@ class ProxyHandler:
         rt = self.rt
         elapsed = time.monotonic() - started
         route = plan.name if plan is not None else "-"
-        outcome = error or f"{status // 100}xx"
+        outcome = error or _STATUS_CLASS.get(status // 100) or f"{status // 100}xx"
         rt.metrics.request(route, gateway or "-", outcome, elapsed)
         if rt.access_log is not None:
             rt.access_log.request(
@@ -327,7 +325,20 @@ def _noter(payments: Payments, ticket: Ticket) -> NoteAttempt:
 
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 
-_EVENT_OF_STATE = {"SUCCESS": "succeeded", "FAILURE": "failed", "UNKNOWN": "unknown"}
+_EVENT_OF_STATE = {
+    "SUCCESS": "transaction.succeeded",
+    "FAILURE": "transaction.failed",
+    "UNKNOWN": "transaction.unknown",
+}
+#: Severity of each transaction event: an unknown outcome is what someone must look at.
+_SEVERITY_OF_EVENT = {
+    "transaction.pending": Severity.INFO,
+    "transaction.succeeded": Severity.INFO,
+    "transaction.failed": Severity.INFO,
+    "transaction.unknown": Severity.WARNING,
+}
+#: "1xx" .. "5xx" by status // 100: a lookup, not a format, on every request.
+_STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 
 def _state(settled: Settled, status: int) -> str:

@@ -27,6 +27,7 @@ from proxy.events import (
     Severity,
     StreamSink,
     encode,
+    encode_line,
     make_event,
     problems,
 )
@@ -438,3 +439,20 @@ def test_recording_emitter_fails_tests_on_a_bad_event() -> None:
         rec.emit("gateway.undrained", Severity.INFO)
     with pytest.raises(AssertionError, match="unknown event kind"):
         rec.emit("gateway.gone", Severity.INFO, gateway="a")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"transaction_id": "t1", "status": 200, "duration_ms": 1.5, "gateway": None},
+        {"reasons": {"g1": "ejected"}, "tried": ("g1", "g2"), "gateways": frozenset({"g1"})},
+        {1: "a non-string key", "text": 'quote " and é'},
+        {"obj": ConfigIssue(file="r.yaml", line=3, pointer="/routes/0", message="bad")},
+    ],
+    ids=["plain", "nested-and-tuples", "odd-keys-and-text", "object-as-text"],
+)
+def test_a_line_is_the_encoded_event_and_a_newline(fields: dict[Any, object]) -> None:
+    for severity in Severity:
+        event = make_event("transaction.pending", severity, 1_700_000_000.123, fields)
+        assert encode_line(event) == encode(event) + b"\n"
+        assert json.loads(encode_line(event))["severity"] == severity.name.lower()
