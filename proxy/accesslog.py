@@ -127,7 +127,7 @@ class AccessLog:
         if not batch:
             return
         self._batch = []
-        self._writer.offer(b"".join(map(line, batch)))
+        self._writer.offer(b"".join(map(line, batch)), len(batch))
 
     async def start(self) -> None:
         """Nothing to start: the writer's thread runs from its creation."""

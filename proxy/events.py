@@ -305,7 +305,7 @@ class StreamSink(QueuedSink):
     async def deliver(self, batch: Sequence[Event]) -> None:
         data = b"".join(map(encode_line, batch))
         if self._writer is not None:
-            if self._writer.offer(data):
+            if self._writer.offer(data, len(batch)):
                 self.delivered += len(batch)
             else:
                 self.drop(len(batch), "output full")

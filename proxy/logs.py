@@ -78,6 +78,7 @@ class LineWriter:
         self._lock = threading.Lock()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._pending_lines = 0
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -87,14 +88,18 @@ class LineWriter:
         self._thread = threading.Thread(target=self._run, name=f"log-writer-{name}", daemon=True)
         self._thread.start()
 
-    def offer(self, data: bytes) -> bool:
-        """Queue `data` (one or more whole lines); False if it was dropped."""
+    def offer(self, data: bytes, lines: int | None = None) -> bool:
+        """Queue `data` (one or more whole lines: `lines` of them, counted here when not
+        given); False if it was dropped."""
+        if lines is None:
+            lines = data.count(b"\n")
         with self._lock:
             if self._closing or self._pending_bytes + len(data) > self.capacity:
-                self.dropped += data.count(b"\n") or 1
+                self.dropped += lines or 1
                 return False
             self._pending.append(data)
             self._pending_bytes += len(data)
+            self._pending_lines += lines
             self._idle.clear()
         if not self._wake.is_set():
             self._wake.set()
@@ -106,7 +111,7 @@ class LineWriter:
             if not chunks:
                 self._idle.set()
             data = b"".join(chunks)
-            self._inflight = data.count(b"\n")
+            self._inflight, self._pending_lines = self._pending_lines, 0
         return data
 
     def _run(self) -> None:
@@ -151,8 +156,8 @@ class LineWriter:
             self._closing = True
             if not done:
                 self._given_up = True
-                self.dropped += self._inflight + sum(c.count(b"\n") for c in self._pending)
-                self._pending, self._pending_bytes = [], 0
+                self.dropped += self._inflight + self._pending_lines
+                self._pending, self._pending_bytes, self._pending_lines = [], 0, 0
         self._wake.set()
 
 

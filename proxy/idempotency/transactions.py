@@ -96,6 +96,9 @@ class MemoryTransactionStore:
         self.evictions = 0
         # Ordered by last put; with one TTL for all, that is also expiry order.
         self._records: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # No record expires before this: the oldest's expiry, or earlier (an eviction or a
+        # re-put took the oldest away), so a put does not look at the oldest every time.
+        self._purge_at = math.inf
 
     def __len__(self) -> int:
         return len(self._records)
@@ -107,11 +110,15 @@ class MemoryTransactionStore:
     async def put(self, record: Mapping[str, Any]) -> None:
         transaction_id, text = _encode_bytes(record)
         now = self._clock.now()
-        self._purge(now)
+        if now >= self._purge_at:
+            self._purge(now)
         prior = self._records.pop(transaction_id, None)
         if prior is not None:
             self._bytes -= _cost(transaction_id, prior[1])
-        self._records[transaction_id] = (now + self._ttl, text)
+        expires_at = now + self._ttl
+        self._records[transaction_id] = (expires_at, text)
+        if expires_at < self._purge_at:  # the store was empty: this is the oldest
+            self._purge_at = expires_at
         self._bytes += _cost(transaction_id, text)
         while self._bytes > self._max and len(self._records) > 1:
             self._drop_oldest()
@@ -119,20 +126,24 @@ class MemoryTransactionStore:
 
     async def get(self, transaction_id: str) -> dict[str, Any] | None:
         now = self._clock.now()
-        self._purge(now)
+        if now >= self._purge_at:
+            self._purge(now)
         found = self._records.get(transaction_id)
         return None if found is None else _decode(found[1])
 
     async def close(self) -> None:
         self._records.clear()
         self._bytes = 0
+        self._purge_at = math.inf
 
     def _purge(self, now: float) -> None:
         while self._records:
             expires_at, _ = next(iter(self._records.values()))
             if expires_at > now:
+                self._purge_at = expires_at
                 return
             self._drop_oldest()
+        self._purge_at = math.inf
 
     def _drop_oldest(self) -> None:
         transaction_id, (_, text) = self._records.popitem(last=False)

@@ -71,6 +71,19 @@ def test_a_reader_that_stopped_never_blocks_the_writer_and_drops_are_counted(
     assert set(got.splitlines()) == {line[:-1]}
 
 
+@pytest.mark.parametrize("given", [None, 3], ids=["counted-here", "given-by-caller"])
+def test_batches_count_as_their_lines_written_or_dropped(
+    pipe: tuple[int, int], given: int | None
+) -> None:
+    r, w = pipe
+    writer = LineWriter(w, name="t", capacity=16)
+    assert writer.offer(b"a\nb\nc\n", given)
+    assert writer.flush(5)
+    assert _read_all(r) == b"a\nb\nc\n"
+    assert not writer.offer(b"d\ne\nf\n" * 3, None if given is None else 9)  # over capacity
+    assert (writer.written, writer.dropped) == (3, 9)
+
+
 def test_a_closed_reader_counts_as_drops(pipe: tuple[int, int]) -> None:
     r, w = pipe
     os.close(r)

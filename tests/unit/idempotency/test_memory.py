@@ -376,3 +376,35 @@ async def test_transactions_refuse_records_that_are_not_json_objects_with_an_id(
     with pytest.raises(error):
         await store.put(record)
     assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    "before",
+    ["nothing", "evict-the-oldest", "re-put-the-oldest", "empty-then-refill"],
+)
+async def test_transactions_expire_on_time_whatever_came_before(before: str) -> None:
+    clock = ManualClock()
+    one = RECORD_OVERHEAD + len("t0") + len('{"transaction_id":"t0"}')
+    store = MemoryTransactionStore(clock=clock, ttl=60, max_bytes=2 * one)
+    await store.put({"transaction_id": "t0"})
+    clock.advance(10)
+    await store.put({"transaction_id": "t1"})
+    if before == "evict-the-oldest":
+        clock.advance(10)
+        await store.put({"transaction_id": "t2"})  # t0 evicted: t1 is the oldest now
+    elif before == "re-put-the-oldest":
+        clock.advance(10)
+        await store.put({"transaction_id": "t0"})  # t0 now expires after t1
+    elif before == "empty-then-refill":
+        clock.advance(100)
+        assert await store.get("t1") is None
+        await store.put({"transaction_id": "t1"})
+    # t1 was last put at `put_at`; it lives exactly 60 s from then.
+    put_at = clock.now() - (10 if before in ("evict-the-oldest", "re-put-the-oldest") else 0)
+    clock.advance(put_at + 59.5 - clock.now())
+    assert await store.get("t1") is not None
+    clock.advance(1)
+    assert await store.get("t1") is None
+    clock.advance(3600)
+    assert await store.get("t0") is None and await store.get("t2") is None
+    assert len(store) == 0 and store.held_bytes == 0
