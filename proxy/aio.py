@@ -65,17 +65,20 @@ async def first_done(tasks: Iterable[asyncio.Future[Any]], within: float) -> Non
     `asyncio.wait` with FIRST_COMPLETED does the same with set bookkeeping the request
     path does not need; the caller looks at `task.done()` itself.
     """
-    loop = asyncio.get_running_loop()
+    pending = list(tasks)
+    for t in pending:
+        if t.done():
+            return
+    # The tasks' own loop: it is the running one, and asking for that costs more in
+    # place than it should (measured with py-spy under load).
+    loop = pending[0].get_loop() if pending else asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
     def wake(_: object = None) -> None:
         if not waiter.done():
             waiter.set_result(None)
 
-    pending = list(tasks)
     for t in pending:
-        if t.done():
-            return
         t.add_done_callback(wake)
     handle = loop.call_later(within, wake)
     try:

@@ -103,10 +103,10 @@ class Pool:
         idle = self.idle
         if not idle:
             return None
-        cutoff = asyncio.get_running_loop().time() - self.client.idle_timeout
+        timeout = self.client.idle_timeout
         while idle:
             conn, _ = idle.popitem()  # the most recently used: the least likely to be stale
-            if conn.idle_since > cutoff and not conn.gone():
+            if conn.idle_since > conn.loop.time() - timeout and not conn.gone():
                 return conn
             self.forget(conn)
             conn.abort()
@@ -208,14 +208,14 @@ class UpstreamClient:
         sent → answered). On a pooled connection no task is made. An idempotent request
         on a reused connection that ends with no byte of an answer is sent once more on a
         fresh connection. Cancelling the future closes the connection."""
-        loop = asyncio.get_running_loop()
         conn = pool.take_idle()
         if conn is not None:
-            fut: asyncio.Future[Any] = loop.create_future()
+            fut: asyncio.Future[Any] = conn.loop.create_future()
             if idempotent:
                 conn.resend = data
             conn.exchange(fut, data, head_only, limit, within, convert, progress)
             return fut
+        loop = asyncio.get_running_loop()
         if self.closed or pool.open >= max_connections:
             done: asyncio.Future[Any] = loop.create_future()
             why = (
