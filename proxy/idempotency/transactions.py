@@ -44,18 +44,15 @@ class TransactionStore(Protocol):
 
 
 def _encode(record: Mapping[str, Any]) -> tuple[str, str]:
-    """(transaction id, JSON text) of `record`, or ValueError/TypeError saying why not."""
-    transaction_id, data = _encode_bytes(record)
-    return transaction_id, data.decode()
+    """(transaction id, JSON text) of `record`, or ValueError/TypeError saying why not.
 
-
-def _encode_bytes(record: Mapping[str, Any]) -> tuple[str, bytes]:
-    """(transaction id, JSON as UTF-8) of `record`: what the memory store keeps, with no
-    decode on the request path."""
+    Text, not the bytes orjson returns: those keep orjson's whole growth buffer
+    allocated, so thousands of held records would cost several times their length (the
+    hostile-reload test's RSS bound caught it)."""
     transaction_id = record.get("transaction_id")
     if not isinstance(transaction_id, str) or not transaction_id:
         raise ValueError("a transaction record needs a non-empty string 'transaction_id'")
-    return transaction_id, orjson.dumps(record)
+    return transaction_id, orjson.dumps(record).decode()
 
 
 def _decode(text: str | bytes) -> dict[str, Any]:
@@ -65,7 +62,7 @@ def _decode(text: str | bytes) -> dict[str, Any]:
     return value
 
 
-#: What one record costs beyond its JSON bytes and id: the tuple, the dict slot, the object
+#: What one record costs beyond its JSON text and id: the tuple, the dict slot, the str
 #: headers (measured with tracemalloc on CPython 3.11: ~265 bytes).
 RECORD_OVERHEAD = 240
 
@@ -95,7 +92,7 @@ class MemoryTransactionStore:
         self._bytes = 0
         self.evictions = 0
         # Ordered by last put; with one TTL for all, that is also expiry order.
-        self._records: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._records: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # No record expires before this: the oldest's expiry, or earlier (an eviction or a
         # re-put took the oldest away), so a put does not look at the oldest every time.
         self._purge_at = math.inf
@@ -108,7 +105,7 @@ class MemoryTransactionStore:
         return self._bytes
 
     async def put(self, record: Mapping[str, Any]) -> None:
-        transaction_id, text = _encode_bytes(record)
+        transaction_id, text = _encode(record)
         now = self._clock.now()
         if now >= self._purge_at:
             self._purge(now)
@@ -150,7 +147,7 @@ class MemoryTransactionStore:
         self._bytes -= _cost(transaction_id, text)
 
 
-def _cost(transaction_id: str, text: bytes) -> int:
+def _cost(transaction_id: str, text: str) -> int:
     return RECORD_OVERHEAD + len(transaction_id) + len(text)
 
 
