@@ -38,6 +38,7 @@ from proxy.idempotency import (
     RedisTransactionStore,
     TransactionStore,
 )
+from proxy.kafka import plane as kafka_plane
 from proxy.metrics import Metrics
 from proxy.payments import Payments
 from proxy.retry import Dispatch
@@ -71,8 +72,11 @@ class Runtime:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.kafka = kafka_plane.build(settings.kafka, self.registry)
         self.events = EventBus(
-            [*_sinks(settings), *(sinks or [])], clock=clock, registry=self.registry
+            [*_sinks(settings), *kafka_plane.sinks(self.kafka), *(sinks or [])],
+            clock=clock,
+            registry=self.registry,
         )
         self.states = StateRegistry()
         self.health = Health(self.states, clock=clock, events=self.events, registry=self.registry)
@@ -85,6 +89,9 @@ class Runtime:
             clock=clock,
             registry=self.registry,
         )
+        if self.kafka is not None:
+            self.kafka.attach(self.states, self.health, self.events, self._route_names)
+        self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         self.tracing = Tracing.from_env(os.environ)
         self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
@@ -110,6 +117,11 @@ class Runtime:
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
+        if self.kafka is not None:
+            self.kafka.reapply()
+
+    def _route_names(self) -> frozenset[str]:
+        return frozenset(r.name for r in self.store.current.rules.routes)
 
     async def reload(self, trigger: str) -> None:
         await self.store.reload(trigger)
@@ -222,10 +234,14 @@ class Runtime:
             await self.access_log.start()
         if self.settings.watch:
             self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
+        if self.kafka is not None:
+            await self.kafka.start()
 
     async def close(self) -> None:
         self.stopping.set()
         await cancel_and_wait(*self._tasks)
+        if self.kafka is not None:
+            await self.kafka.close()
         await self.health.close()
         if self.session is not None:
             await self.session.close()

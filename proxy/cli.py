@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy.config.load import ConfigError, load_rules
+from proxy.kafka.config import add_arguments as add_kafka_arguments
 from proxy.settings import from_sources
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="do not watch the rules for changes",
     )
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    add_kafka_arguments(run)
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")
     sim = sub.add_parser(

@@ -22,6 +22,7 @@ from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
 from proxy.forward import response_headers, upstream_headers
 from proxy.ids import new_id
+from proxy.kafka.plane import check_route
 from proxy.payments import Ticket
 from proxy.retry import Dispatch
 from proxy.routing import RoutePlan, Router
@@ -67,6 +68,8 @@ class ProxyHandler:
             )
             if plan is None:
                 raise errors.NoRoute(f"no route matches {method} {path}")
+            if rt.disabled_routes:
+                check_route(rt.disabled_routes, plan.name)
             if len(body) > plan.route.max_body:
                 raise errors.BodyTooLarge(
                     f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",

@@ -10,6 +10,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.kafka.config import KafkaSettings
+from proxy.kafka.config import from_sources as kafka_from_sources
+
 
 def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -41,6 +44,7 @@ class Settings:
     shutdown_grace: float = 2.0  # readiness fails, traffic still served
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
     log_level: str = "info"
+    kafka: KafkaSettings | None = None  # off unless a bootstrap server is configured
 
     @property
     def admin_needs_token(self) -> bool:
@@ -99,4 +103,5 @@ def from_sources(
             values[name] = float(str(raw))
         else:
             values[name] = str(raw)
+    values["kafka"] = kafka_from_sources(flags, env)
     return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,127 @@
+"""The control-topic consumer: every replica reads all of `payswitch.control`.
+
+Owns: `ControlConsumer`: assigns itself every partition of the topic (no consumer group, so
+no replica shares or skips a command), seeks to the beginning, reads up to the end offsets
+it found on start and applies the current record per key, then applies records as they
+arrive; and the timer that expires commands on time. Reconnects with backoff when the
+broker goes away; re-reading the topic is harmless (the overlay ignores a command it has).
+Must not: decide what a command means (proxy.kafka.overlay) or block anything else: the
+proxy serves on its rules while the topic is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from proxy.aio import cancel_and_wait, spawn
+from proxy.kafka.config import KafkaSettings
+from proxy.kafka.overlay import Overlay
+from proxy.kafka.topics import ensure_topics
+
+logger = logging.getLogger(__name__)
+
+
+class ControlConsumer:
+    backoff = (0.2, 5.0)
+
+    def __init__(self, settings: KafkaSettings, overlay: Overlay) -> None:
+        self.settings = settings
+        self.overlay = overlay
+        self.caught_up = asyncio.Event()  # set once the topic's commands on start are applied
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        overlay.on_change = self._changed.set
+
+    async def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                spawn(self._run(), name="kafka.control.consumer"),
+                spawn(self._expire_loop(), name="kafka.control.expiry"),
+            ]
+
+    async def close(self) -> None:
+        await cancel_and_wait(*self._tasks)
+        self._tasks = []
+
+    async def _run(self) -> None:
+        delay = self.backoff[0]
+        warned = False
+        while True:
+            consumer = AIOKafkaConsumer(
+                **self.settings.connection(),
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=100,
+                request_timeout_ms=10_000,
+            )
+            try:
+                await self._consume(consumer)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                if not warned:
+                    logger.warning("control: topic unreachable (%s); retrying", exc)
+                    warned = True
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        topic = self.settings.control_topic
+        async with asyncio.timeout(15):
+            await consumer.start()
+            if self.settings.create_topics:
+                await ensure_topics(self.settings)
+            partitions = await self._partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        latest: dict[bytes | None, bytes | None] = {}
+        while await _behind(consumer, tps, end):
+            batch = await consumer.getmany(*tps, timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    latest[rec.key] = rec.value
+        self.overlay.load(latest)
+        logger.info("control: %d command record(s) read from %s", len(latest), topic)
+        self.caught_up.set()
+        while True:
+            batch = await consumer.getmany(*tps, timeout_ms=1000)
+            for records in batch.values():
+                for rec in records:
+                    self.overlay.apply_record(rec.key, rec.value)
+
+    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+        for _ in range(50):
+            await consumer.topics()  # refreshes metadata for every topic
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return set(parts)
+            await asyncio.sleep(0.2)
+        raise KafkaError(f"topic {topic} does not exist")
+
+    async def _expire_loop(self) -> None:
+        clock = self.overlay.clock
+        while True:
+            self._changed.clear()
+            nxt = self.overlay.expire()
+            wait = 3600.0 if nxt is None else max(0.0, nxt - clock.wall())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, 1.0) if wait > 0 else 0.001):
+                    await self._changed.wait()
+
+
+async def _behind(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], end: dict[TopicPartition, int]
+) -> bool:
+    for tp in tps:
+        if await consumer.position(tp) < end[tp]:
+            return True
+    return False
