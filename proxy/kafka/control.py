@@ -78,10 +78,7 @@ class ControlConsumer:
             await consumer.start()
             if self.settings.create_topics:
                 await ensure_topics(self.settings)
-            partitions = await self._partitions(consumer, topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+            tps = await assign_all(consumer, topic)
         end = await consumer.end_offsets(tps)
         latest: dict[bytes | None, bytes | None] = {}
         while await _behind(consumer, tps, end):
@@ -97,15 +94,6 @@ class ControlConsumer:
             for records in batch.values():
                 for rec in records:
                     self.overlay.apply_record(rec.key, rec.value)
-
-    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(50):
-            await consumer.topics()  # refreshes metadata for every topic
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                return set(parts)
-            await asyncio.sleep(0.2)
-        raise KafkaError(f"topic {topic} does not exist")
 
     async def _expire_loop(self) -> None:
         clock = self.overlay.clock
@@ -125,3 +113,14 @@ async def _behind(
         if await consumer.position(tp) < end[tp]:
             return True
     return False
+
+
+async def assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, read from its beginning. Without a group id the client
+    hands a subscriber every partition; what it fetched meanwhile is read again."""
+    consumer.subscribe(topics=[topic])
+    while not consumer.assignment():
+        await consumer.getmany(timeout_ms=100)
+    tps = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+    await consumer.seek_to_beginning(*tps)
+    return tps
