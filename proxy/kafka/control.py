@@ -14,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from proxy.aio import cancel_and_wait, spawn
 from proxy.kafka.config import KafkaSettings
@@ -29,9 +33,13 @@ logger = logging.getLogger(__name__)
 class ControlConsumer:
     backoff = (0.2, 5.0)
 
-    def __init__(self, settings: KafkaSettings, overlay: Overlay) -> None:
+    def __init__(
+        self, settings: KafkaSettings, overlay: Overlay, registry: CollectorRegistry | None = None
+    ) -> None:
         self.settings = settings
         self.overlay = overlay
+        if registry is not None:
+            registry.register(_ControlCollector(self))
         self.caught_up = asyncio.Event()  # set once the topic's commands on start are applied
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -124,3 +132,20 @@ async def assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartit
     tps = sorted(consumer.assignment(), key=lambda tp: tp.partition)
     await consumer.seek_to_beginning(*tps)
     return tps
+
+
+class _ControlCollector(Collector):
+    def __init__(self, consumer: ControlConsumer) -> None:
+        self._consumer = consumer
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "payswitch_control_caught_up",
+            "1 once the control topic's commands present on start have been applied.",
+            value=float(self._consumer.caught_up.is_set()),
+        )
+        yield GaugeMetricFamily(
+            "payswitch_control_commands",
+            "Control commands in force.",
+            value=float(len(self._consumer.overlay.current)),
+        )

@@ -50,6 +50,7 @@ class KafkaPlane:
         from proxy.kafka.sink import KafkaSink
 
         self.settings = settings
+        self.registry = registry
         self.sink: KafkaSink = KafkaSink(settings, registry=registry)
         self.overlay: Overlay | None = None
         self.consumer: ControlConsumer | None = None
@@ -71,7 +72,7 @@ class KafkaPlane:
 
         self.overlay = Overlay(states, health, events, routes=routes, clock=health.clock)
         self.overlay.disabled_routes = self.disabled_routes
-        self.consumer = ControlConsumer(self.settings, self.overlay)
+        self.consumer = ControlConsumer(self.settings, self.overlay, self.registry)
 
     def reapply(self) -> None:
         if self.overlay is not None:

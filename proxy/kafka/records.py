@@ -15,7 +15,7 @@ from proxy.events import Event, Severity, encode
 
 #: Event fields tried in order for an events-topic record's key: the gateway or route it is
 #: about, so one consumer partition sees one gateway's story in order.
-_KEY_FIELDS = ("gateway", "route", "target")
+_KEY_FIELDS = ("gateway", "route", "target", "key")
 
 
 class Record(NamedTuple):
