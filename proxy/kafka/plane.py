@@ -45,10 +45,20 @@ def check_route(disabled: dict[str, Command], route: str) -> None:
         )
 
 
+def _quiet_client_logs() -> None:
+    """aiokafka logs every failed reconnect at ERROR, several a second while a broker is
+    away; the sink and the consumer report an outage themselves, once, and the
+    payswitch_kafka_connected gauge shows it. A level set by the operator is kept."""
+    client = logging.getLogger("aiokafka")
+    if client.level == logging.NOTSET:
+        client.setLevel(logging.CRITICAL)
+
+
 class KafkaPlane:
     def __init__(self, settings: KafkaSettings, registry: CollectorRegistry) -> None:
         from proxy.kafka.sink import KafkaSink
 
+        _quiet_client_logs()
         self.settings = settings
         self.registry = registry
         self.sink: KafkaSink = KafkaSink(settings, registry=registry)
