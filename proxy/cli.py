@@ -16,6 +16,7 @@ from typing import Any
 
 from proxy.config.load import ConfigError, load_rules
 from proxy.kafka.config import add_arguments as add_kafka_arguments
+from proxy.kafka.tail import add_parser as add_tail_parser
 from proxy.settings import from_sources
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "sim", help="start simulated gateways for every loopback gateway URL in the rules"
     )
     sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
+    add_tail_parser(sub)
     return p
 
 
@@ -100,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.paths)
+    if args.command == "tail":
+        from proxy.kafka.tail import main as tail
+
+        return tail(args)
     if args.command == "sim":
         from proxy.sim import run_from_rules
 

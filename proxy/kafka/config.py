@@ -87,13 +87,17 @@ ENV: Mapping[str, str] = {
 }
 
 
-def add_arguments(run: argparse.ArgumentParser) -> None:
-    """The `run` flags; each also has the environment variable named in ENV."""
-    g = run.add_argument_group("kafka (off unless a bootstrap server is given)")
+def add_arguments(parser: argparse.ArgumentParser, *, connection_only: bool = False) -> None:
+    """The `run` flags (or, for `tail`, those saying where and how to connect); each also
+    has the environment variable named in ENV."""
+    g = parser.add_argument_group("kafka (off unless a bootstrap server is given)")
     g.add_argument("--kafka-bootstrap", dest="kafka_bootstrap", help="HOST:PORT[,HOST:PORT...]")
     g.add_argument("--kafka-client-id", dest="kafka_client_id")
     g.add_argument("--kafka-transactions-topic", dest="kafka_transactions_topic")
     g.add_argument("--kafka-events-topic", dest="kafka_events_topic")
+    _add_security(g)
+    if connection_only:
+        return
     g.add_argument("--kafka-control-topic", dest="kafka_control_topic")
     g.add_argument("--kafka-control", dest="kafka_control", choices=["on", "off"])
     g.add_argument("--kafka-create-topics", dest="kafka_create_topics", choices=["on", "off"])
@@ -103,6 +107,9 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--kafka-spill", dest="kafka_spill_path", help="file critical records spill to")
     g.add_argument("--kafka-spill-max", dest="kafka_spill_max_bytes", help="e.g. 64MiB")
+
+
+def _add_security(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--kafka-security-protocol", dest="kafka_security_protocol", choices=SECURITY_PROTOCOLS
     )
