@@ -41,6 +41,7 @@ Pending = tuple[Event, str | None]  # the event and the trace context it was emi
 
 class KafkaSink:
     batch_max = 500
+    spill_backlog = 10_000  # critical records waiting for the file writer, at most
     send_timeout = 5.0  # a batch not acknowledged by then is retried on a fresh producer
     backoff = (0.2, 2.0)  # reconnect delay: first, most
 
@@ -112,7 +113,7 @@ class KafkaSink:
         return False
 
     def _to_spill(self, item: Pending) -> bool:
-        if len(self._overflow) >= self.capacity:
+        if len(self._overflow) >= self.spill_backlog:
             self._drop("spill_backlog_full")
             return False
         self._overflow.append(item)
@@ -258,6 +259,10 @@ class KafkaSink:
                 await producer.start()
             if s.create_topics:
                 await ensure_topics(s, request_timeout=self.send_timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         except (KafkaError, OSError, TimeoutError) as exc:
             if not self._warned:
                 logger.warning("kafka: broker unavailable (%s); buffering events", exc)
