@@ -59,4 +59,8 @@ payment-faults: $(STAMP)
 	$(BIN)/python bench/payment_faults.py
 	$(BIN)/python bench/idempotency_bench.py
 
-.PHONY: scenarios payment-faults
+## make soak: 30 min of mixed payments through faults, reload storms and a Redis restart
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),30)
+
+.PHONY: scenarios payment-faults soak

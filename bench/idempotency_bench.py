@@ -107,7 +107,7 @@ async def fill(store: IdempotencyStore, keys: int, tag: str, concurrency: int) -
 
 
 async def bench_memory(keys: int, ops: int) -> tuple[dict[str, list[int]], float, int]:
-    store = MemoryIdempotencyStore(max_entries=keys + ops + 1, max_stored_bytes=1 << 40)
+    store = MemoryIdempotencyStore(max_bytes=1 << 40)
     samples = await latency(store, ops, "lat")
     rate = await fill(store, keys, "rate", concurrency=1)
     await store.close()
@@ -116,7 +116,7 @@ async def bench_memory(keys: int, ops: int) -> tuple[dict[str, list[int]], float
     gc.collect()
     tracemalloc.start()
     before, _ = tracemalloc.get_traced_memory()
-    store = MemoryIdempotencyStore(max_entries=keys + 1, max_stored_bytes=1 << 40)
+    store = MemoryIdempotencyStore(max_bytes=1 << 40)
     await fill(store, keys, "mem", concurrency=1)
     gc.collect()
     after, _ = tracemalloc.get_traced_memory()

@@ -174,24 +174,27 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident memory of `pid` now (VmRSS), or its peak so far (VmHWM)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return None
 
 
-def tree_rss_mib(pid: int, *, include_root: bool = True) -> float | None:
-    """RSS of `pid` and its descendants (without `pid` itself for an nginx master)."""
+def tree_rss_mib(pid: int, *, include_root: bool = True, peak: bool = False) -> float | None:
+    """RSS of `pid` and its descendants (without `pid` itself for an nginx master); with
+    `peak`, the sum of each process's high-water mark."""
     pids = [pid] if include_root else []
     frontier = [pid]
     while frontier:
         kids = children(frontier.pop())
         pids.extend(kids)
         frontier.extend(kids)
-    sizes = [size for size in (rss_mib(p) for p in pids) if size is not None]
+    field = "VmHWM" if peak else "VmRSS"
+    sizes = [size for size in (rss_mib(p, field) for p in pids) if size is not None]
     return sum(sizes) if sizes else None

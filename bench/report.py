@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.hey import SteadyResult
 from bench.wrk import WrkResult
 
 # Share of failed requests above which a target is reported as not serving.
@@ -20,7 +21,8 @@ MAX_FAILED_SHARE = 0.5
 
 # (name, numerator, denominator, goal); the goal is None where the ratio is context only.
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
-    ("payswitch / floor", "payswitch", "floor", 0.8),
+    ("payswitch / floor", "payswitch", "floor", 1.25),
+    ("payswitch / Envoy", "payswitch", "envoy", None),
     ("payswitch / nginx proxy", "payswitch", "nginx", None),
     ("payswitch / direct", "payswitch", "direct", None),
     ("floor / direct", "floor", "direct", None),
@@ -32,7 +34,10 @@ class TargetResult:
     name: str
     title: str
     runs: list[WrkResult] = field(default_factory=list)
-    rss_mib: float | None = None
+    rss_mib: float | None = None  # after the measured runs
+    idle_rss_mib: float | None = None  # started and smoke-checked, before any load
+    peak_rss_mib: float | None = None  # high-water mark over the whole target's life
+    steady: SteadyResult | None = None  # one client at a fixed rate
     error: str | None = None
 
     def failure(self) -> str | None:
@@ -70,6 +75,9 @@ class TargetResult:
             "socket_errors": sum(run.socket_errors for run in self.runs),
             "requests": sum(run.requests for run in self.runs),
             "rss_mib": self.rss_mib,
+            "idle_rss_mib": self.idle_rss_mib,
+            "peak_rss_mib": self.peak_rss_mib,
+            "steady": self.steady.as_dict() if self.steady is not None else None,
             "runs": [run.as_dict() for run in self.runs],
         }
 
@@ -90,14 +98,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(results: dict[str, TargetResult]) -> str:
-    head = f"{'target':<20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'RSS MiB':>8}"
+    head = (
+        f"{'target':<20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+        f"{'sock err':>8} {'idle RSS':>8} {'peak RSS':>8}"
+    )
     lines = [head, "-" * len(head)]
     for result in results.values():
         d = result.as_dict()
         lines.append(
             f"{result.title:<20} {_fmt(d['rps'], ',.0f'):>9} {_fmt(d['p50_ms'], '.2f'):>8} "
             f"{_fmt(d['p99_ms'], '.2f'):>8} {d['non_2xx']:>8} {d['socket_errors']:>8} "
-            f"{_fmt(result.rss_mib, '.1f'):>8}"
+            f"{_fmt(result.idle_rss_mib, '.1f'):>8} {_fmt(result.peak_rss_mib, '.1f'):>8}"
         )
         failure = result.failure()
         if failure is not None:
@@ -110,6 +121,30 @@ def table(results: dict[str, TargetResult]) -> str:
         if goal is not None and value is not None:
             verdict = f"  (goal >= {goal}: {'met' if value >= goal else 'NOT met'})"
         lines.append(f"{name:<24} {_fmt(value, '.2f'):>6}{verdict}")
+    return "\n".join(lines)
+
+
+def steady_table(results: dict[str, TargetResult], rate: int) -> str:
+    """Latency at a steady rate, and what each proxy adds over the direct upstream."""
+    direct = results.get("direct")
+    base = direct.steady if direct is not None else None
+    head = (
+        f"{'target':<20} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'added p99':>10} "
+        f"{'non-2xx':>8}"
+    )
+    lines = [f"steady rate: one client, {rate} POST/s, no bursts", head, "-" * len(head)]
+    for result in results.values():
+        st = result.steady
+        if st is None:
+            continue
+        added50 = st.p50_ms - base.p50_ms if base is not None else None
+        added99 = st.p99_ms - base.p99_ms if base is not None else None
+        if result.name == "direct":
+            added50 = added99 = None
+        lines.append(
+            f"{result.title:<20} {st.p50_ms:>8.2f} {st.p99_ms:>8.2f} {_fmt(added50, '.2f'):>10} "
+            f"{_fmt(added99, '.2f'):>10} {st.other:>8}"
+        )
     return "\n".join(lines)
 
 

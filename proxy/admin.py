@@ -60,7 +60,15 @@ def build_admin_app(rt: Runtime) -> web.Application:
             return web.json_response({"status": "shutting down"}, status=503)
         if not rt.store.loaded:
             return web.json_response({"status": "rules not loaded"}, status=503)
-        return web.json_response({"status": "ready", "generation": rt.store.current.generation})
+        # A store outage is reported, not a reason to leave the Service: every replica shares
+        # the store, so failing readiness would take all of them out, unkeyed traffic too.
+        return web.json_response(
+            {
+                "status": "ready",
+                "generation": rt.store.current.generation,
+                "idempotency_store": "up" if rt.payments.guard.up else "down",
+            }
+        )
 
     async def metrics(_: web.Request) -> web.Response:
         resp = web.Response(body=generate_latest(rt.registry))

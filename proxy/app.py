@@ -30,14 +30,14 @@ from proxy.errors import Tried
 from proxy.events import EventBus, Severity, Sink, StreamSink
 from proxy.forward import AttemptFailed, Forwarder, Reply, new_session
 from proxy.handler import ProxyHandler
+from proxy.headers import HeaderPolicy, parse_networks
 from proxy.idempotency import (
     IdempotencyStore,
     MemoryIdempotencyStore,
     MemoryTransactionStore,
-    RedisIdempotencyStore,
-    RedisTransactionStore,
     TransactionStore,
 )
+from proxy.idempotency.guard import StoreGuard
 from proxy.kafka import plane as kafka_plane
 from proxy.metrics import Metrics
 from proxy.payments import Payments
@@ -93,7 +93,20 @@ class Runtime:
             self.kafka.attach(self.states, self.health, self.events, self._route_names)
         self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         self.tracing = Tracing.from_env(os.environ)
-        self.payments = Payments(*_payment_stores(settings, clock), self.metrics)
+        keys, log = _payment_stores(settings, clock)
+        self.payments = Payments(
+            keys,
+            log,
+            self.metrics,
+            guard=StoreGuard(keys.ping, registry=self.registry, events=self.events),
+            fallback=MemoryIdempotencyStore(
+                clock=clock, max_bytes=settings.idempotency_memory_bytes
+            ),
+        )
+        self.header_policy = HeaderPolicy(
+            trusted_proxies=parse_networks(settings.trusted_proxies),
+            drop_underscores=settings.underscore_headers == "drop",
+        )
         self.access_log: AccessLog | None = AccessLog() if settings.access_log else None
         self.session: UpstreamClient | None = None
         self.forwarder: Forwarder
@@ -248,7 +261,9 @@ class Runtime:
         if self.access_log is not None:
             await self.access_log.close()
         await self.tracing.close()
+        await self.payments.guard.close()
         await self.payments.keys.close()
+        await self.payments.fallback.close()
         await self.payments.log.close()
         await self.events.close(2.0)
 
@@ -264,9 +279,19 @@ def _status_of(att: Attempt) -> int | None:
 def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore, TransactionStore]:
     url = settings.idempotency_store
     if url == "memory":
-        return MemoryIdempotencyStore(clock=clock), MemoryTransactionStore(clock=clock)
+        return (
+            MemoryIdempotencyStore(
+                clock=clock,
+                max_bytes=settings.idempotency_memory_bytes,
+                when_full="refuse" if settings.idempotency_when_full == "refuse" else "evict",
+            ),
+            MemoryTransactionStore(clock=clock, max_bytes=settings.transaction_log_bytes),
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         prefix = settings.idempotency_prefix
+        from proxy.idempotency.redis_store import RedisIdempotencyStore
+        from proxy.idempotency.transactions import RedisTransactionStore
+
         return RedisIdempotencyStore.from_url(url, prefix), RedisTransactionStore.from_url(
             url, prefix
         )

@@ -80,6 +80,34 @@ def _parser() -> argparse.ArgumentParser:
         help="memory (default) or redis://HOST:PORT/DB",
     )
     run.add_argument(
+        "--idempotency-memory",
+        dest="idempotency_memory_bytes",
+        help="byte budget of the in-memory idempotency store (default 16MiB)",
+    )
+    run.add_argument(
+        "--idempotency-when-full",
+        dest="idempotency_when_full",
+        choices=["evict", "refuse"],
+        help="in-memory store full: evict the oldest completed keys (default) or refuse new ones",
+    )
+    run.add_argument(
+        "--transaction-log-memory",
+        dest="transaction_log_bytes",
+        help="byte budget of the in-memory transaction log (default 6MiB)",
+    )
+    run.add_argument(
+        "--trusted-proxies",
+        dest="trusted_proxies",
+        help="comma-separated CIDRs whose X-Forwarded-*/Forwarded headers are kept (e.g. Envoy"
+        " in front: 127.0.0.1/32); from anyone else they are replaced",
+    )
+    run.add_argument(
+        "--underscore-headers",
+        dest="underscore_headers",
+        choices=["drop", "allow"],
+        help="header names with underscores: drop (default, as nginx and Envoy) or pass on",
+    )
+    run.add_argument(
         "--no-watch",
         dest="watch",
         action="store_const",

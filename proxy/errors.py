@@ -97,6 +97,14 @@ class NoGatewayAvailable(ProxyError):
     slug = "no-gateway-available"
 
 
+class StoreUnavailable(ProxyError):
+    """The idempotency store cannot take this payment's key now; nothing was sent."""
+
+    status = 503
+    title = "Idempotency store unavailable"
+    slug = "idempotency-store-unavailable"
+
+
 class UpstreamFailed(ProxyError):
     """Every attempt failed to connect or answered with something unusable."""
 

@@ -86,6 +86,8 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
         "control.expired": KindSpec(
             severity=Severity.INFO, required=("target", "action", "issuer")
         ),
+        "store.down": KindSpec(severity=Severity.CRITICAL, required=("op", "error")),
+        "store.up": KindSpec(severity=Severity.INFO, required=("down_s",)),
     }
 )
 

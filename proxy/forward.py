@@ -1,7 +1,6 @@
 """One HTTP exchange with one gateway: the endpoint stage of the request path.
 
-Owns: building the upstream request (hop-by-hop headers removed, X-Forwarded-* added),
-sending it once on the pooled upstream client, reading a small response whole (so a gateway
+Owns: encoding the upstream request (proxy.headers decides which headers go), sending it once on the pooled upstream client, reading a small response whole (so a gateway
 that dies mid-body is a failed attempt, not a truncated answer to the client), and turning
 every client failure into a typed `AttemptFailed` that says whether the request may have
 reached the gateway.
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config.model import Gateway
+from proxy.headers import HOP_BY_HOP, hop_by_hop, response_headers, upstream_headers
 from proxy.upstream.client import (
     BadResponse,
     ConnectFailed,
@@ -31,20 +31,16 @@ from proxy.upstream.state import Outcome
 
 logger = logging.getLogger(__name__)
 
-#: RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies drop.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    }
-)
+__all__ = [
+    "BUFFER_LIMIT",
+    "HOP_BY_HOP",
+    "AttemptFailed",
+    "Forwarder",
+    "Reply",
+    "hop_by_hop",
+    "response_headers",
+    "upstream_headers",
+]
 
 #: Responses up to this size are read whole inside the attempt; larger ones are streamed.
 BUFFER_LIMIT = 1024 * 1024
@@ -73,56 +69,6 @@ class Reply:
         if self.stream is not None:
             self.stream.release()
             self.stream = None
-
-
-_CONNECTION_DROPS: dict[str, frozenset[str]] = {}
-
-
-def hop_by_hop(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The fields not to pass on: RFC 9110's hop-by-hop list plus any named in Connection."""
-    conn = headers.get("Connection")
-    if not conn:
-        return HOP_BY_HOP
-    drop = _CONNECTION_DROPS.get(conn)
-    if drop is None:
-        named = {t.strip().lower() for t in conn.split(",") if t.strip()}
-        drop = HOP_BY_HOP | named
-        if len(_CONNECTION_DROPS) < 256:  # a handful of values in practice; bounded anyway
-            _CONNECTION_DROPS[conn] = drop
-    return drop
-
-
-def upstream_headers(
-    headers: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str, host: str | None
-) -> CIMultiDict[str]:
-    """The client's headers as the gateway should see them."""
-    drop = hop_by_hop(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in drop or lk == "host" or lk == "content-length":
-            continue
-        out.add(k, v)
-    if client_ip:
-        prior = headers.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    if "X-Forwarded-Proto" not in out:
-        out["X-Forwarded-Proto"] = scheme
-    if host and "X-Forwarded-Host" not in out:
-        out["X-Forwarded-Host"] = host
-    return out
-
-
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The gateway's response headers as the client should see them (framing is ours)."""
-    drop = hop_by_hop(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in drop or lk == "content-length":
-            continue
-        out.add(k, v)
-    return out
 
 
 def new_session(*, idle_timeout: float = 15.0, max_idle: int = 256) -> UpstreamClient:

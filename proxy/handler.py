@@ -20,7 +20,7 @@ from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS
 from proxy.events import Severity
-from proxy.forward import response_headers, upstream_headers
+from proxy.headers import response_headers, upstream_headers
 from proxy.ids import new_id
 from proxy.kafka.plane import check_route
 from proxy.payments import Ticket
@@ -86,13 +86,20 @@ class ProxyHandler:
                     )
                     return claimed
                 ticket = claimed
-            txn_id = (
-                ticket.transaction_id if ticket else (headers.get(th.transaction_id) or new_id())
-            )
+            # The transaction id is payswitch's: a client-sent one could overwrite another
+            # payment's record; upstream_headers drops every X-Payswitch-* the client sent.
+            txn_id = ticket.transaction_id if ticket else new_id()
             fwd = upstream_headers(
-                headers, client_ip=request.remote, scheme=request.scheme, host=request.host
+                headers,
+                client_ip=request.remote,
+                scheme=request.scheme,
+                host=request.host,
+                policy=rt.header_policy,
+                owned=plan.owned_headers,
             )
             fwd[th.transaction_id] = txn_id
+            if ticket is not None:
+                fwd[ticket.policy.header] = ticket.forward_key
             dispatch = Dispatch(
                 plan=plan,
                 region=region,

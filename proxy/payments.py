@@ -21,18 +21,23 @@ from proxy.aio import spawn
 from proxy.config.model import Idempotency
 from proxy.idempotency import (
     Claimed,
+    ClaimResult,
     Completed,
     IdempotencyStore,
     InFlight,
     InvalidIdempotencyKey,
+    MemoryIdempotencyStore,
     Mismatch,
     StoredResponse,
+    StoreFull,
     TransactionStore,
     Unresolved,
     fingerprint,
+    gateway_key,
     scoped_key,
     validate_key,
 )
+from proxy.idempotency.guard import StoreGuard
 from proxy.metrics import Metrics
 from proxy.routing import RoutePlan
 from proxy.server import Answer
@@ -57,13 +62,30 @@ class Ticket:
     policy: Idempotency
     transaction_id: str
     forced_gateway: str | None  # an unresolved key goes back to the gateway that saw it
+    store: IdempotencyStore  # where the key is held: the store, or the local fallback
+    forward_key: str  # the key the gateway gets: see idempotency.gateway_key
+
+
+#: Retry-After, in seconds, on a keyed payment refused while the store is down.
+STORE_DOWN_RETRY_AFTER = 2
 
 
 class Payments:
-    def __init__(self, keys: IdempotencyStore, log: TransactionStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        keys: IdempotencyStore,
+        log: TransactionStore,
+        metrics: Metrics,
+        *,
+        guard: StoreGuard | None = None,
+        fallback: IdempotencyStore | None = None,
+    ) -> None:
         self.keys = keys
         self.log = log
         self.metrics = metrics
+        self.guard = guard or StoreGuard(_always_up, registry=metrics.registry)
+        #: Holds keys of `on_store_down: local` routes while the store is down.
+        self.fallback = fallback or MemoryIdempotencyStore()
         #: Requests being dispatched, by transaction id: their PENDING record is built
         #: when someone asks rather than written to the log on every request.
         self.in_flight: dict[str, tuple[Dispatch, float]] = {}
@@ -96,14 +118,19 @@ class Payments:
             raise errors.BadRequest(str(exc), route=plan.name) from None
         scope = headers.get(policy.scope_header) if policy.scope_header else None
         skey = scoped_key(key, scope)
+        fkey = gateway_key(key, scope)
         fp = fingerprint(method, raw_path, body)
-        result = await self.keys.claim(
-            skey, fp, policy.ttl, lock_ttl=plan.route.timeouts.total + LOCK_MARGIN
-        )
+        store, result = await self._claim(plan, skey, fp)
         if isinstance(result, Claimed):
             self._count(plan, "claimed")
             return Ticket(
-                key=skey, lease=result.lease, policy=policy, transaction_id=key, forced_gateway=None
+                key=skey,
+                lease=result.lease,
+                policy=policy,
+                transaction_id=fkey,
+                forced_gateway=None,
+                store=store,
+                forward_key=fkey,
             )
         if isinstance(result, Unresolved):
             self._count(plan, "unresolved_retry")
@@ -111,8 +138,10 @@ class Payments:
                 key=skey,
                 lease=result.lease,
                 policy=policy,
-                transaction_id=result.transaction_id or key,
+                transaction_id=result.transaction_id or fkey,
                 forced_gateway=result.last_gateway,
+                store=store,
+                forward_key=fkey,
             )
         if isinstance(result, Completed):
             self._count(plan, "replayed")
@@ -133,6 +162,40 @@ class Payments:
             "this idempotency key was used with a different request (method, path or body)",
             route=plan.name,
         )
+
+    async def _claim(
+        self, plan: RoutePlan, key: str, fp: str
+    ) -> tuple[IdempotencyStore, ClaimResult]:
+        """Claim on the store; while it is down, as the route's `on_store_down` says."""
+        policy = plan.route.idempotency
+        assert policy is not None
+        lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
+        try:
+            result = await self.keys.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
+        except StoreFull as exc:
+            self._count(plan, "store_full")
+            raise errors.StoreUnavailable(
+                f"{exc}; the payment was not sent",
+                route=plan.name,
+                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+            ) from None
+        except Exception as exc:
+            self.guard.failed("claim", exc)
+            if policy.on_store_down != "local":
+                self._count(plan, "store_down")
+                raise errors.StoreUnavailable(
+                    "the idempotency store does not answer; the payment was not sent: retry"
+                    " with the same idempotency key",
+                    route=plan.name,
+                    headers={"Retry-After": str(STORE_DOWN_RETRY_AFTER)},
+                ) from None
+            self._count(plan, "local_fallback")
+            logger.warning(
+                "route %s: idempotency store down, key held in this process only", plan.name
+            )
+            return self.fallback, await self.fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
+        self.guard.succeeded()
+        return self.keys, result
 
     async def settle(
         self,
@@ -158,7 +221,7 @@ class Payments:
                     gateway=settled.attempt.gateway.name,
                     transaction_id=ticket.transaction_id,
                 )
-                await self.keys.complete(ticket.key, ticket.lease, stored, ticket.policy.ttl)
+                await ticket.store.complete(ticket.key, ticket.lease, stored, ticket.policy.ttl)
                 return
             sent = [a for a in settled.attempts if not a.did_nothing]
             if sent:
@@ -167,12 +230,12 @@ class Payments:
                 await self._unknown(ticket, sent[-1])
             else:
                 # Nothing reached any gateway: the client may simply try again.
-                await self.keys.release(ticket.key, ticket.lease)
-        except Exception:
-            logger.exception("could not settle idempotency key %s", ticket.key)
+                await ticket.store.release(ticket.key, ticket.lease)
+        except Exception as exc:
+            self._store_failed(ticket, "settle", exc)
 
     async def _unknown(self, ticket: Ticket, att: Attempt) -> None:
-        await self.keys.mark_unknown(
+        await ticket.store.mark_unknown(
             ticket.key,
             ticket.lease,
             att.gateway.name,
@@ -183,9 +246,17 @@ class Payments:
 
     async def release(self, ticket: Ticket) -> None:
         try:
-            await self.keys.release(ticket.key, ticket.lease)
-        except Exception:
-            logger.exception("could not release idempotency key %s", ticket.key)
+            await ticket.store.release(ticket.key, ticket.lease)
+        except Exception as exc:
+            self._store_failed(ticket, "release", exc)
+
+    def _store_failed(self, ticket: Ticket, op: str, exc: Exception) -> None:
+        """The key's claim will lapse on its lock TTL and be taken over as unresolved, which
+        is the safe reading of a holder that could not say how it ended."""
+        if ticket.store is self.keys:
+            self.guard.failed(op, exc)
+        else:
+            logger.exception("could not %s idempotency key %s", op, ticket.key)
 
     # -- the transaction log --------------------------------------------------------------
 
@@ -231,6 +302,10 @@ class Payments:
 
     def _count(self, plan: RoutePlan, result: str) -> None:
         self.metrics.idempotency.labels(plan.name, result).inc()
+
+
+async def _always_up() -> None:
+    return None
 
 
 def transaction_record(

@@ -35,6 +35,9 @@ class RoutePlan:
     country_header: str | None
     matches: Callable[[str, str, CIMultiDictProxy[str]], bool]
     body: tuple[BodyMatch, ...]
+    #: lower-case names of the headers the route reads and the gateway must get as sent
+    #: (its idempotency key header): a client's Connection header cannot strip them
+    owned_headers: frozenset[str] = frozenset()
 
     def region_for(self, headers: CIMultiDictProxy[str]) -> str:
         """The request's region: the region header if it names one of the route's regions,
@@ -117,6 +120,9 @@ def compile_plan(route: Route, gateways: Mapping[str, Gateway]) -> RoutePlan:
         country_header=route.region.country_header,
         matches=_compile_match(route),
         body=route.match.body,
+        owned_headers=(
+            frozenset({route.idempotency.header.lower()}) if route.idempotency else frozenset()
+        ),
     )
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.headers import parse_networks
 from proxy.kafka.config import KafkaSettings
 from proxy.kafka.config import from_sources as kafka_from_sources
 
@@ -40,6 +41,14 @@ class Settings:
     webhook_format: str = "event"  # event | alertmanager
     idempotency_store: str = "memory"  # memory | redis://host:port/db
     idempotency_prefix: str = "payswitch:"
+    # The in-memory stores' budgets (see README "Memory"); Redis keeps no such bound.
+    idempotency_memory_bytes: int = 16 * 1024 * 1024
+    idempotency_when_full: str = "evict"  # evict | refuse
+    transaction_log_bytes: int = 6 * 1024 * 1024
+    # Peers whose X-Forwarded-*/Forwarded headers are kept and extended (Envoy in front);
+    # from anyone else they are replaced.
+    trusted_proxies: tuple[str, ...] = ()
+    underscore_headers: str = "drop"  # drop | allow
     watch: bool = True
     shutdown_grace: float = 2.0  # readiness fails, traffic still served
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
@@ -64,6 +73,11 @@ ENV = {
     "webhook_format": "PAYSWITCH_WEBHOOK_FORMAT",
     "idempotency_store": "PAYSWITCH_IDEMPOTENCY_STORE",
     "idempotency_prefix": "PAYSWITCH_IDEMPOTENCY_PREFIX",
+    "idempotency_memory_bytes": "PAYSWITCH_IDEMPOTENCY_MEMORY",
+    "idempotency_when_full": "PAYSWITCH_IDEMPOTENCY_WHEN_FULL",
+    "transaction_log_bytes": "PAYSWITCH_TRANSACTION_LOG_MEMORY",
+    "trusted_proxies": "PAYSWITCH_TRUSTED_PROXIES",
+    "underscore_headers": "PAYSWITCH_UNDERSCORE_HEADERS",
     "watch": "PAYSWITCH_WATCH",
     "shutdown_grace": "PAYSWITCH_SHUTDOWN_GRACE",
     "shutdown_deadline": "PAYSWITCH_SHUTDOWN_DEADLINE",
@@ -78,6 +92,18 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected on/off, got {text!r}")
+
+
+def _size(text: str, var: str) -> int:
+    from proxy.config.units import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise ValueError(f"{var}: {exc}") from None
+    if size < 64 * 1024:
+        raise ValueError(f"{var}: at least 64KiB, got {text!r}")
+    return size
 
 
 def from_sources(
@@ -101,6 +127,20 @@ def from_sources(
             values[name] = raw if isinstance(raw, bool) else _bool(str(raw))
         elif name in ("shutdown_grace", "shutdown_deadline"):
             values[name] = float(str(raw))
+        elif name in ("idempotency_memory_bytes", "transaction_log_bytes"):
+            values[name] = _size(str(raw), var)
+        elif name == "trusted_proxies":
+            items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+            nets = parse_networks(str(i) for i in items)
+            values[name] = tuple(str(n) for n in nets)
+        elif name == "underscore_headers":
+            if str(raw) not in ("drop", "allow"):
+                raise ValueError(f"{var}: expected drop or allow, got {raw!r}")
+            values[name] = str(raw)
+        elif name == "idempotency_when_full":
+            if str(raw) not in ("evict", "refuse"):
+                raise ValueError(f"{var}: expected evict or refuse, got {raw!r}")
+            values[name] = str(raw)
         else:
             values[name] = str(raw)
     values["kafka"] = kafka_from_sources(flags, env)

@@ -239,6 +239,7 @@ class Builder:
                 required=idem_spec.get("required", idd.required),
                 ttl=self._duration(doc, [*where, "idempotency"], idem_spec, "ttl", idd.ttl),
                 scope_header=idem_spec.get("scope_header"),
+                on_store_down=idem_spec.get("on_store_down", idd.on_store_down),
             )
             if idempotency.ttl <= 0:
                 self.issues.append(

@@ -169,6 +169,7 @@ class Idempotency:
     required: bool = False
     ttl: float = 86400.0
     scope_header: str | None = None  # client identity the keys are scoped by
+    on_store_down: Literal["refuse", "local"] = "refuse"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

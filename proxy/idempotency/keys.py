@@ -74,6 +74,27 @@ def scoped_key(key: str, scope: str | None) -> str:
     return f"s{len(scope)}:{scope}:{key}"
 
 
+_GATEWAY_KEY_DOMAIN = b"payswitch-gateway-key-v1\0"
+
+
+def gateway_key(key: str, scope: str | None) -> str:
+    """The idempotency key the gateway gets for `key` sent by the client `scope`.
+
+    Unscoped, it is the client's key as sent. Scoped, two clients may both send `order-1`
+    for different payments, and a provider that dedupes by key alone would merge them: the
+    gateway gets `ps1-` and 60 hex digits of SHA-256 over the length-prefixed scope and key,
+    the same on every retry and every replica, short and plain enough for any provider's
+    key rules (Stripe's are 255 characters).
+    """
+    if scope is None:
+        return key
+    digest = hashlib.sha256(_GATEWAY_KEY_DOMAIN)
+    for part in (scope.encode("utf-8", "surrogateescape"), key.encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return "ps1-" + digest.hexdigest()[:60]
+
+
 def fingerprint(method: str, path_with_query: str, body: bytes) -> str:
     """Hex SHA-256 naming what a request asks for, so a reused key with new content is caught.
 

@@ -1,24 +1,27 @@
-"""The idempotency store for a single sidecar: bounded, expiring, in process memory.
+"""The idempotency store for a single sidecar: bounded by bytes, expiring, in process memory.
 
-Owns: `MemoryIdempotencyStore`, its entries, their TTLs on the injected clock, and the two
-bounds (entry count and stored response bytes) with the eviction order that keeps them.
+Owns: `MemoryIdempotencyStore`, its entries, their TTLs on the injected clock, the one byte
+budget they share (an estimate of what each entry costs the process, not just its response
+body), what happens when the budget is spent, and the eviction counts that make it visible.
 Must not: await anything between reading and writing an entry. Every method runs to the end
 without yielding, which is what makes a claim atomic among the event loop's tasks; it is
 not thread-safe and is not shared between processes (use `redis_store` for replicas).
 
-Eviction order when a bound is exceeded: completed entries, least recently used first
-(a retry then reaches a gateway again, with the same Idempotency-Key forwarded for it to
-dedupe); then unresolved entries, oldest first; in-flight claims never. In-flight claims
-are always admitted even over the cap, because refusing one would fail a payment and their
-number is bounded by the listener's concurrency; the store logs when that happens. A single
-response larger than the whole byte budget is still kept (every other completed entry is
-evicted for it) so the bound is max(max_stored_bytes, largest response).
+When the budget is spent (`when_full`):
+- "evict" (default): completed entries go, least recently used first. A retry of an evicted
+  key then reaches a gateway again with the same Idempotency-Key forwarded, which a
+  provider that dedupes keys recognises; the store says so loudly (a warning a minute with
+  the count and the replay window left, and `evictions` by state for the metrics).
+- "refuse": nothing unexpired is evicted; a new key is refused with `StoreFull` (the request
+  path answers 503 with Retry-After) until entries expire.
+Unresolved entries (an outcome was lost) are never evicted in either mode: forgetting one
+would let a retry go to a gateway that cannot dedupe it. In-flight claims are never evicted
+either. A completion is always stored, even over the budget: the payment happened.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 from collections import OrderedDict
 from typing import Literal
@@ -31,6 +34,7 @@ from proxy.idempotency.store import (
     InFlight,
     Mismatch,
     StoredResponse,
+    StoreFull,
     Unresolved,
     UnresolvedCause,
     check_ttl,
@@ -40,6 +44,19 @@ from proxy.idempotency.store import (
 logger = logging.getLogger(__name__)
 
 _State = Literal["inflight", "completed", "unresolved"]
+WhenFull = Literal["evict", "refuse"]
+
+#: What one entry costs the process beyond its key, fingerprint and stored response: the
+#: entry object, its lease and ids, the dict slot and the expiry heap item (measured with
+#: tracemalloc on CPython 3.11: ~560 bytes with a 30-byte key and a 64-byte fingerprint).
+ENTRY_OVERHEAD = 480
+
+#: The default budget: ~24,000 completed payments with small JSON answers. At 100
+#: payments/s that is a replay window of about 4 minutes; a longer one belongs in Redis.
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+#: Seconds between two "evicting" warnings while the store keeps evicting.
+WARN_EVERY = 60.0
 
 
 class _Entry:
@@ -48,6 +65,8 @@ class _Entry:
     __slots__ = (
         "attempt_id",
         "cause",
+        "completed_at",
+        "cost",
         "expires_at",
         "fingerprint",
         "last_gateway",
@@ -71,6 +90,8 @@ class _Entry:
         self.transaction_id: str | None = None
         self.unresolved_count = 0
         self.cause: UnresolvedCause = "unknown"
+        self.cost = 0  # bytes charged to the budget for this entry now
+        self.completed_at = 0.0
 
 
 class MemoryIdempotencyStore:
@@ -80,15 +101,17 @@ class MemoryIdempotencyStore:
         self,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        max_entries: int = 100_000,
-        max_stored_bytes: int = 64 * 1024 * 1024,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        when_full: WhenFull = "evict",
         default_lock_ttl: float = 60.0,
     ) -> None:
-        if max_entries < 1 or max_stored_bytes < 1:
-            raise ValueError("max_entries and max_stored_bytes must be at least 1")
+        if max_bytes < ENTRY_OVERHEAD:
+            raise ValueError(f"max_bytes must be at least {ENTRY_OVERHEAD}")
+        if when_full not in ("evict", "refuse"):
+            raise ValueError(f"when_full must be 'evict' or 'refuse', not {when_full!r}")
         self._clock = clock
-        self._max_entries = max_entries
-        self._max_bytes = max_stored_bytes
+        self._max_bytes = max_bytes
+        self._when_full: WhenFull = when_full
         self._default_lock_ttl = check_ttl("default_lock_ttl", default_lock_ttl)
         self._tiers: dict[_State, OrderedDict[str, _Entry]] = {
             "inflight": OrderedDict(),
@@ -97,9 +120,12 @@ class MemoryIdempotencyStore:
         }
         self._expiry: list[tuple[float, int, str]] = []
         self._seq = 0
-        self._bytes = 0
-        self._over_cap = False
-        self.evictions = 0
+        self._bytes = 0  # stored response bytes
+        self._held_bytes = 0  # every entry's cost, responses included
+        self._warned_at = -WARN_EVERY
+        self._evicted_since_warning = 0
+        self.evictions: dict[_State, int] = {"completed": 0, "unresolved": 0, "inflight": 0}
+        self.refusals = 0
 
     def __len__(self) -> int:
         return sum(len(tier) for tier in self._tiers.values())
@@ -109,8 +135,26 @@ class MemoryIdempotencyStore:
         """Bytes of completed responses held now (see `StoredResponse.size`)."""
         return self._bytes
 
+    @property
+    def held_bytes(self) -> int:
+        """What every entry costs together, as charged against `max_bytes`."""
+        return self._held_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
     def count(self, state: _State) -> int:
         return len(self._tiers[state])
+
+    def replay_window(self) -> float | None:
+        """Age in seconds of the oldest completed entry still held: how far back a retry is
+        still replayed. None when nothing is held."""
+        completed = self._tiers["completed"]
+        if not completed:
+            return None
+        oldest = next(iter(completed.values()))
+        return max(0.0, self._clock.now() - oldest.completed_at)
 
     async def claim(
         self, key: str, fingerprint: str, ttl: float, *, lock_ttl: float | None = None
@@ -121,6 +165,14 @@ class MemoryIdempotencyStore:
         self._purge(now)
         entry = self._get(key, now)
         if entry is None:
+            cost = ENTRY_OVERHEAD + len(key) + len(fingerprint)
+            if not self._make_room(cost):
+                self.refusals += 1
+                raise StoreFull(
+                    f"the in-memory idempotency store is full ({self._held_bytes} of"
+                    f" {self._max_bytes} bytes held by unexpired keys)",
+                    retry_after=self._next_expiry(now),
+                )
             lease = new_lease()
             entry = _Entry(
                 fingerprint=fingerprint,
@@ -128,9 +180,10 @@ class MemoryIdempotencyStore:
                 expires_at=now + max(ttl, lock),
                 lock_expires_at=now + lock,
             )
+            entry.cost = cost
+            self._held_bytes += cost
             self._tiers["inflight"][key] = entry
             self._schedule(key, entry.expires_at)
-            self._enforce_bounds(keep=key)
             return Claimed(lease=lease)
         if entry.fingerprint != fingerprint:
             return Mismatch()
@@ -191,9 +244,20 @@ class MemoryIdempotencyStore:
         entry.last_gateway = response.gateway
         entry.transaction_id = response.transaction_id
         entry.expires_at = now + ttl
+        entry.completed_at = now
         self._bytes += response.size
+        self._held_bytes += response.size
+        entry.cost += response.size
         self._schedule(key, entry.expires_at)
-        self._enforce_bounds(keep=key)
+        if self._held_bytes > self._max_bytes:
+            if self._when_full == "evict":
+                self._make_room(0, keep=key)
+            if self._held_bytes > self._max_bytes and response.size > self._max_bytes // 2:
+                logger.warning(
+                    "idempotent response for %r (%d bytes) is over half the whole store budget",
+                    key,
+                    response.size,
+                )
         return True
 
     async def mark_unknown(
@@ -220,7 +284,6 @@ class MemoryIdempotencyStore:
             entry.transaction_id = transaction_id
         entry.expires_at = self._clock.now() + ttl
         self._schedule(key, entry.expires_at)
-        self._enforce_bounds(keep=key)
         return True
 
     async def release(self, key: str, lease: str) -> bool:
@@ -236,11 +299,15 @@ class MemoryIdempotencyStore:
             self._remove(key, entry)
         return True
 
+    async def ping(self) -> None:
+        return None
+
     async def close(self) -> None:
         for tier in self._tiers.values():
             tier.clear()
         self._expiry.clear()
         self._bytes = 0
+        self._held_bytes = 0
 
     # -- internals; none of these awaits --------------------------------------------------
 
@@ -263,16 +330,23 @@ class MemoryIdempotencyStore:
 
     def _move(self, key: str, entry: _Entry, state: _State) -> None:
         del self._tiers[entry.state][key]
-        if entry.state == "completed" and entry.response is not None:
-            self._bytes -= entry.response.size
-            entry.response = None
+        if entry.state == "completed":
+            self._drop_response(entry)
         entry.state = state
         self._tiers[state][key] = entry
 
     def _remove(self, key: str, entry: _Entry) -> None:
         del self._tiers[entry.state][key]
+        self._drop_response(entry)
+        self._held_bytes -= entry.cost
+        entry.cost = 0
+
+    def _drop_response(self, entry: _Entry) -> None:
         if entry.response is not None:
-            self._bytes -= entry.response.size
+            size = entry.response.size
+            self._bytes -= size
+            self._held_bytes -= size
+            entry.cost -= size
             entry.response = None
 
     def _schedule(self, key: str, expires_at: float) -> None:
@@ -293,40 +367,39 @@ class MemoryIdempotencyStore:
             _, _, key = heapq.heappop(self._expiry)
             self._get(key, now)  # removes it if it really expired, not just re-armed
 
-    def _enforce_bounds(self, *, keep: str) -> None:
+    def _next_expiry(self, now: float) -> float:
+        """Seconds until the first entry expires (a Retry-After for a refused claim)."""
+        return max(1.0, self._expiry[0][0] - now) if self._expiry else 1.0
+
+    def _make_room(self, cost: int, *, keep: str | None = None) -> bool:
+        """Free the budget for `cost` more bytes as `when_full` allows; False if it cannot."""
+        if self._held_bytes + cost <= self._max_bytes:
+            return True
+        if self._when_full == "refuse":
+            return False
         completed = self._tiers["completed"]
-        unresolved = self._tiers["unresolved"]
-        # The newest completed entry is never evicted for bytes: when it alone is over the
-        # budget it stays, until the next completion pushes it out.
-        while self._bytes > self._max_bytes and len(completed) > 1:
-            self._evict(*next(iter(completed.items())))
-        if self._bytes > self._max_bytes and keep in completed:
-            logger.warning(
-                "idempotent response for %r (%d bytes) exceeds the whole store budget",
-                keep,
-                self._bytes,
-            )
-        while len(self) > self._max_entries:
-            candidates = itertools.chain(completed.items(), unresolved.items())
-            victim = next((item for item in candidates if item[0] != keep), None)
+        while self._held_bytes + cost > self._max_bytes:
+            victim = next((item for item in completed.items() if item[0] != keep), None)
             if victim is None:
-                if not self._over_cap:
-                    logger.warning(
-                        "idempotency store holds %d entries, over its cap of %d, "
-                        "because in-flight claims are never evicted",
-                        len(self),
-                        self._max_entries,
-                    )
-                self._over_cap = True
-                return
+                return False
             self._evict(*victim)
-        self._over_cap = False
+        return True
 
     def _evict(self, key: str, entry: _Entry) -> None:
-        self.evictions += 1
-        if entry.state == "unresolved":
-            # Forgetting an unknown outcome lets a retry go to any gateway: say so loudly.
-            logger.warning("evicting unresolved idempotency key %r to stay within bounds", key)
-        else:
-            logger.debug("evicting %s idempotency key %r to stay within bounds", entry.state, key)
+        self.evictions[entry.state] += 1
+        self._evicted_since_warning += 1
+        now = self._clock.now()
+        if now - self._warned_at >= WARN_EVERY:
+            window = now - entry.completed_at
+            logger.warning(
+                "idempotency store full (%d bytes): evicted %d completed key(s) before their"
+                " TTL; retries older than %.0fs are no longer replayed here (the forwarded"
+                " Idempotency-Key still lets the provider dedupe them). Raise the budget or"
+                " use Redis for a longer window.",
+                self._max_bytes,
+                self._evicted_since_warning,
+                window,
+            )
+            self._warned_at = now
+            self._evicted_since_warning = 0
         self._remove(key, entry)

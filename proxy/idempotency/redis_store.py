@@ -40,6 +40,9 @@ from proxy.idempotency.store import (
 
 logger = logging.getLogger(__name__)
 
+#: Seconds any one Redis connect or command may take before the call fails.
+REDIS_TIMEOUT = 1.0
+
 # KEYS: record, lock. ARGV: fingerprint, new lease, ttl ms, lock ms.
 _CLAIM = """
 local rec, lock = KEYS[1], KEYS[2]
@@ -189,8 +192,17 @@ class RedisIdempotencyStore:
     def from_url(
         cls, url: str, prefix: str, *, default_lock_ttl: float = 60.0
     ) -> RedisIdempotencyStore:
-        """A store with its own connection pool to `url`, closed by `close()`."""
-        client = Redis.from_url(url, decode_responses=False)
+        """A store with its own connection pool to `url`, closed by `close()`.
+
+        Every call is bounded (`REDIS_TIMEOUT`): a Redis that stops answering without closing
+        its connections must fail the claim quickly, not hold the payment until the client
+        gives up."""
+        client = Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            socket_timeout=REDIS_TIMEOUT,
+        )
         return cls(client, prefix=prefix, default_lock_ttl=default_lock_ttl, owns_client=True)
 
     def _keys(self, key: str) -> list[str]:
@@ -284,6 +296,9 @@ class RedisIdempotencyStore:
 
     async def release(self, key: str, lease: str) -> bool:
         return bool(await self._release(keys=self._keys(key), args=[lease]))
+
+    async def ping(self) -> None:
+        await self._client.ping()
 
     async def close(self) -> None:
         if self._owns_client:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from proxy.forward import HOP_BY_HOP
+from proxy.headers import HOP_BY_HOP
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,15 @@ class Unresolved:
 ClaimResult = Claimed | InFlight | Completed | Mismatch | Unresolved
 
 
+class StoreFull(Exception):
+    """A store bounded in memory cannot take a new key now without forgetting one it must
+    keep; the request is refused (503) rather than sent without its protection."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class IdempotencyStore(Protocol):
     """Claims on idempotency keys. Every write after `claim` is a compare-and-set on the lease:
     a holder whose lock expired and was taken over gets False and changes nothing."""
@@ -150,6 +159,10 @@ class IdempotencyStore(Protocol):
 
     async def release(self, key: str, lease: str) -> bool:
         """End the claim when nothing was sent anywhere, so the client may simply retry."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise unless the store answers now (used to notice it is back after an outage)."""
         ...
 
     async def close(self) -> None:

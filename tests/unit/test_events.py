@@ -110,6 +110,8 @@ SAMPLES: dict[str, dict[str, object]] = {
     },
     "control.rejected": {"key": "gateway/stripe-eu", "error": "expires_at is in the past"},
     "control.expired": {"target": "gateway/stripe-eu", "action": "drain", "issuer": "ops"},
+    "store.down": {"op": "claim", "error": "ConnectionError: Connection refused"},
+    "store.up": {"down_s": 12.5},
 }
 
 

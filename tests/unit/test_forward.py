@@ -14,8 +14,6 @@ from proxy.forward import (
     BUFFER_LIMIT,
     AttemptFailed,
     Forwarder,
-    response_headers,
-    upstream_headers,
 )
 from proxy.upstream.client import (
     BadResponse,
@@ -31,62 +29,6 @@ from tests.unit.upstream.health_support import gateway
 
 def proxy_of(*items: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(items))
-
-
-@pytest.mark.parametrize(
-    ("incoming", "client_ip", "expected"),
-    [
-        (
-            [("Content-Type", "application/json"), ("Host", "proxy"), ("Content-Length", "2")],
-            "10.0.0.1",
-            [
-                ("Content-Type", "application/json"),
-                ("X-Forwarded-For", "10.0.0.1"),
-                ("X-Forwarded-Proto", "http"),
-                ("X-Forwarded-Host", "proxy.local"),
-            ],
-        ),
-        (
-            [("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("TE", "trailers"), ("A", "1")],
-            None,
-            [("A", "1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "proxy.local")],
-        ),
-        (
-            [("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-Proto", "https"), ("A", "1")],
-            "10.0.0.1",
-            [
-                ("X-Forwarded-For", "1.1.1.1, 10.0.0.1"),
-                ("X-Forwarded-Proto", "https"),
-                ("A", "1"),
-                ("X-Forwarded-Host", "proxy.local"),
-            ],
-        ),
-    ],
-    ids=["framing-dropped", "hop-by-hop-dropped", "forwarded-chain-kept"],
-)
-def test_upstream_headers(
-    incoming: list[tuple[str, str]], client_ip: str | None, expected: list[tuple[str, str]]
-) -> None:
-    out = upstream_headers(
-        proxy_of(*incoming), client_ip=client_ip, scheme="http", host="proxy.local"
-    )
-    assert list(out.items()) == expected
-
-
-def test_response_headers_drop_hop_by_hop_and_framing_but_keep_duplicates() -> None:
-    gateway_headers = proxy_of(
-        ("Set-Cookie", "a=1"),
-        ("Connection", "close, X-Internal"),
-        ("X-Internal", "secret"),
-        ("Keep-Alive", "timeout=5"),
-        ("Transfer-Encoding", "chunked"),
-        ("Content-Length", "10"),
-        ("Set-Cookie", "b=2"),
-    )
-    assert list(response_headers(gateway_headers).items()) == [
-        ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"),
-    ]
 
 
 class FakeResponse:

@@ -10,6 +10,7 @@ from proxy.idempotency.keys import (
     MAX_KEY_LENGTH,
     InvalidIdempotencyKey,
     fingerprint,
+    gateway_key,
     scoped_key,
     validate_key,
 )
@@ -159,3 +160,15 @@ def test_fingerprint_is_sha256_hex_and_not_the_bare_body_hash() -> None:
 
 def test_fingerprint_accepts_undecodable_path_characters() -> None:
     assert fingerprint("POST", "/v1/\udcff", b"") != fingerprint("POST", "/v1/\udcfe", b"")
+
+
+def test_gateway_key_is_the_key_unscoped_and_a_stable_digest_scoped() -> None:
+    assert gateway_key("order-1", None) == "order-1"
+    alice = gateway_key("order-1", "alice")
+    bob = gateway_key("order-1", "bob")
+    assert alice != bob
+    assert alice == gateway_key("order-1", "alice")  # every retry, every replica
+    assert alice.startswith("ps1-") and len(alice) == 64
+    assert validate_key(alice) == alice
+    # Length-prefixed: moving characters between scope and key changes the result.
+    assert gateway_key("b:c", "a") != gateway_key("c", "a:b")

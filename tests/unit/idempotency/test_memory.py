@@ -11,16 +11,17 @@ import logging
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.idempotency.memory import MemoryIdempotencyStore
+from proxy.idempotency.memory import ENTRY_OVERHEAD, MemoryIdempotencyStore
 from proxy.idempotency.store import (
     Claimed,
     Completed,
     InFlight,
     StoredResponse,
+    StoreFull,
     Unresolved,
     end_to_end_headers,
 )
-from proxy.idempotency.transactions import MemoryTransactionStore
+from proxy.idempotency.transactions import RECORD_OVERHEAD, MemoryTransactionStore
 
 TTL = 3600.0
 
@@ -58,8 +59,13 @@ async def state_of(store: MemoryIdempotencyStore, key: str) -> str:
     return type(result).__name__
 
 
-async def test_entry_cap_evicts_oldest_completed_before_unresolved_and_never_in_flight() -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_entries=4)
+def budget(entries: int, body: bytes = b"ok") -> int:
+    """A byte budget that holds exactly `entries` completed two-letter keys with `body`."""
+    return entries * (ENTRY_OVERHEAD + len("c1") + len("fp") + len(body))
+
+
+async def test_evict_mode_drops_oldest_completed_and_never_unresolved_or_in_flight() -> None:
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(4))
     await unknown(store, "u1")
     await complete(store, "c1")
     await complete(store, "c2")
@@ -73,36 +79,78 @@ async def test_entry_cap_evicts_oldest_completed_before_unresolved_and_never_in_
     assert await state_of(store, "u1") == "Unresolved"
     assert isinstance(await store.claim("f1", "fp", TTL), InFlight)
     assert await store.complete("f1", held, response(), TTL)
-    assert store.evictions >= 3
+    assert store.evictions["completed"] >= 3
+    assert store.evictions["unresolved"] == 0
 
 
-async def test_unresolved_entries_go_only_when_no_completed_one_is_left() -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_entries=2)
+async def test_unresolved_keys_are_never_evicted_new_keys_are_refused_instead() -> None:
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(2))
     await unknown(store, "u1")
     await unknown(store, "u2")
-    await unknown(store, "u3")
-    assert len(store) == 2
-    assert await state_of(store, "u1") == "absent"
-    assert await state_of(store, "u3") == "Unresolved"
+    with pytest.raises(StoreFull) as refused:
+        await store.claim("u3", "fp", TTL, lock_ttl=30)
+    assert refused.value.retry_after >= 1
+    assert "full" in str(refused.value)
+    assert store.refusals == 1
+    assert await state_of(store, "u1") == "Unresolved"
+    assert await state_of(store, "u2") == "Unresolved"
 
 
-async def test_in_flight_claims_are_admitted_over_the_cap(
+async def test_refuse_mode_keeps_every_unexpired_completed_key() -> None:
+    clock = ManualClock()
+    store = MemoryIdempotencyStore(clock=clock, max_bytes=budget(2), when_full="refuse")
+    await complete(store, "c1")
+    await complete(store, "c2")
+    with pytest.raises(StoreFull):
+        await store.claim("c3", "fp", TTL, lock_ttl=30)
+    assert isinstance(await store.claim("c1", "fp", TTL), Completed)
+    assert store.evictions["completed"] == 0
+    clock.advance(TTL)  # once they expire, there is room again
+    assert isinstance(await store.claim("c3", "fp", TTL, lock_ttl=30), Claimed)
+
+
+async def test_in_flight_claims_are_never_evicted_and_completions_always_stored() -> None:
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(2))
+    leases = [await claimed(store, f"f{i}") for i in range(2)]
+    with pytest.raises(StoreFull):
+        await store.claim("f2", "fp", TTL, lock_ttl=30)
+    assert store.count("inflight") == 2
+    # A completion adds its response over the budget: the payment happened.
+    assert await store.complete("f0", leases[0], response(b"x" * 1000), TTL)
+    assert await store.complete("f1", leases[1], response(), TTL)
+    assert await state_of(store, "f1") == "Completed"
+
+
+async def test_evictions_are_counted_and_warned_at_most_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_entries=2)
-    leases = [await claimed(store, f"f{i}") for i in range(5)]
-    assert len(store) == 5
-    assert store.count("inflight") == 5
-    assert "in-flight claims are never evicted" in caplog.text
-    for i, lease in enumerate(leases):
-        assert await store.complete(f"f{i}", lease, response(), TTL)
-    # Completing them lets the cap apply again, keeping the newest.
-    assert len(store) == 2
-    assert await state_of(store, "f4") == "Completed"
+    clock = ManualClock()
+    store = MemoryIdempotencyStore(clock=clock, max_bytes=budget(2))
+    with caplog.at_level(logging.WARNING):
+        for i in range(10):
+            await complete(store, f"k{i}")
+    assert store.evictions["completed"] == 8
+    assert caplog.text.count("idempotency store full") == 1
+    assert "no longer replayed here" in caplog.text
+    clock.advance(61)
+    with caplog.at_level(logging.WARNING):
+        await complete(store, "k10")
+    assert caplog.text.count("idempotency store full") == 2
+    assert "evicted 8 completed key" in caplog.text.splitlines()[-1]
+
+
+async def test_replay_window_is_the_age_of_the_oldest_completed_key() -> None:
+    clock = ManualClock()
+    store = MemoryIdempotencyStore(clock=clock)
+    assert store.replay_window() is None
+    await complete(store, "c1")
+    clock.advance(30)
+    await complete(store, "c2")
+    assert store.replay_window() == pytest.approx(30)
 
 
 async def test_replaying_a_key_makes_it_recently_used() -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_entries=2)
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(2))
     await complete(store, "c1")
     await complete(store, "c2")
     assert isinstance(await store.claim("c1", "fp", TTL), Completed)
@@ -111,18 +159,21 @@ async def test_replaying_a_key_makes_it_recently_used() -> None:
     assert await state_of(store, "c2") == "absent"
 
 
-async def test_byte_budget_evicts_oldest_completed_and_accounts_exactly() -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_stored_bytes=250)
-    held = await claimed(store, "f1")
+async def test_bytes_are_accounted_exactly_and_given_back() -> None:
+    store = MemoryIdempotencyStore(clock=ManualClock())
     await complete(store, "c1", b"a" * 100)
-    await complete(store, "c2", b"b" * 100)
-    assert store.stored_bytes == 200
-    await complete(store, "c3", b"c" * 100)
-    assert store.stored_bytes == 200
-    assert await state_of(store, "c1") == "absent"
-    assert await state_of(store, "c2") == "Completed"
-    assert isinstance(await store.claim("f1", "fp", TTL), InFlight)
+    await unknown(store, "u1")
+    held = await claimed(store, "f1")
+    entry = ENTRY_OVERHEAD + 4
+    assert store.stored_bytes == 100
+    assert store.held_bytes == 3 * entry + 100
     assert await store.release("f1", held)
+    takeover = await store.claim("u1", "fp", TTL)
+    assert isinstance(takeover, Unresolved)
+    assert await store.complete("u1", takeover.lease, response(b"b" * 10), TTL)
+    assert store.held_bytes == 2 * entry + 110
+    await store.close()
+    assert store.held_bytes == 0
 
 
 async def test_header_bytes_count_towards_the_budget() -> None:
@@ -135,21 +186,21 @@ async def test_header_bytes_count_towards_the_budget() -> None:
     assert store.stored_bytes == 6
 
 
-async def test_a_response_larger_than_the_budget_is_kept_alone(
+async def test_a_response_larger_than_the_budget_is_kept_and_said(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_stored_bytes=100)
-    await complete(store, "c1", b"a" * 50)
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(2))
+    await complete(store, "c1")
     with caplog.at_level(logging.WARNING):
-        await complete(store, "big", b"b" * 500)
-    assert await state_of(store, "c1") == "absent"
+        await complete(store, "big", b"b" * 5000)
     replay = await store.claim("big", "fp", TTL)
     assert isinstance(replay, Completed)
-    assert replay.response.body == b"b" * 500
-    assert "exceeds the whole store budget" in caplog.text
-    await complete(store, "c2", b"c" * 10)  # the next completion pushes it out
+    assert replay.response.body == b"b" * 5000
+    assert store.count("completed") == 1  # c1 made room for it
+    assert "over half the whole store budget" in caplog.text
+    await complete(store, "c2")  # the next completion pushes it out
     assert await state_of(store, "big") == "absent"
-    assert store.stored_bytes == 10
+    assert store.stored_bytes == 2
 
 
 async def test_expired_entries_are_purged_and_give_back_their_bytes() -> None:
@@ -178,10 +229,10 @@ async def test_re_armed_keys_survive_the_sweep_of_their_old_expiry() -> None:
 
 
 async def test_the_expiry_heap_stays_proportional_to_the_entries() -> None:
-    store = MemoryIdempotencyStore(clock=ManualClock(), max_entries=10)
+    store = MemoryIdempotencyStore(clock=ManualClock(), max_bytes=budget(10))
     for i in range(3000):
         await complete(store, f"c{i}")
-    assert len(store) == 10
+    assert 8 <= len(store) <= 10  # longer keys cost a few bytes more
     assert len(store._expiry) <= 2 * len(store) + 1024 + 1
 
 
@@ -216,8 +267,8 @@ async def test_unusable_ttls_are_refused(ttl: float) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_entries": 0}, {"max_stored_bytes": 0}, {"default_lock_ttl": 0}],
-    ids=["entries", "bytes", "lock-ttl"],
+    [{"max_bytes": 0}, {"when_full": "drop"}, {"default_lock_ttl": 0}],
+    ids=["bytes", "when-full", "lock-ttl"],
 )
 def test_unusable_bounds_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -290,11 +341,15 @@ async def test_transactions_expire_after_their_last_put() -> None:
     assert len(store) == 0
 
 
-async def test_transactions_keep_only_the_newest() -> None:
-    store = MemoryTransactionStore(clock=ManualClock(), max_records=3)
+async def test_transactions_keep_only_the_newest_that_fit_the_byte_budget() -> None:
+    one = RECORD_OVERHEAD + len("t0") + len('{"transaction_id":"t0"}')
+    store = MemoryTransactionStore(clock=ManualClock(), max_bytes=3 * one)
     for i in range(5):
         await store.put({"transaction_id": f"t{i}"})
+    await store.put({"transaction_id": "t4"})  # a rewrite replaces, never adds
     assert len(store) == 3
+    assert store.held_bytes == 3 * one
+    assert store.evictions == 2
     assert [await store.get(f"t{i}") is not None for i in range(5)] == [
         False,
         False,

@@ -1,0 +1,207 @@
+"""headers: what reaches a gateway of a client's headers, and a client of a gateway's."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.headers import (
+    HeaderPolicy,
+    hop_by_hop,
+    parse_networks,
+    response_headers,
+    upstream_headers,
+)
+
+
+def proxy_of(*items: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(items))
+
+
+TRUST_LOOPBACK = HeaderPolicy(trusted_proxies=parse_networks(["127.0.0.0/8", "::1"]))
+KEEP_UNDERSCORES = HeaderPolicy(drop_underscores=False)
+KEY = frozenset({"idempotency-key"})
+
+
+@pytest.mark.parametrize(
+    ("incoming", "client_ip", "policy", "owned", "expected"),
+    [
+        (
+            [("Content-Type", "application/json"), ("Host", "proxy"), ("Content-Length", "2")],
+            "10.0.0.1",
+            HeaderPolicy(),
+            frozenset(),
+            [
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("X-Forwarded-Proto", "http"),
+                ("X-Forwarded-Host", "proxy.local"),
+            ],
+        ),
+        (
+            [("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("TE", "trailers"), ("A", "1")],
+            None,
+            HeaderPolicy(),
+            frozenset(),
+            [("A", "1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "proxy.local")],
+        ),
+        (
+            [("Connection", "Idempotency-Key, X-Hop"), ("Idempotency-Key", "k1"), ("X-Hop", "1")],
+            None,
+            HeaderPolicy(),
+            KEY,
+            [
+                ("Idempotency-Key", "k1"),
+                ("X-Forwarded-Proto", "http"),
+                ("X-Forwarded-Host", "proxy.local"),
+            ],
+        ),
+        (
+            [
+                ("X-Payswitch-Transaction-Id", "someone-elses"),
+                ("x-payswitch-attempt-id", "a"),
+                ("A", "1"),
+            ],
+            None,
+            HeaderPolicy(),
+            frozenset(),
+            [("A", "1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "proxy.local")],
+        ),
+        (
+            [
+                ("X-Forwarded-For", "1.1.1.1"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "bank.example"),
+                ("Forwarded", "for=1.1.1.1;proto=https"),
+                ("X-Real-IP", "1.1.1.1"),
+                ("A", "1"),
+            ],
+            "10.0.0.1",
+            HeaderPolicy(),
+            frozenset(),
+            [
+                ("A", "1"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("X-Forwarded-Proto", "http"),
+                ("X-Forwarded-Host", "proxy.local"),
+            ],
+        ),
+        (
+            [
+                ("X-Forwarded-For", "1.1.1.1"),
+                ("X-Forwarded-Proto", "https"),
+                ("Forwarded", "for=1.1.1.1;proto=https"),
+                ("A", "1"),
+            ],
+            "127.0.0.1",
+            TRUST_LOOPBACK,
+            frozenset(),
+            [
+                ("X-Forwarded-For", "1.1.1.1, 127.0.0.1"),
+                ("X-Forwarded-Proto", "https"),
+                ("Forwarded", "for=1.1.1.1;proto=https"),
+                ("A", "1"),
+                ("X-Forwarded-Host", "proxy.local"),
+            ],
+        ),
+        (
+            [("X-Forwarded-Proto", "https"), ("A", "1")],
+            "10.0.0.1",
+            TRUST_LOOPBACK,
+            frozenset(),
+            [
+                ("A", "1"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("X-Forwarded-Proto", "http"),
+                ("X-Forwarded-Host", "proxy.local"),
+            ],
+        ),
+        (
+            [("Content_Length", "5"), ("X_Custom", "1"), ("A", "1")],
+            None,
+            HeaderPolicy(),
+            frozenset(),
+            [("A", "1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "proxy.local")],
+        ),
+        (
+            [("X_Custom", "1")],
+            None,
+            KEEP_UNDERSCORES,
+            frozenset(),
+            [("X_Custom", "1"), ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "proxy.local")],
+        ),
+    ],
+    ids=[
+        "framing-dropped",
+        "hop-by-hop-dropped",
+        "connection-cannot-strip-the-key",
+        "client-payswitch-headers-dropped",
+        "untrusted-forwarding-replaced",
+        "trusted-forwarding-extended",
+        "untrusted-peer-of-a-trusting-policy",
+        "underscores-dropped",
+        "underscores-allowed",
+    ],
+)
+def test_upstream_headers(
+    incoming: list[tuple[str, str]],
+    client_ip: str | None,
+    policy: HeaderPolicy,
+    owned: frozenset[str],
+    expected: list[tuple[str, str]],
+) -> None:
+    out = upstream_headers(
+        proxy_of(*incoming),
+        client_ip=client_ip,
+        scheme="http",
+        host="proxy.local",
+        policy=policy,
+        owned=owned,
+    )
+    assert list(out.items()) == expected
+
+
+def test_hop_by_hop_sets_are_cached_per_connection_value_and_owned_set() -> None:
+    headers = proxy_of(("Connection", "Idempotency-Key"))
+    assert "idempotency-key" in hop_by_hop(headers)
+    assert "idempotency-key" not in hop_by_hop(headers, KEY)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [("10.0.0.0/8, ::1", None), ("", None), ("10.0.0.300", "not an IP address or CIDR")],
+    ids=["cidrs", "empty", "bad"],
+)
+def test_parse_networks(text: str, error: str | None) -> None:
+    if error is None:
+        assert len(parse_networks(text.split(","))) == len([t for t in text.split(",") if t])
+    else:
+        with pytest.raises(ValueError, match=error):
+            parse_networks(text.split(","))
+
+
+def test_trust_is_decided_once_per_peer_and_bounded() -> None:
+    policy = HeaderPolicy(trusted_proxies=parse_networks(["127.0.0.1"]))
+    assert policy.trusts("127.0.0.1")
+    assert not policy.trusts("127.0.0.2")
+    assert not policy.trusts("not-an-ip")
+    assert not policy.trusts(None)
+    for i in range(5000):
+        policy.trusts(f"10.0.{i // 256}.{i % 256}")
+    assert len(policy._trust) <= 4096
+
+
+def test_response_headers_drop_hop_by_hop_and_framing_but_keep_duplicates() -> None:
+    gateway_headers = proxy_of(
+        ("Set-Cookie", "a=1"),
+        ("Connection", "close, X-Internal"),
+        ("X-Internal", "secret"),
+        ("Keep-Alive", "timeout=5"),
+        ("Transfer-Encoding", "chunked"),
+        ("Content-Length", "10"),
+        ("Set-Cookie", "b=2"),
+    )
+    assert list(response_headers(gateway_headers).items()) == [
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+    ]
