@@ -35,6 +35,7 @@ typecheck: $(STAMP)
 
 ## make test: every check; warnings fail
 test: lint typecheck validate
+	if [ -x .ci/kafka/start ]; then .ci/kafka/start; fi
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
