@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.kafka.config import KafkaSettings
 from tests.kafka_support import kafka_settings, publish, read_topic, start_broker
-from tests.support import gateways
+from tests.support import eventually, gateways, running_proxy
 
 pytestmark = pytest.mark.kafka
 
@@ -236,3 +237,28 @@ async def test_unknown_gateway_and_malformed_json_are_rejected(tmp_path: Path) -
                 assert await served()
     assert "no gateway named 'nope'" in rejected["gateway/nope"]
     assert "not JSON" in rejected["route/deposits"]
+
+
+async def test_a_disabled_route_answers_503_until_enabled(tmp_path: Path) -> None:
+    kafka = kafka_settings(tmp_path)
+    async with gateways("g1", "g2") as g:
+        rules = RULES.format(g1=g["g1"].url, g2=g["g2"].url)
+        async with running_proxy(rules, tmp_path, kafka=kafka) as p:
+            assert p.rt.kafka is not None and p.rt.kafka.consumer is not None
+            await eventually(p.rt.kafka.consumer.caught_up.is_set, within=15)
+            command = {"target": "route/deposits", "issuer": "ops", "reason": "INC-1",
+                       "expires_at": _iso(time.time() + 60)}  # fmt: skip
+            await publish(kafka, "route/deposits", {**command, "action": "disable"})
+            await eventually(lambda: bool(p.rt.disabled_routes), within=2)
+            status, headers, body = await p.post()
+            assert status == 503
+            assert headers["Content-Type"] == "application/problem+json"
+            problem = orjson.loads(body)
+            assert problem["route"] == "deposits"
+            assert "disabled until" in problem["detail"] and "ops: INC-1" in problem["detail"]
+            assert not g["g1"].requests() and not g["g2"].requests()
+            await publish(kafka, "route/deposits", {**command, "action": "enable"})
+            await eventually(lambda: not p.rt.disabled_routes, within=2)
+            status, _, _ = await p.post()
+            assert status == 200
+            assert p.events.kinds("control.") == ["control.applied", "control.applied"]
