@@ -48,7 +48,6 @@ def record_of(
     headers: list[tuple[str, bytes]] = [
         ("kind", event.kind.encode()),
         ("severity", event.severity.name.lower().encode()),
-        ("content-type", b"application/json"),
     ]
     if traceparent:
         headers.append(("traceparent", traceparent.encode()))

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from proxy.aio import cancel_and_wait, spawn
 from proxy.events import Event, Severity
 from proxy.kafka.config import KafkaSettings
+from proxy.kafka.produce import send_records
 from proxy.kafka.records import Record, record_of, traceparent_now
 from proxy.kafka.spill import SpillFile
 from proxy.kafka.topics import ensure_topics
@@ -291,26 +292,18 @@ class KafkaSink:
         producer = self._producer
         assert producer is not None
         started = time.monotonic()
-        futures: list[asyncio.Future[object]] = []
         try:
             async with asyncio.timeout(self.send_timeout):
-                for rec in records:
-                    futures.append(
-                        await producer.send(
-                            rec.topic, rec.value, key=rec.key, headers=list(rec.headers)
-                        )
-                    )
-            results = await asyncio.gather(*futures, return_exceptions=True)
+                failed = await send_records(producer, records)
         except (KafkaError, OSError, TimeoutError) as exc:
             logger.warning("kafka: send failed (%s); retrying", exc)
-            results = [exc] * len(records)
-            for fut in futures:
-                fut.cancel()
-        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            failed = list(range(len(records)))
         self._latency.observe(time.monotonic() - started)
+        lost = set(failed)
+        sent = self.sent
         for i, rec in enumerate(records):
-            if i not in failed:
-                self.sent[rec.topic] = self.sent.get(rec.topic, 0) + 1
+            if i not in lost:
+                sent[rec.topic] = sent.get(rec.topic, 0) + 1
         if failed:
             self.connected = False
             await self._stop_producer()
