@@ -41,7 +41,8 @@ Pending = tuple[Event, str | None]  # the event and the trace context it was emi
 
 
 class KafkaSink:
-    batch_max = 500
+    batch_max = 2000
+    linger = 0.02  # seconds to gather records after the writer was idle
     spill_backlog = 10_000  # critical records waiting for the file writer, at most
     send_timeout = 5.0  # a batch not acknowledged by then is retried on a fresh producer
     backoff = (0.2, 2.0)  # reconnect delay: first, most
@@ -67,7 +68,9 @@ class KafkaSink:
         self._warned = False
         self._spill_lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # the writer: records to send
+        self._spill_wakeup = asyncio.Event()  # the spiller: critical records past the buffer
+        self._closing = asyncio.Event()  # cuts the writer's reconnect back-off short
         self._idle = asyncio.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,7 +121,7 @@ class KafkaSink:
             self._drop("spill_backlog_full")
             return False
         self._overflow.append(item)
-        self._wakeup.set()
+        self._spill_wakeup.set()
         return True
 
     # -- lifecycle --------------------------------------------------------------------
@@ -133,6 +136,7 @@ class KafkaSink:
     async def close(self, grace: float) -> None:
         """Send what is queued within `grace`; critical records left spill to the file."""
         self._closed = True
+        self._closing.set()
         self._wakeup.set()
         if self._tasks and (self._pending or self._overflow or self._spill_ready()):
             self._idle.clear()
@@ -176,18 +180,11 @@ class KafkaSink:
 
     async def _run_spiller(self) -> None:
         while True:
-            await self._wait_for(lambda: bool(self._overflow))
+            await _wait_for(self._spill_wakeup, lambda: bool(self._overflow))
             items = list(self._overflow)
             self._overflow.clear()
             await self._spill_items(items)
             self._wakeup.set()  # the writer may send them now
-
-    async def _wait_for(self, ready: Callable[[], bool]) -> None:
-        while not ready():
-            self._wakeup.clear()
-            if ready():
-                return
-            await self._wakeup.wait()
 
     # -- background: sending ----------------------------------------------------------
 
@@ -203,7 +200,9 @@ class KafkaSink:
                 if not self._overflow and self.spill.pending_bytes == 0:
                     self._spilling = False
                 self._idle.set()
-                await self._wait_for(lambda: bool(self._pending) or self._spill_ready())
+                await _wait_for(self._wakeup, lambda: bool(self._pending) or self._spill_ready())
+                # Gather a batch: one send per linger period under load, not one per event.
+                await asyncio.sleep(self.linger)
                 continue
             if self._producer is None and not await self._connect():
                 await self._sleep(delay)
@@ -239,9 +238,7 @@ class KafkaSink:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while not self._closed:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                await self._closing.wait()
 
     async def _connect(self) -> bool:
         s = self.settings
@@ -308,6 +305,14 @@ class KafkaSink:
             self.connected = False
             await self._stop_producer()
         return failed
+
+
+async def _wait_for(event: asyncio.Event, ready: Callable[[], bool]) -> None:
+    while not ready():
+        event.clear()
+        if ready():
+            return
+        await event.wait()
 
 
 class _SinkCollector(Collector):
