@@ -89,10 +89,12 @@ class Runtime:
             clock=clock,
             registry=self.registry,
         )
-        if self.kafka is not None:
-            self.kafka.attach(self.states, self.health, self.events, self._route_names)
-        self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         self.tracing = Tracing.from_env(os.environ)
+        if self.kafka is not None:
+            self.kafka.attach(
+                self.states, self.health, self.events, self._route_names, self.tracing.enabled
+            )
+        self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         keys, log = _payment_stores(settings, clock)
         self.payments = Payments(
             keys,

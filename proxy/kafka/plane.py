@@ -73,8 +73,11 @@ class KafkaPlane:
         health: Health,
         events: Emitter,
         routes: Callable[[], frozenset[str]],
+        traced: bool = True,
     ) -> None:
-        """Build the overlay once the parts it acts on exist."""
+        """Build the overlay once the parts it acts on exist; `traced` says whether requests
+        have spans whose context records should carry."""
+        self.sink.trace_context = traced
         if not self.settings.control:
             return
         from proxy.kafka.control import ControlConsumer

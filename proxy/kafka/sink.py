@@ -59,6 +59,7 @@ class KafkaSink:
         self.drops: dict[str, int] = {}
         self.spilled = 0
         self.connected = False
+        self.trace_context = True  # read the emitter's span for a traceparent header
         self._pending: deque[Pending] = deque()
         self._overflow: deque[Pending] = deque()  # critical past the buffer, for the file
         self._spilling = self.spill.pending_bytes > 0
@@ -100,7 +101,7 @@ class KafkaSink:
         if self._closed:
             self._drop("closed")
             return False
-        item = (event, traceparent_now())
+        item = (event, traceparent_now() if self.trace_context else None)
         critical = event.severity >= Severity.CRITICAL
         if critical and self._spilling:
             return self._to_spill(item)

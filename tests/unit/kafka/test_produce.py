@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from proxy.kafka.produce import partition_of, send_records
+from proxy.kafka.produce import murmur2, partition_of, send_records
 from proxy.kafka.records import Record
 from proxy.kafka.topics import ensure_topics
 from tests.kafka_support import kafka_settings, read_topic, start_broker
@@ -29,6 +29,15 @@ def test_partition_of_matches_the_default_partitioner(key: bytes | None, expecte
         == (0 if key is None else (murmur2(key) & 0x7FFFFFFF) % 3)
         == expected
     )
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 3, 4, 5, 7, 8, 28, 29, 30, 31, 64, 255])
+def test_murmur2_agrees_with_aiokafka(length: int) -> None:
+    from aiokafka.partitioner import murmur2 as reference
+
+    for seed in range(20):
+        data = bytes((seed * 31 + i * 7 + i * i) & 0xFF for i in range(length))
+        assert murmur2(data) == reference(data)
 
 
 @pytest.mark.kafka
