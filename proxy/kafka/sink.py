@@ -20,6 +20,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -37,6 +39,7 @@ from proxy.kafka.topics import ensure_topics
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Pending = tuple[Event, str | None]  # the event and the trace context it was emitted in
 
 
@@ -68,6 +71,7 @@ class KafkaSink:
         self._spill_after = 0  # the file's records go once this many were taken
         self._warned = False
         self._spill_lock = asyncio.Lock()
+        self._spill_thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-spill")
         self._producer: AIOKafkaProducer | None = None
         self._wakeup = asyncio.Event()  # the writer: records to send
         self._spill_wakeup = asyncio.Event()  # the spiller: critical records past the buffer
@@ -154,6 +158,7 @@ class KafkaSink:
         if critical:
             await self._spill_items(critical)
         await self._stop_producer()
+        self._spill_thread.shutdown(wait=False)
 
     # -- background: spilling ---------------------------------------------------------
 
@@ -164,11 +169,17 @@ class KafkaSink:
             for ev, tp in items
         ]
 
+    async def _spill_io(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a spill file call on the one spill thread: calls never overlap, even when a
+        cancelled caller left one running."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._spill_thread, fn, *args)
+
     async def _spill_items(self, items: list[Pending]) -> None:
         records = self._records(items)
         async with self._spill_lock:
             try:
-                written = await asyncio.to_thread(self.spill.append, records)
+                written = await self._spill_io(self.spill.append, records)
             except OSError as exc:
                 logger.error("kafka: spilling %d critical record(s) failed: %s", len(records), exc)
                 written = 0
@@ -183,8 +194,10 @@ class KafkaSink:
         while True:
             await _wait_for(self._spill_wakeup, lambda: bool(self._overflow))
             items = list(self._overflow)
-            self._overflow.clear()
             await self._spill_items(items)
+            # Only now: cancelled mid-write, `close` spills them again (at least once).
+            for _ in items:
+                self._overflow.popleft()
             self._wakeup.set()  # the writer may send them now
 
     # -- background: sending ----------------------------------------------------------
@@ -230,11 +243,11 @@ class KafkaSink:
 
     async def _send_spilled(self) -> None:
         async with self._spill_lock:
-            records, pos = await asyncio.to_thread(self.spill.read, self.batch_max)
+            records, pos = await self._spill_io(self.spill.read, self.batch_max)
         if records and await self._send(records):
             return  # nothing forgotten: the next read starts at the same place
         async with self._spill_lock:
-            await asyncio.to_thread(self.spill.commit, pos)
+            await self._spill_io(self.spill.commit, pos)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -8,7 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from proxy.tracing import Tracing
 from tests.kafka_support import kafka_settings, read_topic, start_broker
 from tests.support import gateways, running_proxy
 
@@ -66,3 +69,26 @@ async def test_a_thousand_payments_give_one_terminal_record_each_in_order(tmp_pa
         assert len(kinds) == 2
     events = await read_topic(kafka, kafka.events_topic, expect=1, within=10)
     assert "config.loaded" in {str(e.value["kind"]) for e in events}
+
+
+async def test_records_carry_the_trace_context_of_their_request(tmp_path: Path) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    kafka = kafka_settings(tmp_path)
+    async with gateways("g1", "g2") as g:
+        rules = RULES.format(g1=g["g1"].url, g2=g["g2"].url)
+        async with running_proxy(rules, tmp_path, kafka=kafka) as p:
+            assert p.rt.kafka is not None
+            p.rt.tracing = Tracing([SimpleSpanProcessor(InMemorySpanExporter())])
+            p.rt.kafka.sink.trace_context = True  # as Runtime sets it when tracing is on
+            status, _, _ = await p.post(
+                headers={
+                    "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+                    "Idempotency-Key": "k-traced",
+                }
+            )
+            assert status == 200
+            await p.rt.tracing.close()
+    records = await read_topic(kafka, kafka.transactions_topic, expect=2, within=10)
+    assert [r.value["kind"] for r in records] == ["transaction.pending", "transaction.succeeded"]
+    for r in records:
+        assert r.headers["traceparent"].split("-")[1] == trace_id
