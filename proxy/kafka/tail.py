@@ -163,7 +163,7 @@ async def follow(
             try:
                 event = orjson.loads(rec.value)
             except (orjson.JSONDecodeError, TypeError):
-                print(f"(not JSON: {rec.topic}/{rec.partition}@{rec.offset})", file=out)
+                print(f"(not JSON: {rec.topic}/{rec.partition}@{rec.offset})", file=sys.stderr)
                 continue
             if not isinstance(event, dict) or not filters.match(event):
                 continue
