@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import dashboard
 from proxy.config import admin as config_admin
+from proxy.kafka import plane as kafka_plane
 from proxy.upstream import admin as gateways_admin
 
 if TYPE_CHECKING:
@@ -90,4 +91,5 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_routes(config_admin.routes(rt.store))
     app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
     app.router.add_routes(dashboard.routes())
+    app.router.add_routes(kafka_plane.admin_routes(rt.kafka))
     return app

@@ -1,7 +1,8 @@
 """Everything Kafka for one Runtime, built from `KafkaSettings` and wired in one place.
 
 Owns: `KafkaPlane`: the sink the EventBus feeds, the control overlay and its consumer,
-their start and close; `check_route`, the request path's one question to the overlay.
+their start and close; `check_route`, the request path's one question to the overlay;
+`GET /admin/control` (mounted by the admin app).
 Must not: be imported where Kafka is off except for `check_route` and `build`; those
 pull in no Kafka client.
 """
@@ -12,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import errors
@@ -99,6 +101,34 @@ class KafkaPlane:
     async def close(self) -> None:
         if self.consumer is not None:
             await self.consumer.close()
+
+
+def admin_routes(plane: KafkaPlane | None) -> list[web.RouteDef]:
+    """GET /admin/control: every control command in force (gateways and routes), whether
+    the topic has been read, and the sink's counts."""
+
+    async def control(_: web.Request) -> web.Response:
+        if plane is None:
+            return web.json_response({"kafka": False, "commands": []})
+        sink = plane.sink
+        return web.json_response(
+            {
+                "kafka": True,
+                "control": plane.overlay is not None,
+                "caught_up": plane.consumer is not None and plane.consumer.caught_up.is_set(),
+                "commands": plane.overlay.describe() if plane.overlay is not None else [],
+                "sink": {
+                    "connected": sink.connected,
+                    "queued": sink.queued,
+                    "sent": sink.sent,
+                    "dropped": sink.drops,
+                    "spilled": sink.spilled,
+                    "spill_bytes": sink.spill.pending_bytes,
+                },
+            }
+        )
+
+    return [web.get("/admin/control", control)]
 
 
 def build(settings: KafkaSettings | None, registry: CollectorRegistry) -> KafkaPlane | None:

@@ -250,6 +250,10 @@ async def test_a_disabled_route_answers_503_until_enabled(tmp_path: Path) -> Non
                        "expires_at": _iso(time.time() + 60)}  # fmt: skip
             await publish(kafka, "route/deposits", {**command, "action": "disable"})
             await eventually(lambda: bool(p.rt.disabled_routes), within=2)
+            async with p.session.get(p.admin_url + "/admin/control") as resp:
+                shown = await resp.json()
+            assert shown["caught_up"] is True
+            assert shown["commands"] == [{**command, "action": "disable"}]
             status, headers, body = await p.post()
             assert status == 503
             assert headers["Content-Type"] == "application/problem+json"
