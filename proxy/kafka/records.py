@@ -40,22 +40,34 @@ def key_of(event: Event) -> str | None:
     return event.kind.partition(".")[0]
 
 
+_HEADERS: dict[tuple[str, Severity], tuple[tuple[str, bytes], ...]] = {}
+
+
+def _headers(kind: str, severity: Severity) -> tuple[tuple[str, bytes], ...]:
+    """The kind and severity headers, built once per pair: a handful of kinds, two records
+    per payment."""
+    found = _HEADERS.get((kind, severity))
+    if found is None:
+        found = _HEADERS[(kind, severity)] = (
+            ("kind", kind.encode()),
+            ("severity", severity.name.lower().encode()),
+        )
+    return found
+
+
 def record_of(
     event: Event, traceparent: str | None, *, transactions_topic: str, events_topic: str
 ) -> Record:
-    topic = transactions_topic if event.kind.startswith("transaction.") else events_topic
-    key = key_of(event)
-    headers: list[tuple[str, bytes]] = [
-        ("kind", event.kind.encode()),
-        ("severity", event.severity.name.lower().encode()),
-    ]
+    kind = event.kind
+    headers = _headers(kind, event.severity)
     if traceparent:
-        headers.append(("traceparent", traceparent.encode()))
+        headers = (*headers, ("traceparent", traceparent.encode()))
+    key = key_of(event)
     return Record(
-        topic=topic,
+        topic=transactions_topic if kind.startswith("transaction.") else events_topic,
         key=key.encode() if key is not None else None,
         value=encode(event),
-        headers=tuple(headers),
+        headers=headers,
         critical=event.severity >= Severity.CRITICAL,
     )
 
