@@ -40,6 +40,8 @@ from proxy.kafka.topics import ensure_topics
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Larger records are dropped: the broker's default message.max.bytes is 1 MiB.
+MAX_RECORD_BYTES = 900 * 1024
 Pending = tuple[Event, str | None]  # the event and the trace context it was emitted in
 
 
@@ -162,12 +164,23 @@ class KafkaSink:
 
     # -- background: spilling ---------------------------------------------------------
 
-    def _records(self, items: Iterable[Pending]) -> list[Record]:
+    def _records(self, items: list[Pending]) -> tuple[list[Pending], list[Record]]:
+        """Records for `items`, and the items they came from: a record the broker would
+        refuse as too large is dropped and counted here, or it would block its partition's
+        queue for ever."""
         s = self.settings
-        return [
+        records = [
             record_of(ev, tp, transactions_topic=s.transactions_topic, events_topic=s.events_topic)
             for ev, tp in items
         ]
+        if all(len(r.value) <= MAX_RECORD_BYTES for r in records):
+            return items, records
+        keep = [i for i, r in enumerate(records) if len(r.value) <= MAX_RECORD_BYTES]
+        logger.error(
+            "kafka: %d event(s) over %d bytes dropped", len(records) - len(keep), MAX_RECORD_BYTES
+        )
+        self._drop("too_large", len(records) - len(keep))
+        return [items[i] for i in keep], [records[i] for i in keep]
 
     async def _spill_io(self, fn: Callable[..., T], *args: object) -> T:
         """Run a spill file call on the one spill thread: calls never overlap, even when a
@@ -176,7 +189,7 @@ class KafkaSink:
         return await loop.run_in_executor(self._spill_thread, fn, *args)
 
     async def _spill_items(self, items: list[Pending]) -> None:
-        records = self._records(items)
+        _, records = self._records(items)
         async with self._spill_lock:
             try:
                 written = await self._spill_io(self.spill.append, records)
@@ -235,7 +248,8 @@ class KafkaSink:
         n = min(len(self._pending), self.batch_max)
         items = [self._pending.popleft() for _ in range(n)]
         self._taken += n
-        failed = await self._send(self._records(items))
+        items, records = self._records(items)
+        failed = await self._send(records)
         if failed:
             # Back at the front, oldest first: per-key order survives the retry.
             self._pending.extendleft(reversed([items[i] for i in failed]))

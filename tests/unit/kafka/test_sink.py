@@ -119,3 +119,18 @@ def test_min_severity(tmp_path: Path, min_severity: str, expected: Severity) -> 
         )
     )
     assert s.min_severity is expected
+
+
+async def test_a_record_the_broker_would_refuse_is_dropped_not_retried(tmp_path: Path) -> None:
+    s = sink(tmp_path, buffer=1)
+    await s.start()
+    try:
+        s.offer(ev(0))
+        huge = make_event(
+            "gateway.ejected", Severity.CRITICAL, 1.0, {"gateway": "g", "reason": "x" * (1 << 20)}
+        )
+        assert s.offer(huge)
+        assert s.offer(ev(1, Severity.CRITICAL))
+        await eventually(lambda: s.drops.get("too_large") == 1 and s.spilled == 1, within=5)
+    finally:
+        await s.close(0.1)
