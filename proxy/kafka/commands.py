@@ -28,6 +28,10 @@ class CommandError(ValueError):
     """A control record that must change nothing; the message says why."""
 
 
+class CommandExpired(CommandError):
+    """A well-formed command whose expiry has passed."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Command:
     target: str  # gateway/NAME or route/NAME, as the record key
@@ -99,7 +103,7 @@ def parse_command(key: bytes | None, value: bytes, now: float) -> Command:
     except ValueError as exc:
         raise CommandError(f"/expires_at: {exc}") from None
     if expires <= now:
-        raise CommandError(f"/expires_at: {text} has already passed")
+        raise CommandExpired(f"/expires_at: {text} has already passed")
     if expires - now > MAX_AHEAD:
         raise CommandError(f"/expires_at: {text} is more than 7 days ahead")
     kind, _, name = target.partition("/")

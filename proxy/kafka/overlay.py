@@ -18,7 +18,7 @@ import orjson
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.events import Emitter, Severity
-from proxy.kafka.commands import Command, CommandError, parse_command
+from proxy.kafka.commands import Command, CommandError, CommandExpired, parse_command
 from proxy.upstream.health import Health
 from proxy.upstream.state import GatewayState, StateRegistry
 
@@ -47,8 +47,12 @@ class Overlay:
 
     # -- records in ----------------------------------------------------------------------
 
-    def apply_record(self, key: bytes | None, value: bytes | None) -> bool:
-        """Apply one control record; False when it was rejected (and changed nothing)."""
+    def apply_record(self, key: bytes | None, value: bytes | None, *, replay: bool = False) -> bool:
+        """Apply one control record; False when it was rejected (and changed nothing).
+
+        `replay`: read on start; a command that expired since is history, not news, and is
+        passed over without a `control.rejected` event.
+        """
         if value is None:  # a tombstone: the target's command is withdrawn
             target = key.decode(errors="replace") if key else ""
             old = self.current.pop(target, None)
@@ -59,24 +63,31 @@ class Overlay:
         try:
             cmd = parse_command(key, value, self.clock.wall())
             self._check_target(cmd)
+        except CommandExpired as exc:
+            if replay:
+                logger.debug("control: %r expired before this start", key)
+                return False
+            return self._reject(key, value, exc)
         except CommandError as exc:
-            issuer = _issuer_of(value)
-            logger.warning("control: rejected %r: %s", key, exc)
-            self.events.emit(
-                "control.rejected",
-                Severity.WARNING,
-                key=key.decode(errors="replace") if key else None,
-                error=str(exc),
-                issuer=issuer,
-            )
-            return False
+            return self._reject(key, value, exc)
         self._apply(cmd)
         return True
+
+    def _reject(self, key: bytes | None, value: bytes, exc: CommandError) -> bool:
+        logger.warning("control: rejected %r: %s", key, exc)
+        self.events.emit(
+            "control.rejected",
+            Severity.WARNING,
+            key=key.decode(errors="replace") if key else None,
+            error=str(exc),
+            issuer=_issuer_of(value),
+        )
+        return False
 
     def load(self, latest: Mapping[bytes | None, bytes | None]) -> None:
         """Apply the current record of every key, as read from the topic on start."""
         for key, value in latest.items():
-            self.apply_record(key, value)
+            self.apply_record(key, value, replay=True)
 
     def _check_target(self, cmd: Command) -> None:
         if cmd.kind == "gateway" and self.states.get(cmd.name) is None:

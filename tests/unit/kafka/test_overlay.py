@@ -127,3 +127,18 @@ def test_a_reload_that_replaces_a_gateway_keeps_its_overlay(w: World) -> None:
     w.overlay.reapply()
     assert w.states["g1"].flags & Flag.DRAINING
     assert w.states["g1"].overlay is not None
+
+
+def test_on_start_a_command_that_expired_since_is_history_not_news(w: World) -> None:
+    w.overlay.load(
+        {
+            b"gateway/g1": command("gateway/g1", "drain", expires_in=-5),
+            b"gateway/g2": command("gateway/g2", "drain"),
+            b"route/deposits": b"{broken",
+        }
+    )
+    assert set(w.overlay.current) == {"gateway/g2"}
+    assert [k for k in w.events.kinds() if k.startswith("control.")] == [
+        "control.applied",
+        "control.rejected",
+    ]
