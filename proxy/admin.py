@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy import dashboard
 from proxy.config import admin as config_admin
+from proxy.kafka import plane as kafka_plane
 from proxy.metrics import render
 from proxy.upstream import admin as gateways_admin
 
@@ -129,6 +130,7 @@ def build_admin_app(rt: Runtime) -> web.Application:
     app.router.add_routes(config_admin.routes(rt.store))
     app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
     app.router.add_routes(dashboard_routes)
+    app.router.add_routes(kafka_plane.admin_routes(rt.kafka))
     return app
 
 

@@ -40,6 +40,7 @@ from proxy.idempotency import (
 )
 from proxy.idempotency.guard import StoreGuard
 from proxy.idempotency.metered import MeteredIdempotencyStore
+from proxy.kafka import plane as kafka_plane
 from proxy.ledger import PaymentsLedger
 from proxy.logs import WriterCollector
 from proxy.metrics import Metrics, register_process_collectors
@@ -80,8 +81,11 @@ class Runtime:
         register_process_collectors(self.registry)
         self.registry.register(WriterCollector())
         self.tail = TailSink()
+        self.kafka = kafka_plane.build(settings.kafka, self.registry)
         self.events = EventBus(
-            [*_sinks(settings), self.tail, *(sinks or [])], clock=clock, registry=self.registry
+            [*_sinks(settings), self.tail, *kafka_plane.sinks(self.kafka), *(sinks or [])],
+            clock=clock,
+            registry=self.registry,
         )
         self.states = StateRegistry(on_create=self._on_gateway)
         self.windows = Windows(self.metrics, self.states, clock=clock)
@@ -99,6 +103,11 @@ class Runtime:
         )
         self._tracing = Tracing.from_env(os.environ)
         self.metrics.exemplars = self._tracing.enabled
+        if self.kafka is not None:
+            self.kafka.attach(
+                self.states, self.health, self.events, self._route_names, self._tracing.enabled
+            )
+        self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         stores = _payment_stores(settings, clock)
         keys = MeteredIdempotencyStore(stores[0], self.registry)
         self.payments = Payments(
@@ -168,6 +177,11 @@ class Runtime:
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
+        if self.kafka is not None:
+            self.kafka.reapply()
+
+    def _route_names(self) -> frozenset[str]:
+        return frozenset(r.name for r in self.store.current.rules.routes)
 
     async def reload(self, trigger: str) -> ReloadResult:
         return await self.store.reload(trigger)
@@ -211,10 +225,14 @@ class Runtime:
         if self.settings.watch:
             self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
         self._tasks.append(spawn(self.windows.run(), name="dashboard-windows"))
+        if self.kafka is not None:
+            await self.kafka.start()
 
     async def close(self) -> None:
         self.stopping.set()
         await cancel_and_wait(*self._tasks)
+        if self.kafka is not None:
+            await self.kafka.close()
         await self.health.close()
         if self.session is not None:
             await self.session.close()

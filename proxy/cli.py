@@ -16,6 +16,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy.config.load import ConfigError, load_rules
+from proxy.kafka.config import add_arguments as add_kafka_arguments
+from proxy.kafka.tail import add_parser as add_tail_parser
 from proxy.settings import from_sources
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "PAYSWITCH_MAX_CONNECTIONS; default min(4096, 80%% of the open-files limit))",
     )
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    add_kafka_arguments(run)
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")
     val.add_argument(
@@ -139,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         "sim", help="start simulated gateways for every loopback gateway URL in the rules"
     )
     sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
+    add_tail_parser(sub)
     return p
 
 
@@ -153,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.paths, read_secrets=not args.skip_secrets)
+    if args.command == "tail":
+        from proxy.kafka.tail import main as tail
+
+        return tail(args)
     if args.command == "sim":
         from proxy.sim import run_from_rules
 

@@ -78,6 +78,14 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
             severity=Severity.CRITICAL,
             required=("transaction_id", "route", "attempt_id", "gateway", "status"),
         ),
+        "control.applied": KindSpec(
+            severity=Severity.INFO,
+            required=("target", "action", "issuer", "reason", "expires_at"),
+        ),
+        "control.rejected": KindSpec(severity=Severity.WARNING, required=("key", "error")),
+        "control.expired": KindSpec(
+            severity=Severity.INFO, required=("target", "action", "issuer")
+        ),
         "store.down": KindSpec(severity=Severity.CRITICAL, required=("op", "error")),
         "store.up": KindSpec(severity=Severity.INFO, required=("down_s",)),
     }

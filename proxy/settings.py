@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.headers import parse_networks
+from proxy.kafka.config import KafkaSettings
+from proxy.kafka.config import from_sources as kafka_from_sources
 
 
 def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
@@ -55,6 +57,7 @@ class Settings:
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
     max_connections: int | None = None  # None: min(4096, 80% of the open-files limit)
     log_level: str = "info"
+    kafka: KafkaSettings | None = None  # off unless a bootstrap server is configured
 
     @property
     def admin_needs_token(self) -> bool:
@@ -151,6 +154,7 @@ def from_sources(
             values[name] = str(raw)
         else:
             values[name] = str(raw)
+    values["kafka"] = kafka_from_sources(flags, env)
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.probes is not None and settings.probes[1] != 0:
         ports = {"listen": settings.listen[1], "admin": settings.admin[1]}

@@ -46,6 +46,7 @@ ENDPOINTS: list[tuple[str, str, str, bool]] = [
     ("POST", "/admin/gateways/eu1/undrain", "/admin/gateways/{name}/undrain", False),
     ("GET", "/admin/transactions/nope", "/admin/transactions/{id}", False),
     ("GET", "/admin/stats", "/admin/stats", False),
+    ("GET", "/admin/control", "/admin/control", False),
 ]
 IDS = [f"{m} {p}" for m, p, _, _ in ENDPOINTS]
 #: Guarded routes that stream until the client leaves: checked for the refusal only.

@@ -102,6 +102,15 @@ SAMPLES: dict[str, dict[str, object]] = {
         "gateway": "adyen-eu",
         "status": 200,
     },
+    "control.applied": {
+        "target": "gateway/stripe-eu",
+        "action": "drain",
+        "issuer": "ops@example.com",
+        "reason": "provider incident",
+        "expires_at": "2026-12-01T10:00:00Z",
+    },
+    "control.rejected": {"key": "gateway/stripe-eu", "error": "expires_at is in the past"},
+    "control.expired": {"target": "gateway/stripe-eu", "action": "drain", "issuer": "ops"},
     "store.down": {"op": "claim", "error": "ConnectionError: Connection refused"},
     "store.up": {"down_s": 12.5},
 }
