@@ -29,9 +29,10 @@ from typing import Any, Final
 
 import orjson
 import structlog
-from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from proxy.spans import current_context
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,8 @@ def add_time(_: object, __: str, event: EventDict) -> EventDict:
 
 def add_trace_ids(_: object, __: str, event: EventDict) -> EventDict:
     """Trace and span id of the current span, on every line made inside a request."""
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
+    ctx = current_context()
+    if ctx is not None:
         event["trace_id"] = format(ctx.trace_id, "032x")
         event["span_id"] = format(ctx.span_id, "016x")
     return event

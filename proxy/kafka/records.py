@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from opentelemetry import trace
-
 from proxy.events import Event, Severity, encode
+from proxy.spans import current_context
 
 #: Event fields tried in order for an events-topic record's key: the gateway or route it is
 #: about, so one consumer partition sees one gateway's story in order.
@@ -75,7 +74,7 @@ def record_of(
 def traceparent_now() -> str | None:
     """The W3C `traceparent` of the span current where this is called, or None when there is
     none (tracing off costs a context-variable read)."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
+    ctx = current_context()
+    if ctx is None:
         return None
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
