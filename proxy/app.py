@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from types import MappingProxyType
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.accesslog import AccessLog
@@ -58,6 +57,9 @@ from proxy.upstream.state import GatewayState, StateRegistry
 from proxy.windows import Windows
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the admin and probes listeners give their answers in progress at shutdown.
+ADMIN_CLOSE_DEADLINE = 5.0
 
 #: Seconds between two gateway.all_down events of one route while it stays down.
 ALL_DOWN_REPEAT = 30.0
@@ -312,7 +314,7 @@ def _tune_gc() -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
-    from proxy.admin import build_admin_app, start_probes
+    from proxy.admin import start_admin, start_probes
 
     raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
@@ -320,13 +322,9 @@ async def serve(settings: Settings) -> int:
     _tune_gc()
     loop = asyncio.get_running_loop()
     traffic = proxy_server(rt)
-    admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
-    await admin_runner.setup()
     await traffic.start(settings.listen[0], settings.listen[1], backlog=1024)
-    await web.TCPSite(
-        admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
-    ).start()
-    probes_runner = await start_probes(rt)
+    admin = await start_admin(rt)
+    probes = await start_probes(rt)
     logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
     stop = asyncio.Event()
 
@@ -349,9 +347,9 @@ async def serve(settings: Settings) -> int:
     traffic.drain()
     await asyncio.sleep(settings.shutdown_grace)
     await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
-    await admin_runner.cleanup()
-    if probes_runner is not None:
-        await probes_runner.cleanup()
+    await admin.close(ADMIN_CLOSE_DEADLINE)  # event streams end within a second of the drain
+    if probes is not None:
+        await probes.close(ADMIN_CLOSE_DEADLINE)
     await rt.close()
     return 0
 

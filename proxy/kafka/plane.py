@@ -13,11 +13,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import errors
+from proxy.adminhttp import AdminRequest, Route, get, json_response
 from proxy.events import Emitter, Sink
+from proxy.http import Answer
 from proxy.kafka.commands import Command
 from proxy.kafka.config import KafkaSettings
 
@@ -103,15 +104,15 @@ class KafkaPlane:
             await self.consumer.close()
 
 
-def admin_routes(plane: KafkaPlane | None) -> list[web.RouteDef]:
+def admin_routes(plane: KafkaPlane | None) -> list[Route]:
     """GET /admin/control: every control command in force (gateways and routes), whether
     the topic has been read, and the sink's counts."""
 
-    async def control(_: web.Request) -> web.Response:
+    async def control(_: AdminRequest) -> Answer:
         if plane is None:
-            return web.json_response({"kafka": False, "commands": []})
+            return json_response({"kafka": False, "commands": []})
         sink = plane.sink
-        return web.json_response(
+        return json_response(
             {
                 "kafka": True,
                 "control": plane.overlay is not None,
@@ -128,7 +129,7 @@ def admin_routes(plane: KafkaPlane | None) -> list[web.RouteDef]:
             }
         )
 
-    return [web.get("/admin/control", control)]
+    return [get("/admin/control", control)]
 
 
 def build(settings: KafkaSettings | None, registry: CollectorRegistry) -> KafkaPlane | None:

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
-from pytest_aiohttp import AiohttpClient
 
 from proxy import errors
+from proxy.adminhttp import Router
 from proxy.kafka.commands import Command
 from proxy.kafka.config import KafkaSettings
 from proxy.kafka.plane import RouteDisabled, admin_routes, build, check_route, sinks
+from tests.support import serving_client
 
 CMD = Command(
     target="route/deposits",
@@ -45,9 +45,8 @@ def test_off_without_settings_on_with_them(tmp_path: object) -> None:
     assert [s.name for s in sinks(plane)] == ["kafka"]
 
 
-async def test_admin_control_without_kafka(aiohttp_client: AiohttpClient) -> None:
-    app = web.Application()
-    app.router.add_routes(admin_routes(None))
-    client = await aiohttp_client(app)
-    resp = await client.get("/admin/control")
+async def test_admin_control_without_kafka() -> None:
+    async with serving_client(Router(admin_routes(None))) as client:
+        resp = await client.get("/admin/control")
+    assert resp.status == 200
     assert await resp.json() == {"kafka": False, "commands": []}
