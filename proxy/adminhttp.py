@@ -172,8 +172,10 @@ class Router:
             self.add(r)
 
     def add(self, r: Route) -> None:
+        shape = [None if is_param else text for is_param, text in r.segments]
         for known in self._routes:
-            if known.method == r.method and known.segments == r.segments:
+            same = [None if is_param else text for is_param, text in known.segments] == shape
+            if same and known.method == r.method:
                 raise ValueError(f"{r.method} {r.pattern} is routed twice")
         self._routes.append(r)
 
