@@ -194,7 +194,7 @@ class Tracing:
     ) -> AbstractContextManager[Span]:
         """The SERVER span of one client request, child of the client's trace context.
 
-        `headers` should look keys up case-insensitively (aiohttp's request headers do).
+        `headers` should look keys up case-insensitively (the listener's request headers do).
         """
         if not self.enabled:
             return _noop_span()
