@@ -5,7 +5,7 @@ one to every subscriber's bounded queue (a subscriber that does not keep up lose
 counted, never slowing the producer); and `stream`, the server-sent-events answer of
 `GET /admin/events?severity=...`.
 Must not: block or raise into `offer` (it is on the request path: two events per payment),
-nor keep an SSE answer open once the process is shutting down.
+nor keep an SSE answer open once the process is shutting down or its client has left.
 """
 
 from __future__ import annotations
