@@ -306,10 +306,18 @@ class KafkaSink:
 
     async def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
+        if producer is None:
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await producer.stop()
+        except Exception:
+            # A flush stuck past the timeout must not keep the broker connections open:
+            # close what stop() would have closed after it.
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.send_timeout):
-                    await producer.stop()
+                await producer._sender.close()
+            with contextlib.suppress(Exception):
+                await producer.client.close()
 
     async def _send(self, records: list[Record]) -> list[int]:
         """Send `records`; returns the indexes of those not acknowledged (empty when all
