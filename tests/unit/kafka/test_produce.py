@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from proxy.kafka.produce import murmur2, partition_of, send_records
+from proxy.kafka.produce import PLACED_MAX, Placed, murmur2, partition_of, send_records
 from proxy.kafka.records import Record
 from proxy.kafka.topics import ensure_topics
 from tests.kafka_support import kafka_settings, read_topic, start_broker
@@ -62,7 +62,12 @@ async def test_every_record_lands_in_order_per_key(tmp_path: Path) -> None:
         for i in range(2000)
     ]
     try:
-        assert await send_records(producer, records) == []
+        placed: Placed = {}  # shared across the two calls, as the sink shares it
+        assert await send_records(producer, records[:1000], placed) == []
+        assert await send_records(producer, records[1000:], placed) == []
+        assert placed == {
+            (s.transactions_topic, k, 3): partition_of(k, [0, 1, 2]) for k in set(keys)
+        }
     finally:
         await producer.stop()
     got = await read_topic(s, s.transactions_topic, expect=2000, within=15)
@@ -73,3 +78,19 @@ async def test_every_record_lands_in_order_per_key(tmp_path: Path) -> None:
         assert c.partition == partition_of(c.key.encode() if c.key else None, [0, 1, 2])
     for ns in per_key.values():
         assert ns == sorted(ns)
+
+
+@pytest.mark.kafka
+async def test_the_placement_cache_starts_afresh_when_full(tmp_path: Path) -> None:
+    start_broker()
+    s = kafka_settings(tmp_path)
+    await ensure_topics(s)
+    producer = AIOKafkaProducer(bootstrap_servers=list(s.bootstrap), acks="all")
+    await producer.start()
+    placed: Placed = {("other", str(i).encode(), 1): 0 for i in range(PLACED_MAX)}
+    rec = Record(topic=s.events_topic, key=b"k", value=b"{}", headers=(), critical=False)
+    try:
+        assert await send_records(producer, [rec], placed) == []
+    finally:
+        await producer.stop()
+    assert list(placed) == [(s.events_topic, b"k", 3)]
