@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -125,6 +125,8 @@ class Runtime:
         self.shutting_down = False  # readiness fails; requests are still served
         self.connections = ConnectionCap(settings.max_connections, registry=self.registry)
         self.stopping = asyncio.Event()
+        # Under a supervisor: the workers not serving (readiness fails while any is down).
+        self.workers_down: Callable[[], list[int]] = list
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _on_gateway(self, st: GatewayState) -> None:
@@ -292,8 +294,9 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code. `on_ready(rt)` is called
+    once every listener is up (a worker tells its supervisor)."""
     from proxy.admin import build_admin_app, start_probes
 
     raise_open_files_limit()  # before the connection cap is derived from it
@@ -304,12 +307,14 @@ async def serve(settings: Settings) -> int:
     traffic = proxy_server(rt)
     admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
     await admin_runner.setup()
-    await traffic.start(settings.listen[0], settings.listen[1], backlog=1024)
+    await traffic.start(*settings.listen, backlog=1024, reuse_port=settings.workers > 1)
     await web.TCPSite(
         admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
     ).start()
     probes_runner = await start_probes(rt)
     logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
+    if on_ready is not None:
+        on_ready(rt)
     stop = asyncio.Event()
 
     def on_term() -> None:
