@@ -1,0 +1,96 @@
+"""The supervisor's pure parts: restart back-off, exit descriptions, and the workers
+setting with the port ranges it implies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from proxy.settings import from_sources
+from proxy.workers import BACKOFF_MAX, backoff, describe_exit
+
+BACKOFF = {
+    "first death": (1, 0.25),
+    "second in a row": (2, 0.5),
+    "fifth in a row": (5, 4.0),
+    "capped": (20, BACKOFF_MAX),
+    "none yet": (0, 0.25),
+}
+
+
+@pytest.mark.parametrize(("deaths", "delay"), BACKOFF.values(), ids=BACKOFF)
+def test_backoff_doubles_per_quick_death_up_to_the_cap(deaths: int, delay: float) -> None:
+    assert backoff(deaths) == delay
+
+
+def _status_of(child: str) -> int:
+    """A real wait status: fork a child that exits or is killed as `child` says."""
+    pid = os.fork()
+    if pid == 0:
+        if child == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(int(child))
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+EXITS = {
+    "clean": ("0", {"exit_code": 0}),
+    "failed": ("3", {"exit_code": 3}),
+    "killed": ("kill", {"signal": "SIGKILL"}),
+}
+
+
+@pytest.mark.parametrize(("child", "fields"), EXITS.values(), ids=EXITS)
+def test_describe_exit(child: str, fields: dict[str, object]) -> None:
+    assert describe_exit(_status_of(child)) == fields
+
+
+WORKERS = {
+    "default": ({}, {}, 1),
+    "flag": ({"workers": "4"}, {}, 4),
+    "env": ({}, {"PAYSWITCH_WORKERS": "2"}, 2),
+    "flag beats env": ({"workers": "3"}, {"PAYSWITCH_WORKERS": "2"}, 3),
+}
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), WORKERS.values(), ids=WORKERS)
+def test_workers_setting(flags: dict[str, object], env: dict[str, str], expected: int) -> None:
+    assert from_sources(flags, env).workers == expected
+
+
+BAD = {
+    "zero": ({"workers": "0"}, "from 1 to 64"),
+    "negative": ({"workers": "-2"}, "from 1 to 64"),
+    "word": ({"workers": "many"}, "from 1 to 64"),
+    "too many": ({"workers": "65"}, "from 1 to 64"),
+    "admin range covers probes": (
+        {"workers": "3", "admin": ":9901", "probes": ":9903"},
+        "admin ports 9901..9903 and the probes ports 9903..9905 overlap",
+    ),
+    "admin range covers listen": (
+        {"workers": "2", "admin": ":8080", "listen": ":8081"},
+        "admin ports 8080..8081 and the listen ports 8081..8081 overlap",
+    ),
+    "past the last port": ({"workers": "2", "admin": ":65535"}, "pass 65535"),
+}
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD.values(), ids=BAD)
+def test_bad_workers_settings_are_refused(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_sources(flags, {})
+
+
+RANGES_OK = {
+    "defaults": {"workers": "8"},
+    "ephemeral admin": {"workers": "4", "admin": ":0", "listen": ":1"},
+    "probes apart": {"workers": "4", "admin": ":9901", "probes": ":9102"},
+}
+
+
+@pytest.mark.parametrize("flags", RANGES_OK.values(), ids=RANGES_OK)
+def test_port_ranges_that_do_not_overlap(flags: dict[str, object]) -> None:
+    assert from_sources(flags, {}).workers > 1
