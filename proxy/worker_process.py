@@ -110,6 +110,7 @@ def run_worker(
         from proxy import logs
         from proxy.cli import serve_settings
 
+        logs.share_outputs()  # the other workers write to the same stdout and stderr
         logs.setup(settings.log_level)
         n = settings.workers
 

@@ -181,6 +181,7 @@ class Supervisor:
 
     def _become_worker(self, index: int, ready_fd: int, keep: set[int]) -> NoReturn:
         signal.set_wakeup_fd(-1)
+        self.sel.close()  # the child's copy of the supervisor's epoll descriptor
         for fd in (self.wake_r, self.wake_w, *(s.ready_fd for s in self.slots)):
             if fd is not None and fd not in keep:
                 os.close(fd)
