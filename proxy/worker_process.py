@@ -15,7 +15,7 @@ import logging
 import mmap
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 from prometheus_client.core import GaugeMetricFamily
@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from proxy.config.issues import ConfigIssue
 from proxy.config.load import ConfigError
 from proxy.config.model import Rules
+from proxy.event_kinds import Severity
 from proxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -97,9 +98,16 @@ def _die_with(parent: int) -> None:
 
 
 def run_worker(
-    settings: Settings, index: int, status: mmap.mmap, ready_fd: int, parent: int
+    settings: Settings,
+    index: int,
+    status: mmap.mmap,
+    ready_fd: int,
+    parent: int,
+    *,
+    replaces: Mapping[str, object] | None = None,
 ) -> NoReturn:
-    """The body of a forked worker: never returns."""
+    """The body of a forked worker: never returns. `replaces` describes the worker that
+    died before it (`previous_pid`, `exit`, `ran_s`), for the `worker.restarted` event."""
     code = 1
     try:
         _die_with(parent)
@@ -120,6 +128,10 @@ def run_worker(
             rt.workers_down = lambda: [i for i in range(n) if not status[i]]
             rt.registry.register(WorkerInfo(index, n))
             os.write(ready_fd, b"r")
+            if replaces is not None:
+                rt.events.emit(
+                    "worker.restarted", Severity.ERROR, worker=index, pid=os.getpid(), **replaces
+                )
 
         code = serve_settings(worker_settings(settings, index), on_ready)
     except BaseException:

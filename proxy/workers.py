@@ -82,6 +82,7 @@ class Slot:
     quick_deaths: int = 0  # deaths in a row after serving less than STABLE_AFTER
     failed_starts: int = 0  # deaths in a row before serving at all
     restart_at: float | None = None
+    replaces: dict[str, object] | None = None  # the last death, until a worker serves again
     exits: list[int] = field(default_factory=list)  # exit codes after a requested stop
 
 
@@ -171,7 +172,7 @@ class Supervisor:
         if pid == 0:
             os.close(read_fd)
             keep = {write_fd, 0, 1, 2}
-            self._become_worker(slot.index, write_fd, keep)
+            self._become_worker(slot, write_fd, keep)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.pid, slot.ready_fd, slot.serving = pid, read_fd, False
@@ -179,13 +180,15 @@ class Supervisor:
         self.sel.register(read_fd, selectors.EVENT_READ)
         logger.info("worker %d started", slot.index, extra={"worker": slot.index, "pid": pid})
 
-    def _become_worker(self, index: int, ready_fd: int, keep: set[int]) -> NoReturn:
+    def _become_worker(self, slot: Slot, ready_fd: int, keep: set[int]) -> NoReturn:
         signal.set_wakeup_fd(-1)
         self.sel.close()  # the child's copy of the supervisor's epoll descriptor
         for fd in (self.wake_r, self.wake_w, *(s.ready_fd for s in self.slots)):
             if fd is not None and fd not in keep:
                 os.close(fd)
-        run_worker(self.settings, index, self.status, ready_fd, self.pid)
+        run_worker(
+            self.settings, slot.index, self.status, ready_fd, self.pid, replaces=slot.replaces
+        )
 
     def _ready_message(self, fd: int) -> None:
         slot = next(s for s in self.slots if s.ready_fd == fd)
@@ -199,6 +202,7 @@ class Supervisor:
         if not slot.serving:
             slot.serving = True
             slot.failed_starts = 0
+            slot.replaces = None  # the worker now serving has said whom it replaced
             self.status[slot.index] = 1
             logger.info(
                 "worker %d serving", slot.index, extra={"worker": slot.index, "pid": slot.pid}
@@ -246,6 +250,11 @@ class Supervisor:
             self.failed = True
             self._stop("workers keep failing at start")
             return
+        slot.replaces = {
+            "previous_pid": fields["pid"],
+            "exit": _exit_text(status),
+            "ran_s": fields["ran_s"],
+        }
         delay = backoff(slot.quick_deaths)
         slot.restart_at = time.monotonic() + delay
         logger.error(
@@ -260,6 +269,13 @@ class Supervisor:
         for slot in self.slots:
             if slot.restart_at is not None and slot.restart_at <= now and not self.stopping:
                 self._start(slot)
+
+
+def _exit_text(status: int) -> str:
+    described = describe_exit(status)
+    if "signal" in described:
+        return f"signal {described['signal']}"
+    return f"exit code {described['exit_code']}"
 
 
 def _note_signal(_signum: int, _frame: object) -> None:

@@ -250,7 +250,7 @@ async def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
 
 
 async def test_a_killed_worker_is_logged_and_restarted(tmp_path: Path) -> None:
-    async with workers(tmp_path) as run, fresh_connections() as http:
+    async with workers(tmp_path, "--events", "stdout") as run, fresh_connections() as http:
         await wait_ready(http, run)
         old = await worker_pid(http, run, 1)
         os.kill(old, signal.SIGKILL)
@@ -268,6 +268,20 @@ async def test_a_killed_worker_is_logged_and_restarted(tmp_path: Path) -> None:
         log = run.output()
         assert '"msg":"worker 1 died unexpectedly; restarting it in 0.25s"' in log, log
         assert '"signal":"SIGKILL"' in log
+        await eventually(lambda: '"kind":"worker.restarted"' in run.output())
+        (event,) = [
+            json.loads(line)
+            for line in run.output().splitlines()
+            if '"kind":"worker.restarted"' in line
+        ]
+        assert event["severity"] == "error"
+        assert event["fields"] == {
+            "worker": 1,
+            "pid": new,
+            "previous_pid": old,
+            "exit": "signal SIGKILL",
+            "ran_s": event["fields"]["ran_s"],
+        }
         assert (await pay(http, run)).status == 200
 
 
