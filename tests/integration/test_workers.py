@@ -197,8 +197,11 @@ async def test_both_workers_serve_traffic(tmp_path: Path) -> None:
     async with workers(tmp_path) as run, fresh_connections() as http:
         await wait_ready(http, run)
         assert await worker_pid(http, run, 0) != await worker_pid(http, run, 1)
-        statuses = [(await pay(http, run)).status for _ in range(40)]
-        assert statuses == [200] * 40
+        answers = [await pay(http, run) for _ in range(40)]
+        assert [a.status for a in answers] == [200] * 40
+        # Workers are forked from one process: each must still make its own ids.
+        txns = {a.headers["X-Payswitch-Transaction-Id"] for a in answers}
+        assert len(txns) == 40
         served = [await requests_served(http, run, w) for w in (0, 1)]
         # 40 connections hashed over two sockets: all on one has odds of 2 ** -39.
         assert sum(served) == 40 and min(served) > 0, served
