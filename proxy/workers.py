@@ -166,9 +166,18 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         slot.restart_at = None
-        read_fd, write_fd = os.pipe()
         self.log.flush_all(0.5)  # a forked child must not inherit lines to write again
-        pid = os.fork()
+        read_fd, write_fd = -1, -1
+        try:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+        except OSError as exc:  # out of processes, memory or descriptors: a failed start
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            slot.serving = False
+            self._unexpected(slot, 0.0, {"worker": slot.index, "error": str(exc)}, None)
+            return
         if pid == 0:
             os.close(read_fd)
             keep = {write_fd, 0, 1, 2}
@@ -234,9 +243,18 @@ class Supervisor:
         self._forget_pipe(slot)
         slot.pid = None
         if self.stopping:
-            slot.exits.append(os.waitstatus_to_exitcode(status))
+            # A worker stopped by a signal before it could handle it had nothing to drain.
+            stopped = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _STOP
+            slot.exits.append(0 if stopped else os.waitstatus_to_exitcode(status))
             logger.info("worker %d stopped", slot.index, extra=fields)
             return
+        self._unexpected(slot, ran, fields, status)
+
+    def _unexpected(
+        self, slot: Slot, ran: float, fields: dict[str, object], status: int | None
+    ) -> None:
+        """A worker died, or could not be forked: restart it after a back-off, or stop
+        everything when it keeps failing before it serves."""
         if not slot.serving:
             slot.failed_starts += 1
         slot.quick_deaths = slot.quick_deaths + 1 if ran < STABLE_AFTER else 1
@@ -250,16 +268,19 @@ class Supervisor:
             self.failed = True
             self._stop("workers keep failing at start")
             return
-        slot.replaces = {
-            "previous_pid": fields["pid"],
-            "exit": _exit_text(status),
-            "ran_s": fields["ran_s"],
-        }
+        if status is not None:
+            slot.replaces = {
+                "previous_pid": fields["pid"],
+                "exit": _exit_text(status),
+                "ran_s": fields["ran_s"],
+            }
         delay = backoff(slot.quick_deaths)
         slot.restart_at = time.monotonic() + delay
+        what = "died unexpectedly" if status is not None else "could not be started"
         logger.error(
-            "worker %d died unexpectedly; restarting it in %.2fs",
+            "worker %d %s; restarting it in %.2fs",
             slot.index,
+            what,
             delay,
             extra={**fields, "restart_in_s": delay, "failed_starts": slot.failed_starts},
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -94,3 +95,35 @@ RANGES_OK = {
 @pytest.mark.parametrize("flags", RANGES_OK.values(), ids=RANGES_OK)
 def test_port_ranges_that_do_not_overlap(flags: dict[str, object]) -> None:
     assert from_sources(flags, {}).workers > 1
+
+
+def test_a_fork_that_fails_is_a_failed_start_with_back_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of processes or memory: nothing is forked, the slot backs off, and after
+    MAX_FAILED_STARTS in a row the supervisor stops with a failure."""
+    from proxy.settings import Settings
+    from proxy.worker_log import SupervisorLog
+    from proxy.workers import MAX_FAILED_STARTS, Supervisor
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    r, w = os.pipe()
+    sup = Supervisor(Settings(workers=2), SupervisorLog(w))
+    monkeypatch.setattr(os, "fork", no_fork)
+    slot = sup.slots[0]
+    waits = []
+    for _ in range(MAX_FAILED_STARTS - 1):
+        sup._start(slot)
+        assert slot.pid is None and slot.restart_at is not None and not sup.stopping
+        waits.append(slot.restart_at - time.monotonic())
+    assert waits == sorted(waits) and waits[-1] > 1.5  # 0.25, 0.5, 1, 2 s
+    assert slot.failed_starts == MAX_FAILED_STARTS - 1
+    sup._start(slot)
+    assert sup.stopping and sup.failed and slot.restart_at is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert "worker 0 could not be started; restarting it in 0.25s" in messages
+    assert "worker 0 failed to start 5 times in a row; stopping every worker" in messages
+    for fd in (r, w, sup.wake_r, sup.wake_w):
+        os.close(fd)
