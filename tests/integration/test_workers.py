@@ -365,3 +365,28 @@ async def test_keyed_payments_with_redis_are_replayed_across_workers(tmp_path: P
             if run.proc.poll() is None:
                 run.proc.kill()
                 run.proc.wait()
+
+
+async def test_a_reload_adding_keys_to_a_memory_store_is_refused(tmp_path: Path) -> None:
+    """Started unkeyed on the memory store, a reload making a route keyed would let a
+    retry reach a worker that never saw the key: every worker refuses it and keeps serving."""
+    async with workers(tmp_path, "--no-watch") as run, fresh_connections() as http:
+        await wait_ready(http, run)
+        rules = run.rules / "rules.yaml"
+        rules.write_text(rules.read_text() + KEYED)
+        run.proc.send_signal(signal.SIGHUP)
+        configs: list[dict[str, object]] = []
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            configs = []
+            for w in (0, 1):
+                got = await get(http, run.admin_url(w, "/admin/config"))
+                assert got is not None
+                configs.append(json.loads(got[1]))
+            if all(c.get("last_error") for c in configs):
+                break
+            await asyncio.sleep(0.05)
+        for config in configs:
+            assert config["generation"] == 1
+            assert "--idempotency-store redis://" in json.dumps(config["last_error"]), config
+        assert (await pay(http, run, {"Idempotency-Key": "k"})).status == 200
