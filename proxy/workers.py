@@ -44,6 +44,10 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
 #: Deaths in a row before ever serving after which the supervisor stops everything.
 MAX_FAILED_STARTS = 5
+#: A worker not serving this long after its fork is stuck: it is killed (a failed start).
+START_TIMEOUT = 60.0
+#: After a stop, workers get their grace and deadline and this much more, then SIGKILL.
+STOP_MARGIN = 10.0
 _FORWARDED = {signal.SIGHUP}
 _STOP = {signal.SIGTERM, signal.SIGINT}
 
@@ -82,6 +86,7 @@ class Slot:
     quick_deaths: int = 0  # deaths in a row after serving less than STABLE_AFTER
     failed_starts: int = 0  # deaths in a row before serving at all
     restart_at: float | None = None
+    killed: bool = False  # SIGKILL sent: stuck at start, or past the stop deadline
     replaces: dict[str, object] | None = None  # the last death, until a worker serves again
     exits: list[int] = field(default_factory=list)  # exit codes after a requested stop
 
@@ -101,6 +106,8 @@ class Supervisor:
         os.set_blocking(self.wake_w, False)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
         self.stopping = False
+        self.stop_by: float | None = None  # after a stop, when the rest are killed
+        self.killed_all = False
         self.failed = False
         self.pid = os.getpid()
 
@@ -115,6 +122,7 @@ class Supervisor:
             if self.stopping and all(s.pid is None for s in self.slots):
                 break
             self._start_due()
+            self._kill_stuck()
             for key, _ in self.sel.select(self._timeout()):
                 if key.fd == self.wake_r:
                     self._signals()
@@ -126,8 +134,41 @@ class Supervisor:
         logger.info("every worker has stopped", extra={"exit_code": code})
         return code
 
-    def _timeout(self) -> float | None:
+    def _deadlines(self) -> list[float]:
+        """When something must happen: a restart, a stuck start, the end of a stop."""
         due = [s.restart_at for s in self.slots if s.restart_at is not None]
+        due += [
+            s.started_at + START_TIMEOUT
+            for s in self.slots
+            if s.pid is not None and not s.serving and not s.killed
+        ]
+        if self.stop_by is not None and not self.killed_all:
+            due.append(self.stop_by)
+        return due
+
+    def _kill_stuck(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None or slot.killed:
+                continue
+            stuck = not slot.serving and now - slot.started_at > START_TIMEOUT
+            late = self.stop_by is not None and now > self.stop_by
+            if stuck or late:
+                why = f"not serving after {START_TIMEOUT:.0f}s" if stuck else "still draining"
+                logger.error(
+                    "worker %d %s; killing it",
+                    slot.index,
+                    why,
+                    extra={"worker": slot.index, "pid": slot.pid},
+                )
+                slot.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+        if self.stop_by is not None and now > self.stop_by:
+            self.killed_all = True
+
+    def _timeout(self) -> float | None:
+        due = self._deadlines()
         waits = [max(0.0, min(due) - time.monotonic())] if due else []
         if self.log.pending:
             waits.append(0.05)  # stderr is not selected: a pipe nobody reads must not spin
@@ -150,6 +191,8 @@ class Supervisor:
     def _stop(self, why: str) -> None:
         if not self.stopping:
             logger.info("%s: draining every worker", why)
+            grace = self.settings.shutdown_grace + self.settings.shutdown_deadline
+            self.stop_by = time.monotonic() + grace + STOP_MARGIN
         self.stopping = True
         for slot in self.slots:
             slot.restart_at = None
@@ -184,7 +227,7 @@ class Supervisor:
             self._become_worker(slot, write_fd, keep)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        slot.pid, slot.ready_fd, slot.serving = pid, read_fd, False
+        slot.pid, slot.ready_fd, slot.serving, slot.killed = pid, read_fd, False, False
         slot.started_at = time.monotonic()
         self.sel.register(read_fd, selectors.EVENT_READ)
         logger.info("worker %d started", slot.index, extra={"worker": slot.index, "pid": pid})

@@ -127,3 +127,71 @@ def test_a_fork_that_fails_is_a_failed_start_with_back_off(
     assert "worker 0 failed to start 5 times in a row; stopping every worker" in messages
     for fd in (r, w, sup.wake_r, sup.wake_w):
         os.close(fd)
+
+
+def _sleeping_child() -> int:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return pid
+
+
+def test_a_worker_stuck_at_start_is_killed_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from proxy.settings import Settings
+    from proxy.worker_log import SupervisorLog
+    from proxy.workers import START_TIMEOUT, Supervisor
+
+    r, w = os.pipe()
+    sup = Supervisor(Settings(workers=2), SupervisorLog(w))
+    slot = sup.slots[1]
+    slot.pid = _sleeping_child()
+    slot.started_at = time.monotonic() - START_TIMEOUT + 5
+    sup._kill_stuck()
+    spared = not slot.killed  # not yet
+    assert spared
+    slot.started_at = time.monotonic() - START_TIMEOUT - 1
+    sup._kill_stuck()
+    assert slot.killed
+    pid = slot.pid
+    _, status = os.waitpid(pid, 0)
+    sup._exited(slot, status)
+    assert slot.failed_starts == 1 and slot.restart_at is not None
+    assert slot.replaces is not None and slot.replaces["exit"] == "signal SIGKILL"
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert f"worker 1 not serving after {START_TIMEOUT:.0f}s; killing it" in messages
+    for fd in (r, w, sup.wake_r, sup.wake_w):
+        os.close(fd)
+
+
+def test_workers_still_draining_past_the_stop_deadline_are_killed() -> None:
+    from proxy.settings import Settings
+    from proxy.worker_log import SupervisorLog
+    from proxy.workers import Supervisor
+
+    r, w = os.pipe()
+    sup = Supervisor(
+        Settings(workers=2, shutdown_grace=0.0, shutdown_deadline=0.0), SupervisorLog(w)
+    )
+    for slot in sup.slots:
+        slot.pid, slot.serving = _sleeping_child(), True
+    pids = [s.pid for s in sup.slots]
+    sup._stop("test")  # SIGTERM: the sleeping children die of it at once
+    for pid in pids:
+        assert pid is not None
+        _, status = os.waitpid(pid, 0)
+        assert os.WTERMSIG(status) == signal.SIGTERM
+    for slot in sup.slots:
+        slot.pid, slot.serving = _sleeping_child(), True  # now ones that ignore nothing yet
+    assert sup.stop_by is not None
+    sup.stop_by = time.monotonic() - 1
+    sup._kill_stuck()
+    for slot in sup.slots:
+        assert slot.killed and slot.pid is not None
+        _, status = os.waitpid(slot.pid, 0)
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    assert sup.killed_all
+    for fd in (r, w, sup.wake_r, sup.wake_w):
+        os.close(fd)
