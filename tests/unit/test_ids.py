@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from proxy.ids import new_id
 
 
@@ -13,6 +15,9 @@ def test_ids_within_a_process_are_unique_and_share_a_prefix() -> None:
     assert len({i[:16] for i in ids}) == 1
 
 
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     """Workers are forked after the package is imported: each must draw its own prefix."""
     before = new_id()

@@ -44,6 +44,9 @@ EXITS = {
 }
 
 
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize(("child", "fields"), EXITS.values(), ids=EXITS)
 def test_describe_exit(child: str, fields: dict[str, object]) -> None:
     assert describe_exit(_status_of(child)) == fields
@@ -137,6 +140,9 @@ def _sleeping_child() -> int:
     return pid
 
 
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_worker_stuck_at_start_is_killed_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -166,6 +172,9 @@ def test_a_worker_stuck_at_start_is_killed_and_counted(
         os.close(fd)
 
 
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_workers_still_draining_past_the_stop_deadline_are_killed() -> None:
     from proxy.settings import Settings
     from proxy.worker_log import SupervisorLog
