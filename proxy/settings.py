@@ -178,6 +178,11 @@ def _check_worker_ports(settings: Settings) -> None:
     """With N workers, worker i serves the admin (and probes) port + i: those ranges must
     not cover another port payswitch listens on."""
     n = settings.workers
+    if settings.listen[1] == 0:
+        raise ValueError(
+            f"workers: {n} workers need a fixed listen port to share; port 0 would give each "
+            "its own random one"
+        )
     spans = {"listen": (settings.listen[1], 1), "admin": (settings.admin[1], n)}
     if settings.probes is not None:
         spans["probes"] = (settings.probes[1], n)
