@@ -97,6 +97,13 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def _reload_all(parent: int) -> None:
+    """`POST /admin/reload` reached one worker and changed its rules: have the supervisor
+    reload every worker (this one finds nothing new and stays as it is)."""
+    if os.getppid() == parent:
+        os.kill(parent, signal.SIGHUP)
+
+
 def run_worker(
     settings: Settings,
     index: int,
@@ -126,6 +133,9 @@ def run_worker(
             check_shared_keys(settings, rt.store.current.rules)  # changed since the check?
             rt.store.add_binder(lambda rules, _: check_shared_keys(settings, rules))
             rt.workers_down = lambda: [i for i in range(n) if not status[i]]
+            rt.store.add_listener(
+                lambda new, _: _reload_all(parent) if new.trigger == "admin" else None
+            )
             rt.registry.register(WorkerInfo(index, n))
             os.write(ready_fd, b"r")
             if replaces is not None:

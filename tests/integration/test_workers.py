@@ -233,12 +233,20 @@ async def test_sigterm_drains_every_worker_with_no_client_error(tmp_path: Path) 
         assert all(gone(pid) for pid in pids), run.output()
 
 
-async def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
+RELOADS = {"SIGHUP to the supervisor": None, "POST /admin/reload to worker 1": 1}
+
+
+@pytest.mark.parametrize("admin_worker", RELOADS.values(), ids=RELOADS)
+async def test_a_reload_reaches_every_worker(tmp_path: Path, admin_worker: int | None) -> None:
     async with workers(tmp_path, "--no-watch") as run, fresh_connections() as http:
         await wait_ready(http, run)
         rules = run.rules / "rules.yaml"
         rules.write_text(rules.read_text() + REFUNDS)
-        run.proc.send_signal(signal.SIGHUP)
+        if admin_worker is None:
+            run.proc.send_signal(signal.SIGHUP)
+        else:
+            async with http.post(run.admin_url(admin_worker, "/admin/reload")) as resp:
+                assert resp.status == 200, await resp.text()
         end = time.monotonic() + 10
         generations: list[object] = []
         while time.monotonic() < end:
