@@ -81,6 +81,8 @@ def probe_routes(rt: Runtime) -> list[Route]:
             return json_response({"status": "shutting down"}, status=503)
         if not rt.store.loaded:
             return json_response({"status": "rules not loaded"}, status=503)
+        if down := rt.workers_down():
+            return json_response({"status": "worker down", "workers_down": down}, status=503)
         if rt.connections.overloaded:
             cap = rt.connections
             body = {"status": "overloaded", "connections": cap.open, "max_connections": cap.limit}

@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -136,6 +136,8 @@ class Runtime:
         self.shutting_down = False  # readiness fails; requests are still served
         self.connections = ConnectionCap(settings.max_connections, registry=self.registry)
         self.stopping = asyncio.Event()
+        # Under a supervisor: the workers not serving (readiness fails while any is down).
+        self.workers_down: Callable[[], list[int]] = list
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _on_gateway(self, st: GatewayState) -> None:
@@ -318,8 +320,9 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code. `on_ready(rt)` is called
+    once every listener is up (a worker tells its supervisor)."""
     from proxy.admin import start_admin, start_probes
 
     raise_open_files_limit()  # before the connection cap is derived from it
@@ -328,10 +331,12 @@ async def serve(settings: Settings) -> int:
     _tune_gc()
     loop = asyncio.get_running_loop()
     traffic = proxy_server(rt)
-    await traffic.start(settings.listen[0], settings.listen[1], backlog=1024)
+    await traffic.start(*settings.listen, backlog=1024, reuse_port=settings.workers > 1)
     admin = await start_admin(rt)
     probes = await start_probes(rt)
     logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
+    if on_ready is not None:
+        on_ready(rt)
     stop = asyncio.Event()
 
     def on_term() -> None:

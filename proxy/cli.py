@@ -12,13 +12,16 @@ import asyncio
 import importlib.metadata
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from proxy.config.load import ConfigError, load_rules
 from proxy.kafka.config import add_arguments as add_kafka_arguments
 from proxy.kafka.tail import add_parser as add_tail_parser
-from proxy.settings import from_sources
+from proxy.settings import Settings, from_sources
+
+if TYPE_CHECKING:
+    from proxy.app import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     add_kafka_arguments(run)
+    run.add_argument(
+        "--workers",
+        help="processes serving the traffic port together, under one supervisor (env "
+        "PAYSWITCH_WORKERS; default 1: no supervisor)",
+    )
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")
     val.add_argument(
@@ -192,12 +200,22 @@ def run(flags: dict[str, object]) -> int:
         _setup_logging("info")
         logger.error("bad setting: %s", exc)
         return 2
+    if settings.workers > 1:
+        from proxy.workers import supervise
+
+        # Before any logging thread exists: the supervisor forks its workers.
+        return supervise(settings)
     _setup_logging(settings.log_level)
+    return serve_settings(settings)
+
+
+def serve_settings(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> int:
+    """Serve until SIGTERM; the exit code. Logging is already set up."""
     from proxy.app import serve
 
     # Every stderr line of `run` is a JSON log line, failures included.
     try:
-        return _run_loop(serve(settings))
+        return _run_loop(serve(settings, on_ready))
     except ConfigError as exc:
         logger.error(
             "the rules are not valid; nothing was started",

@@ -88,6 +88,9 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
         ),
         "store.down": KindSpec(severity=Severity.CRITICAL, required=("op", "error")),
         "store.up": KindSpec(severity=Severity.INFO, required=("down_s",)),
+        "worker.restarted": KindSpec(
+            severity=Severity.ERROR, required=("worker", "pid", "previous_pid", "exit", "ran_s")
+        ),
     }
 )
 

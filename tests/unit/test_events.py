@@ -113,6 +113,13 @@ SAMPLES: dict[str, dict[str, object]] = {
     "control.expired": {"target": "gateway/stripe-eu", "action": "drain", "issuer": "ops"},
     "store.down": {"op": "claim", "error": "ConnectionError: Connection refused"},
     "store.up": {"down_s": 12.5},
+    "worker.restarted": {
+        "worker": 1,
+        "pid": 4242,
+        "previous_pid": 4100,
+        "exit": "signal SIGKILL",
+        "ran_s": 310.5,
+    },
 }
 
 
