@@ -62,7 +62,8 @@ class Processes:
         self._logdir = logdir
         self._running: list[Started] = []
 
-    def start(self, name: str, argv: Sequence[str], *, core: int) -> Started:
+    def start(self, name: str, argv: Sequence[str], *, core: int | str) -> Started:
+        """Start `argv` pinned to `core` (a number, or a taskset list such as "0,1")."""
         log = self._logdir / f"{name}.log"
         with log.open("ab") as out:
             popen = subprocess.Popen(

@@ -152,6 +152,7 @@ def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, A
         "payswitch_args": args.payswitch_arg,
         "wrk": {"threads": wrk.THREADS, "connections": wrk.CONNECTIONS, "core": LOAD_CORE},
         "proxy_core": targets.PROXY_CORE,
+        "payswitch_cores": targets.payswitch_cores(args.payswitch_arg),
         "body_bytes": len(wrk.post_body()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "versions": {
@@ -192,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             upstream_url=upstream_url,
             payswitch_args=tuple(args.payswitch_arg),
         )
+        cores = targets.payswitch_cores(args.payswitch_arg)
+        if "," in cores:
+            print(
+                f"bench: payswitch workers on cores {cores}: wrk and the upstream share core "
+                f"{LOAD_CORE} with one of them (the other targets keep core {targets.PROXY_CORE})",
+                file=sys.stderr,
+                flush=True,
+            )
         for target in targets.TARGETS:
             if target.name in args.only:
                 results[target.name] = measure(target, ctx, args, body)

@@ -8,8 +8,9 @@ Must not: generate load or judge results.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,25 @@ def payswitch_binary() -> Path:
     return Path(sys.executable).parent / "payswitch"
 
 
+def workers_in(args: Sequence[str]) -> int:
+    """The `--workers` value among `payswitch run` options (1 when absent)."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--workers="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--workers" and i + 1 < len(args):
+            return int(args[i + 1])
+    return 1
+
+
+def payswitch_cores(args: Sequence[str]) -> str:
+    """The cores payswitch may use: the proxy core alone, or one per worker from it on.
+    Several workers take the load core too, so wrk and the upstream share a core with a
+    worker: the figures then say what N workers give on this machine, not per core."""
+    cpus = os.cpu_count() or 1
+    n = min(workers_in(args), cpus)
+    return ",".join(str((PROXY_CORE + i) % cpus) for i in range(n))
+
+
 def _payswitch(ctx: Context) -> Running:
     rules = write_rules(ctx.upstream_url, ctx.workdir / "rules")
     port, admin = free_port(), free_port()
@@ -145,7 +165,8 @@ def _payswitch(ctx: Context) -> Running:
         f"127.0.0.1:{admin}",
         *ctx.payswitch_args,
     ]
-    started = ctx.procs.start("payswitch", argv, core=PROXY_CORE)
+    started = ctx.procs.start("payswitch", argv, core=payswitch_cores(ctx.payswitch_args))
+    # Worker 0's readiness fails until every worker serves.
     wait_ok(started, f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT)
     return Running(url=f"http://127.0.0.1:{port}{PATH}", started=started)
 

@@ -12,71 +12,84 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
-from proxy import dashboard
+from proxy import adminhttp, dashboard
+from proxy.adminhttp import AdminRequest, Route, Router, get, json_response
 from proxy.config import admin as config_admin
+from proxy.http import Answer
+from proxy.kafka import plane as kafka_plane
 from proxy.metrics import render
 from proxy.upstream import admin as gateways_admin
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
+    from proxy.server import ProxyServer
 
 logger = logging.getLogger(__name__)
 
 #: What kubelet and Prometheus read: no rules, no transactions, no state change.
 PROBE_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
-_UNAUTHORIZED: Final = {
-    "title": "admin token required",
-    "status": 401,
-    "detail": "send Authorization: Bearer <PAYSWITCH_ADMIN_TOKEN>",
-}
+_UNAUTHORIZED: Final = json_response(
+    {
+        "title": "admin token required",
+        "status": 401,
+        "detail": "send Authorization: Bearer <PAYSWITCH_ADMIN_TOKEN>",
+    },
+    status=401,
+    content_type="application/problem+json",
+    headers={"WWW-Authenticate": 'Bearer realm="payswitch-admin"'},
+)
 
 
-def _token_middleware(token: str | None, public: frozenset[str]) -> Middleware:
-    """Refuse every path outside `public` unless it carries the token. With no token
-    configured nothing matches, so a non-loopback admin port without one fails closed."""
+def authorized(given: str, expected: bytes | None) -> bool:
+    """Does the Authorization field `given` carry the token? Compared in constant time;
+    with no token configured (`expected` None) nothing does, so a non-loopback admin port
+    without one fails closed."""
+    return expected is not None and hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected
+    )
+
+
+def token_guard(
+    token: str | None, public: frozenset[str]
+) -> Callable[[AdminRequest], Answer | None]:
+    """Refuse every path outside `public` unless it carries the token: a 401 problem with
+    a Bearer challenge."""
     expected = f"Bearer {token}".encode() if token else None
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(request: AdminRequest) -> Answer | None:
         if request.path in public:
-            return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        if expected is None or not hmac.compare_digest(given, expected):
-            return web.json_response(
-                _UNAUTHORIZED,
-                status=401,
-                content_type="application/problem+json",
-                headers={"WWW-Authenticate": 'Bearer realm="payswitch-admin"'},
-            )
-        return await handler(request)
+            return None
+        if authorized(request.headers.get("Authorization", ""), expected):
+            return None
+        return _UNAUTHORIZED
 
     return check
 
 
-def probe_routes(rt: Runtime) -> list[web.RouteDef]:
+def probe_routes(rt: Runtime) -> list[Route]:
     """GET /healthz (the loop answers), /readyz (rules loaded, not draining), /metrics."""
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def healthz(_: AdminRequest) -> Answer:
+        return json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(_: AdminRequest) -> Answer:
         if rt.shutting_down:
-            return web.json_response({"status": "shutting down"}, status=503)
+            return json_response({"status": "shutting down"}, status=503)
         if not rt.store.loaded:
-            return web.json_response({"status": "rules not loaded"}, status=503)
+            return json_response({"status": "rules not loaded"}, status=503)
+        if down := rt.workers_down():
+            return json_response({"status": "worker down", "workers_down": down}, status=503)
         if rt.connections.overloaded:
             cap = rt.connections
             body = {"status": "overloaded", "connections": cap.open, "max_connections": cap.limit}
-            return web.json_response(body, status=503)
+            return json_response(body, status=503)
         # A store outage is reported, not a reason to leave the Service: every replica shares
         # the store, so failing readiness would take all of them out, unkeyed traffic too.
-        return web.json_response(
+        return json_response(
             {
                 "status": "ready",
                 "generation": rt.store.current.generation,
@@ -84,24 +97,20 @@ def probe_routes(rt: Runtime) -> list[web.RouteDef]:
             }
         )
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics(request: AdminRequest) -> Answer:
         body, content_type = render(rt.registry, request.headers.get("Accept"))
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = content_type
-        return resp
+        return Answer(200, {"Content-Type": content_type}, body)
 
-    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
+    return [get("/healthz", healthz), get("/readyz", readyz), get("/metrics", metrics)]
 
 
-def build_probes_app(rt: Runtime) -> web.Application:
+def build_probes_app(rt: Runtime) -> Router:
     """The probes-and-metrics listener: safe to publish to the pod network, since it shows
     no rules or transactions and changes nothing."""
-    app = web.Application()
-    app.router.add_routes(probe_routes(rt))
-    return app
+    return Router(probe_routes(rt))
 
 
-def build_admin_app(rt: Runtime) -> web.Application:
+def build_admin_app(rt: Runtime) -> Router:
     settings = rt.settings
     dashboard_routes = dashboard.routes(
         rt.windows.view, rt.tail, lambda: rt.shutting_down or rt.stopping.is_set()
@@ -109,37 +118,42 @@ def build_admin_app(rt: Runtime) -> web.Application:
     guarded = settings.admin_needs_token or settings.admin_token is not None
     # The dashboard's files are static; the JSON it polls sits under /admin/ and is guarded.
     public = PROBE_PATHS | {
-        r.path
-        for r in dashboard_routes
-        if isinstance(r, web.RouteDef) and not r.path.startswith("/admin/")
+        r.pattern for r in dashboard_routes if not r.pattern.startswith("/admin/")
     }
-    middlewares = [_token_middleware(settings.admin_token, public)] if guarded else []
-    app = web.Application(middlewares=middlewares)
 
-    async def transaction(request: web.Request) -> web.Response:
-        record = await rt.payments.lookup(request.match_info["id"])
+    async def transaction(request: AdminRequest) -> Answer:
+        record = await rt.payments.lookup(request.params["id"])
         if record is None:
-            return web.json_response(
-                {"title": "unknown transaction", "id": request.match_info["id"]}, status=404
+            return json_response(
+                {"title": "unknown transaction", "id": request.params["id"]}, status=404
             )
-        return web.json_response(record)
+        return json_response(record)
 
-    app.router.add_routes(probe_routes(rt))
-    app.router.add_get("/admin/transactions/{id}", transaction)
-    app.router.add_routes(config_admin.routes(rt.store))
-    app.router.add_routes(gateways_admin.routes(rt.health, rt.states))
-    app.router.add_routes(dashboard_routes)
-    return app
+    return Router(
+        [
+            *probe_routes(rt),
+            get("/admin/transactions/{id}", transaction),
+            *config_admin.routes(rt.store),
+            *gateways_admin.routes(rt.health, rt.states),
+            *dashboard_routes,
+            *kafka_plane.admin_routes(rt.kafka),
+        ],
+        guard=token_guard(settings.admin_token, public) if guarded else None,
+    )
 
 
-async def start_probes(rt: Runtime) -> web.AppRunner | None:
-    """Start the probes listener when the settings name one; the caller cleans it up
+async def start_admin(rt: Runtime) -> ProxyServer:
+    """Start the admin listener on the settings' address."""
+    host, port = rt.settings.admin
+    return await adminhttp.serve(build_admin_app(rt), host, port)
+
+
+async def start_probes(rt: Runtime) -> ProxyServer | None:
+    """Start the probes listener when the settings name one; the caller closes it
     after the traffic listener has drained, so /readyz reports the drain to the end."""
     if rt.settings.probes is None:
         return None
-    runner = web.AppRunner(build_probes_app(rt), access_log=None, handle_signals=False)
-    await runner.setup()
     host, port = rt.settings.probes
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    server = await adminhttp.serve(build_probes_app(rt), host, port)
     logger.info("probes and metrics on %s:%d", host, port)
-    return runner
+    return server

@@ -15,11 +15,10 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.accesslog import AccessLog
@@ -40,6 +39,7 @@ from proxy.idempotency import (
 )
 from proxy.idempotency.guard import StoreGuard
 from proxy.idempotency.metered import MeteredIdempotencyStore
+from proxy.kafka import plane as kafka_plane
 from proxy.ledger import PaymentsLedger
 from proxy.logs import WriterCollector
 from proxy.metrics import Metrics, register_process_collectors
@@ -57,6 +57,9 @@ from proxy.upstream.state import GatewayState, StateRegistry
 from proxy.windows import Windows
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the admin and probes listeners give their answers in progress at shutdown.
+ADMIN_CLOSE_DEADLINE = 5.0
 
 #: Seconds between two gateway.all_down events of one route while it stays down.
 ALL_DOWN_REPEAT = 30.0
@@ -80,8 +83,11 @@ class Runtime:
         register_process_collectors(self.registry)
         self.registry.register(WriterCollector())
         self.tail = TailSink()
+        self.kafka = kafka_plane.build(settings.kafka, self.registry)
         self.events = EventBus(
-            [*_sinks(settings), self.tail, *(sinks or [])], clock=clock, registry=self.registry
+            [*_sinks(settings), self.tail, *kafka_plane.sinks(self.kafka), *(sinks or [])],
+            clock=clock,
+            registry=self.registry,
         )
         self.states = StateRegistry(on_create=self._on_gateway)
         self.windows = Windows(self.metrics, self.states, clock=clock)
@@ -99,6 +105,11 @@ class Runtime:
         )
         self._tracing = Tracing.from_env(os.environ)
         self.metrics.exemplars = self._tracing.enabled
+        if self.kafka is not None:
+            self.kafka.attach(
+                self.states, self.health, self.events, self._route_names, self._tracing.enabled
+            )
+        self.disabled_routes = self.kafka.disabled_routes if self.kafka else {}
         stores = _payment_stores(settings, clock)
         keys = MeteredIdempotencyStore(stores[0], self.registry)
         self.payments = Payments(
@@ -125,6 +136,8 @@ class Runtime:
         self.shutting_down = False  # readiness fails; requests are still served
         self.connections = ConnectionCap(settings.max_connections, registry=self.registry)
         self.stopping = asyncio.Event()
+        # Under a supervisor: the workers not serving (readiness fails while any is down).
+        self.workers_down: Callable[[], list[int]] = list
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _on_gateway(self, st: GatewayState) -> None:
@@ -168,6 +181,11 @@ class Runtime:
         if old is not None:
             for route in {r.name for r in old.rules.routes} - {r.name for r in new.rules.routes}:
                 self.balancer.forget(route)
+        if self.kafka is not None:
+            self.kafka.reapply()
+
+    def _route_names(self) -> frozenset[str]:
+        return frozenset(r.name for r in self.store.current.rules.routes)
 
     async def reload(self, trigger: str) -> ReloadResult:
         return await self.store.reload(trigger)
@@ -211,10 +229,14 @@ class Runtime:
         if self.settings.watch:
             self._tasks.append(spawn(self.store.run_watcher(self.stopping), name="rules-watcher"))
         self._tasks.append(spawn(self.windows.run(), name="dashboard-windows"))
+        if self.kafka is not None:
+            await self.kafka.start()
 
     async def close(self) -> None:
         self.stopping.set()
         await cancel_and_wait(*self._tasks)
+        if self.kafka is not None:
+            await self.kafka.close()
         await self.health.close()
         if self.session is not None:
             await self.session.close()
@@ -225,7 +247,13 @@ class Runtime:
         await self.payments.keys.close()
         await self.payments.fallback.close()
         await self.payments.log.close()
-        await self.events.close(2.0)
+        # Sinks get a few seconds to send what is queued (Kafka's transaction records above
+        # all); what they cannot send by then is dropped and counted, critical records spill.
+        await self.events.close(EVENTS_FLUSH)
+
+
+#: Seconds the event sinks get at shutdown to send what is still queued.
+EVENTS_FLUSH = 5.0
 
 
 def _payment_stores(settings: Settings, clock: Clock) -> tuple[IdempotencyStore, TransactionStore]:
@@ -292,9 +320,10 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
-    from proxy.admin import build_admin_app, start_probes
+async def serve(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code. `on_ready(rt)` is called
+    once every listener is up (a worker tells its supervisor)."""
+    from proxy.admin import start_admin, start_probes
 
     raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
@@ -302,14 +331,12 @@ async def serve(settings: Settings) -> int:
     _tune_gc()
     loop = asyncio.get_running_loop()
     traffic = proxy_server(rt)
-    admin_runner = web.AppRunner(build_admin_app(rt), access_log=None, handle_signals=False)
-    await admin_runner.setup()
-    await traffic.start(settings.listen[0], settings.listen[1], backlog=1024)
-    await web.TCPSite(
-        admin_runner, settings.admin[0], settings.admin[1], reuse_address=True
-    ).start()
-    probes_runner = await start_probes(rt)
+    await traffic.start(*settings.listen, backlog=1024, reuse_port=settings.workers > 1)
+    admin = await start_admin(rt)
+    probes = await start_probes(rt)
     logger.info("serving on %s:%d, admin on %s:%d", *settings.listen, *settings.admin)
+    if on_ready is not None:
+        on_ready(rt)
     stop = asyncio.Event()
 
     def on_term() -> None:
@@ -331,9 +358,9 @@ async def serve(settings: Settings) -> int:
     traffic.drain()
     await asyncio.sleep(settings.shutdown_grace)
     await traffic.close(settings.shutdown_deadline)  # stops accepting, lets in-flight finish
-    await admin_runner.cleanup()
-    if probes_runner is not None:
-        await probes_runner.cleanup()
+    await admin.close(ADMIN_CLOSE_DEADLINE)  # event streams end within a second of the drain
+    if probes is not None:
+        await probes.close(ADMIN_CLOSE_DEADLINE)
     await rt.close()
     return 0
 

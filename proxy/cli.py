@@ -12,11 +12,16 @@ import asyncio
 import importlib.metadata
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from proxy.config.load import ConfigError, load_rules
-from proxy.settings import from_sources
+from proxy.kafka.config import add_arguments as add_kafka_arguments
+from proxy.kafka.tail import add_parser as add_tail_parser
+from proxy.settings import Settings, from_sources
+
+if TYPE_CHECKING:
+    from proxy.app import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         "PAYSWITCH_MAX_CONNECTIONS; default min(4096, 80%% of the open-files limit))",
     )
     run.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    add_kafka_arguments(run)
+    run.add_argument(
+        "--workers",
+        help="processes serving the traffic port together, under one supervisor (env "
+        "PAYSWITCH_WORKERS; default 1: no supervisor)",
+    )
     val = sub.add_parser("validate", help="check rules files; exit 1 listing every problem")
     val.add_argument("paths", nargs="+", help="rules files or directories")
     val.add_argument(
@@ -139,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "sim", help="start simulated gateways for every loopback gateway URL in the rules"
     )
     sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
+    add_tail_parser(sub)
     return p
 
 
@@ -153,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.paths, read_secrets=not args.skip_secrets)
+    if args.command == "tail":
+        from proxy.kafka.tail import main as tail
+
+        return tail(args)
     if args.command == "sim":
         from proxy.sim import run_from_rules
 
@@ -184,12 +200,22 @@ def run(flags: dict[str, object]) -> int:
         _setup_logging("info")
         logger.error("bad setting: %s", exc)
         return 2
+    if settings.workers > 1:
+        from proxy.workers import supervise
+
+        # Before any logging thread exists: the supervisor forks its workers.
+        return supervise(settings)
     _setup_logging(settings.log_level)
+    return serve_settings(settings)
+
+
+def serve_settings(settings: Settings, on_ready: Callable[[Runtime], None] | None = None) -> int:
+    """Serve until SIGTERM; the exit code. Logging is already set up."""
     from proxy.app import serve
 
     # Every stderr line of `run` is a JSON log line, failures included.
     try:
-        return _run_loop(serve(settings))
+        return _run_loop(serve(settings, on_ready))
     except ConfigError as exc:
         logger.error(
             "the rules are not valid; nothing was started",

@@ -17,10 +17,9 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
 from proxy import tail as event_tail
+from proxy.adminhttp import AdminHandler, AdminRequest, Route, get, json_response
+from proxy.http import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +48,11 @@ def _read(name: str) -> bytes:
     return importlib.resources.files("proxy").joinpath("static", name).read_bytes()
 
 
-def _file_handler(body: bytes, content_type: str) -> Handler:
-    async def serve(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=_HEADERS)
+def _file_handler(body: bytes, content_type: str) -> AdminHandler:
+    answer = Answer(200, {"Content-Type": f"{content_type}; charset=utf-8", **_HEADERS}, body)
+
+    async def serve(request: AdminRequest) -> Answer:
+        return answer
 
     return serve
 
@@ -60,24 +61,24 @@ def routes(
     stats: Callable[[], dict[str, object]] | None = None,
     tail: event_tail.TailSink | None = None,
     stopping: Callable[[], bool] = lambda: False,
-) -> list[web.RouteDef]:
+) -> list[Route]:
     """GET /dashboard and its assets (the files are read now, not per request), and the
     stats and event feeds when their sources are given."""
     found = [
-        web.get(path, _file_handler(_read(name), content_type))
+        get(path, _file_handler(_read(name), content_type))
         for path, (name, content_type) in _FILES.items()
     ]
     if stats is not None:
 
-        async def get_stats(_: web.Request) -> web.Response:
-            return web.json_response(stats())
+        async def get_stats(_: AdminRequest) -> Answer:
+            return json_response(stats())
 
-        found.append(web.get("/admin/stats", get_stats))
+        found.append(get("/admin/stats", get_stats))
     if tail is not None:
         sink = tail
 
-        async def get_events(request: web.Request) -> web.StreamResponse:
-            return await event_tail.stream(request, sink, stopping)
+        async def get_events(request: AdminRequest) -> Answer:
+            return event_tail.stream(request, sink, stopping)
 
-        found.append(web.get("/admin/events", get_events))
+        found.append(get("/admin/events", get_events))
     return found

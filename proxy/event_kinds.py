@@ -78,8 +78,19 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
             severity=Severity.CRITICAL,
             required=("transaction_id", "route", "attempt_id", "gateway", "status"),
         ),
+        "control.applied": KindSpec(
+            severity=Severity.INFO,
+            required=("target", "action", "issuer", "reason", "expires_at"),
+        ),
+        "control.rejected": KindSpec(severity=Severity.WARNING, required=("key", "error")),
+        "control.expired": KindSpec(
+            severity=Severity.INFO, required=("target", "action", "issuer")
+        ),
         "store.down": KindSpec(severity=Severity.CRITICAL, required=("op", "error")),
         "store.up": KindSpec(severity=Severity.INFO, required=("down_s",)),
+        "worker.restarted": KindSpec(
+            severity=Severity.ERROR, required=("worker", "pid", "previous_pid", "exit", "ran_s")
+        ),
     }
 )
 

@@ -24,6 +24,7 @@ from proxy.events import Severity
 from proxy.headers import response_headers, upstream_headers
 from proxy.http import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 from proxy.ids import new_id
+from proxy.kafka.plane import check_route
 from proxy.metrics import Metrics
 from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
 from proxy.payments import Payments, Ticket
@@ -56,6 +57,8 @@ class ProxyHandler:
         try:
             plan, body = await _match(request, router)
             headers = request.headers
+            if rt.disabled_routes:
+                check_route(rt.disabled_routes, plan.name)
             region = plan.region_for(headers)
             th = snapshot.rules.transaction_headers
             ticket: Ticket | None = None

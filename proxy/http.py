@@ -55,6 +55,7 @@ class Channel(Protocol):
 
     loop: asyncio.AbstractEventLoop
     remote: str | None
+    eof: bool  # the client half-closed
 
     @property
     def open(self) -> bool:
@@ -194,6 +195,13 @@ class Request:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    @property
+    def client_left(self) -> bool:
+        """The client closed (or half-closed: it sends nothing more) the connection, or the
+        request was answered. For answers that stream until the client goes away."""
+        conn = self._conn
+        return conn is None or not conn.open or conn.eof
 
     def detach(self) -> None:
         """The request is answered: it no longer reaches its connection."""

@@ -18,20 +18,22 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
 
 import orjson
 import structlog
-from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from proxy.spans import current_context
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +126,12 @@ class LineWriter:
                 return
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
         ok = True
         try:
-            while view:
-                view = view[os.write(self.fd, view) :]
+            for chunk in _whole_lines(data) if _shared_outputs else (data,):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.fd, view) :]
         except OSError:
             # The reader went away (EPIPE) or the descriptor is gone: nothing to retry.
             ok = False
@@ -159,6 +162,29 @@ class LineWriter:
                 self.dropped += self._inflight + self._pending_lines
                 self._pending, self._pending_bytes, self._pending_lines = [], 0, 0
         self._wake.set()
+
+
+#: Other processes write to this process's stdout and stderr (the workers of one
+#: supervisor): writes are then cut at line ends, at most PIPE_BUF bytes each, which a pipe
+#: never interleaves with another writer's, so every line reaches the reader whole.
+_shared_outputs = False
+
+
+def share_outputs() -> None:
+    """Say that other processes write to the same stdout and stderr."""
+    globals()["_shared_outputs"] = True
+
+
+def _whole_lines(data: bytes, limit: int = select.PIPE_BUF) -> Iterator[bytes]:
+    """`data` in pieces of whole lines of at most `limit` bytes (a longer line alone)."""
+    start, size = 0, len(data)
+    while size - start > limit:
+        cut = data.rfind(b"\n", start, start + limit)
+        end = cut + 1 if cut >= start else data.find(b"\n", start + limit) + 1 or size
+        yield data[start:end]
+        start = end
+    if start < size:
+        yield data[start:]
 
 
 _writers: dict[int, LineWriter] = {}
@@ -215,8 +241,8 @@ def add_time(_: object, __: str, event: EventDict) -> EventDict:
 
 def add_trace_ids(_: object, __: str, event: EventDict) -> EventDict:
     """Trace and span id of the current span, on every line made inside a request."""
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
+    ctx = current_context()
+    if ctx is not None:
         event["trace_id"] = format(ctx.trace_id, "032x")
         event["span_id"] = format(ctx.span_id, "016x")
     return event

@@ -17,7 +17,6 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 
-from opentelemetry import trace
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -29,6 +28,8 @@ from prometheus_client.core import CounterMetricFamily, Exemplar, HistogramMetri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.registry import Collector
+
+from proxy.spans import current_context
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKETS = _BUCKETS
@@ -58,8 +59,8 @@ class _Series:
 
     def exemplar(self, seconds: float) -> None:
         """Link the bucket of `seconds` to the current span, if one is sampled."""
-        ctx = trace.get_current_span().get_span_context()
-        if not (ctx.is_valid and ctx.trace_flags.sampled):
+        ctx = current_context()
+        if ctx is None or not ctx.trace_flags.sampled:
             return
         if self.exemplars is None:
             self.exemplars = [None] * (len(_BUCKETS) + 1)

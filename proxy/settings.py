@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.headers import parse_networks
+from proxy.kafka.config import KafkaSettings
+from proxy.kafka.config import from_sources as kafka_from_sources
 
 
 def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
@@ -55,6 +57,10 @@ class Settings:
     shutdown_deadline: float = 20.0  # in-flight requests get this long to finish
     max_connections: int | None = None  # None: min(4096, 80% of the open-files limit)
     log_level: str = "info"
+    kafka: KafkaSettings | None = None  # off unless a bootstrap server is configured
+    # Processes serving the traffic port together (SO_REUSEPORT) under one supervisor;
+    # 1 is a single process with no supervisor (see README "Several workers").
+    workers: int = 1
 
     @property
     def admin_needs_token(self) -> bool:
@@ -85,7 +91,11 @@ ENV = {
     "shutdown_deadline": "PAYSWITCH_SHUTDOWN_DEADLINE",
     "max_connections": "PAYSWITCH_MAX_CONNECTIONS",
     "log_level": "PAYSWITCH_LOG_LEVEL",
+    "workers": "PAYSWITCH_WORKERS",
 }
+
+#: More workers than this is a typo, not a deployment: each is a whole proxy process.
+MAX_WORKERS = 64
 
 
 def _bool(text: str) -> bool:
@@ -135,6 +145,11 @@ def from_sources(
             if not text.isdigit() or int(text) < 1:
                 raise ValueError(f"max_connections: expected a positive number, got {raw!r}")
             values[name] = int(text)
+        elif name == "workers":
+            text = str(raw).strip()
+            if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+                raise ValueError(f"workers: expected a number from 1 to {MAX_WORKERS}, got {raw!r}")
+            values[name] = int(text)
         elif name in ("idempotency_memory_bytes", "transaction_log_bytes"):
             values[name] = _size(str(raw), var)
         elif name == "trusted_proxies":
@@ -151,10 +166,40 @@ def from_sources(
             values[name] = str(raw)
         else:
             values[name] = str(raw)
+    values["kafka"] = kafka_from_sources(flags, env)
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.probes is not None and settings.probes[1] != 0:
         ports = {"listen": settings.listen[1], "admin": settings.admin[1]}
         clash = [name for name, port in ports.items() if port == settings.probes[1]]
         if clash:
             raise ValueError(f"probes: port {settings.probes[1]} is already the {clash[0]} port")
+    if settings.workers > 1:
+        _check_worker_ports(settings)
     return settings
+
+
+def _check_worker_ports(settings: Settings) -> None:
+    """With N workers, worker i serves the admin (and probes) port + i: those ranges must
+    not cover another port payswitch listens on."""
+    n = settings.workers
+    if settings.listen[1] == 0:
+        raise ValueError(
+            f"workers: {n} workers need a fixed listen port to share; port 0 would give each "
+            "its own random one"
+        )
+    spans = {"listen": (settings.listen[1], 1), "admin": (settings.admin[1], n)}
+    if settings.probes is not None:
+        spans["probes"] = (settings.probes[1], n)
+    names = sorted(spans)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (pa, na), (pb, nb) = spans[a], spans[b]
+            if pa and pb and pa < pb + nb and pb < pa + na:
+                raise ValueError(
+                    f"workers: with {n} workers the {a} ports {pa}..{pa + na - 1} and the {b} "
+                    f"ports {pb}..{pb + nb - 1} overlap (worker i serves admin and probes on "
+                    "the port + i); move one of them"
+                )
+    for what, (port, count) in spans.items():
+        if port and port + count - 1 > 65535:
+            raise ValueError(f"workers: the {what} ports {port}..{port + count - 1} pass 65535")

@@ -5,7 +5,7 @@ one to every subscriber's bounded queue (a subscriber that does not keep up lose
 counted, never slowing the producer); and `stream`, the server-sent-events answer of
 `GET /admin/events?severity=...`.
 Must not: block or raise into `offer` (it is on the request path: two events per payment),
-nor keep an SSE answer open once the process is shutting down.
+nor keep an SSE answer open once the process is shutting down or its client has left.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
-
+from proxy.adminhttp import AdminRequest, text_response
 from proxy.events import Event, Severity, encode
+from proxy.http import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -89,34 +89,44 @@ def _frame(event: Event) -> bytes:
     return b"id: " + event.id.encode() + b"\ndata: " + encode(event) + b"\n\n"
 
 
-async def stream(
-    request: web.Request, tail: TailSink, stopping: Callable[[], bool]
-) -> web.StreamResponse:
-    """`text/event-stream` of events at or above `?severity=` (default info)."""
-    raw = request.query.get("severity", "info").upper()
-    if raw not in Severity.__members__:
-        names = ", ".join(s.name.lower() for s in Severity)
-        raise web.HTTPBadRequest(text=f"severity must be one of {names}")
-    backlog, queue = tail.subscribe(Severity[raw])
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    try:
-        await resp.write(b"retry: 2000\n\n" + b"".join(map(_frame, backlog)))
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class EventStream:
+    """The body of one SSE answer: the backlog, then live events as they come, until the
+    client leaves, the tail closes or the process stops. `release` unsubscribes."""
+
+    def __init__(
+        self,
+        tail: TailSink,
+        backlog: list[Event],
+        queue: asyncio.Queue[Event | None],
+        stopping: Callable[[], bool],
+        client_left: Callable[[], bool],
+    ) -> None:
+        self._tail = tail
+        self._backlog = backlog
+        self._queue = queue
+        self._stopping = stopping
+        self._client_left = client_left
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        queue = self._queue
+        yield b"retry: 2000\n\n" + b"".join(map(_frame, self._backlog))
+        self._backlog = []
         idle = 0.0
-        while not stopping():
+        while not self._stopping() and not self._client_left():
             try:
                 first = await asyncio.wait_for(queue.get(), HEARTBEAT)
             except TimeoutError:
                 idle += HEARTBEAT
                 if idle >= 15:
                     idle = 0.0
-                    await resp.write(b": keep-alive\n\n")
+                    yield b": keep-alive\n\n"
                 continue
             idle = 0.0
             batch = [first]
@@ -124,11 +134,20 @@ async def stream(
                 batch.append(queue.get_nowait())
             events = [e for e in batch if e is not None]
             if events:
-                await resp.write(b"".join(map(_frame, events)))
+                yield b"".join(map(_frame, events))
             if len(events) != len(batch):
-                break
-    except ConnectionResetError:
-        pass  # the page went away
-    finally:
-        tail.unsubscribe(queue)
-    return resp
+                return  # the tail closed
+
+    def release(self) -> None:
+        self._tail.unsubscribe(self._queue)
+
+
+def stream(request: AdminRequest, tail: TailSink, stopping: Callable[[], bool]) -> Answer:
+    """`text/event-stream` of events at or above `?severity=` (default info)."""
+    raw = request.query.get("severity", "info").upper()
+    if raw not in Severity.__members__:
+        names = ", ".join(s.name.lower() for s in Severity)
+        return text_response(f"severity must be one of {names}", status=400)
+    backlog, queue = tail.subscribe(Severity[raw])
+    body = EventStream(tail, backlog, queue, stopping, lambda: request.client_left)
+    return Answer(200, _SSE_HEADERS, stream=body)

@@ -22,36 +22,68 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import (
-    DEFAULT_ON,
-    Sampler,
-)
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import AttributeValue
-
-from proxy import tracing_env
 from proxy.aio import spawn
 from proxy.config.model import Gateway
-from proxy.tracing_env import SERVICE_NAME
+from proxy.spans import current_context
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
+    from opentelemetry.trace import Span
+    from opentelemetry.util.types import AttributeValue
 
 logger = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME: Final = "payswitch"
 
-#: One shared, reusable context manager: a disabled tracer allocates nothing per request.
-NOOP_SPAN: Final[AbstractContextManager[Span]] = contextlib.nullcontext(trace.INVALID_SPAN)
+#: Span work in progress: `request_span` and `attempt_span` answer a context manager
+#: yielding a span.
+SpanScope = AbstractContextManager["Span"]
+
+
+def __getattr__(name: str) -> Any:
+    # NOOP_SPAN is OpenTelemetry's invalid span, so it is built only when first asked for:
+    # with tracing off the request path never asks (it skips span work on one test).
+    if name == "NOOP_SPAN":
+        return _noop_span()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_NOOP: list[SpanScope] = []
+
+
+def _noop_span() -> SpanScope:
+    """One shared, reusable context manager: a disabled tracer allocates nothing per
+    request."""
+    if not _NOOP:
+        from opentelemetry import trace
+
+        _NOOP.append(contextlib.nullcontext(trace.INVALID_SPAN))
+    return _NOOP[0]
+
+
+def exporter_names(env: Mapping[str, str]) -> list[str]:
+    """OTEL_TRACES_EXPORTER's names; unset, otlp when an OTLP endpoint is set, else none."""
+    names = env.get("OTEL_TRACES_EXPORTER")
+    if names is None and (
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        names = "otlp"
+    return split_names(names or "")
+
+
+def split_names(value: str) -> list[str]:
+    """The names of a comma-separated `OTEL_*` list, lower-cased, without `none`."""
+    names = [n.strip().lower() for n in value.split(",")]
+    return [n for n in names if n and n != "none"]
+
 
 _KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -68,27 +100,47 @@ class Tracing:
         processors: Sequence[SpanProcessor] = (),
         *,
         resource: Resource | None = None,
-        sampler: Sampler = DEFAULT_ON,
+        sampler: Sampler | None = None,
         propagator: TextMapPropagator | None = None,
     ) -> None:
         self.enabled: bool = bool(processors)
-        self._propagator = propagator or TraceContextTextMapPropagator()
-        self._fields = frozenset(f.lower() for f in self._propagator.fields)
+        self._propagator: TextMapPropagator | None = propagator
+        self._fields: frozenset[str] = frozenset()
         self._closing: asyncio.Task[None] | None = None
         self._provider: TracerProvider | None = None
-        self._tracer: trace.Tracer = trace.NoOpTracer()
+        self._tracer: trace.Tracer | None = None
         if self.enabled:
-            # Resource() rather than Resource.create(): the latter reads os.environ, and
-            # this class must see only the environment it was given.
-            self._provider = TracerProvider(
-                sampler=sampler,
-                resource=resource
-                or Resource({**tracing_env.SDK_ATTRIBUTES, "service.name": SERVICE_NAME}),
-                shutdown_on_exit=False,
-            )
-            for processor in processors:
-                self._provider.add_span_processor(processor)
-            self._tracer = self._provider.get_tracer(INSTRUMENTATION_NAME)
+            self._start(processors, resource, sampler)
+
+    def _start(
+        self,
+        processors: Sequence[SpanProcessor],
+        resource: Resource | None,
+        sampler: Sampler | None,
+    ) -> None:
+        # OpenTelemetry is imported here, on, and never when tracing is off: its API and
+        # SDK are ~50 modules a sidecar without a collector has no use for.
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        from proxy import tracing_env
+
+        if self._propagator is None:
+            self._propagator = TraceContextTextMapPropagator()
+        self._fields = frozenset(f.lower() for f in self._propagator.fields)
+        # Resource() rather than Resource.create(): the latter reads os.environ, and
+        # this class must see only the environment it was given.
+        self._provider = TracerProvider(
+            sampler=sampler or DEFAULT_ON,
+            resource=resource
+            or Resource({**tracing_env.SDK_ATTRIBUTES, "service.name": tracing_env.SERVICE_NAME}),
+            shutdown_on_exit=False,
+        )
+        for processor in processors:
+            self._provider.add_span_processor(processor)
+        self._tracer = self._provider.get_tracer(INSTRUMENTATION_NAME)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Tracing:
@@ -103,8 +155,13 @@ class Tracing:
         """
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return cls()
+        names = exporter_names(env)
+        if not names:
+            return cls()  # off: nothing of OpenTelemetry is imported
+        from proxy import tracing_env
+
         exporters: list[SpanExporter] = []
-        for name in tracing_env.exporter_names(env):
+        for name in names:
             exporter = tracing_env.exporter(name, env)
             if exporter is not None:
                 exporters.append(exporter)
@@ -137,10 +194,11 @@ class Tracing:
     ) -> AbstractContextManager[Span]:
         """The SERVER span of one client request, child of the client's trace context.
 
-        `headers` should look keys up case-insensitively (aiohttp's request headers do).
+        `headers` should look keys up case-insensitively (the listener's request headers do).
         """
         if not self.enabled:
-            return NOOP_SPAN
+            return _noop_span()
+        assert self._propagator is not None  # set whenever tracing is on
         parent = self._propagator.extract(headers)
         known = method if method in _KNOWN_METHODS else "_OTHER"
         attributes: dict[str, AttributeValue] = {"http.request.method": known, "url.scheme": "http"}
@@ -163,6 +221,10 @@ class Tracing:
     ) -> Iterator[Span]:
         # The client's whole context is made current, not only used as the parent, so
         # what other propagators extracted (baggage) is injected upstream too.
+        from opentelemetry import context as otel_context
+        from opentelemetry.trace import SpanKind
+
+        assert self._tracer is not None
         token = otel_context.attach(parent)
         try:
             with self._tracer.start_as_current_span(
@@ -187,7 +249,7 @@ class Tracing:
         """The CLIENT span of one attempt at `gateway`, child of the current span, with
         the HTTP client semantic-convention attributes and payswitch's own."""
         if not self.enabled:
-            return NOOP_SPAN
+            return _noop_span()
         known = method if method in _KNOWN_METHODS else "_OTHER"
         attributes: dict[str, AttributeValue] = {
             "http.request.method": known,
@@ -206,6 +268,9 @@ class Tracing:
             attributes["http.request.method_original"] = method
         if attempt_no > 1:
             attributes["http.request.resend_count"] = attempt_no - 1
+        from opentelemetry.trace import SpanKind
+
+        assert self._tracer is not None
         return self._tracer.start_as_current_span(
             f"attempt {gateway.name}", kind=SpanKind.CLIENT, attributes=attributes
         )
@@ -216,7 +281,7 @@ class Tracing:
         Any copy of the client's headers of the configured propagators is replaced,
         whatever its case, so the gateway never sees two parents.
         """
-        if not self.enabled or not trace.get_current_span().get_span_context().is_valid:
+        if not self.enabled or current_context() is None or self._propagator is None:
             return
         for key in [k for k in headers if k.lower() in self._fields]:
             headers.pop(key, None)
@@ -240,6 +305,8 @@ class Tracing:
         failed = (status is None or status >= 500) if error is None else error
         if failed:
             span.set_attribute("error.type", outcome)
+            from opentelemetry.trace import Status, StatusCode
+
             span.set_status(Status(StatusCode.ERROR, outcome))
 
     # -- lifecycle -------------------------------------------------------------------

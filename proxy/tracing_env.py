@@ -38,6 +38,10 @@ from opentelemetry.sdk.version import __version__ as _sdk_version
 from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
 
+from proxy.tracing import exporter_names, split_names
+
+__all__ = ["exporter_names"]
+
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = "payswitch"
@@ -68,21 +72,11 @@ _SAMPLERS: Final[Mapping[str, Callable[[float], Sampler]]] = {
 }
 
 
-def exporter_names(env: Mapping[str, str]) -> list[str]:
-    """OTEL_TRACES_EXPORTER's names; unset, otlp when an OTLP endpoint is set, else none."""
-    names = env.get("OTEL_TRACES_EXPORTER")
-    if names is None and (
-        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    ):
-        names = "otlp"
-    return _names(names or "")
-
-
 def propagator_from_env(env: Mapping[str, str]) -> TextMapPropagator:
     """The propagators OTEL_PROPAGATORS names (default tracecontext,baggage), found the way
     the SDK finds them: by the `opentelemetry_propagator` entry point of that name."""
     found: list[TextMapPropagator] = []
-    for name in _names(env.get("OTEL_PROPAGATORS", _DEFAULT_PROPAGATORS)):
+    for name in split_names(env.get("OTEL_PROPAGATORS", _DEFAULT_PROPAGATORS)):
         points = importlib.metadata.entry_points(group="opentelemetry_propagator", name=name)
         point = next(iter(points), None)
         if point is None:
@@ -90,11 +84,6 @@ def propagator_from_env(env: Mapping[str, str]) -> TextMapPropagator:
             continue
         found.append(point.load()())
     return CompositePropagator(found)
-
-
-def _names(value: str) -> list[str]:
-    names = [n.strip().lower() for n in value.split(",")]
-    return [n for n in names if n and n != "none"]
 
 
 def exporter(name: str, env: Mapping[str, str]) -> SpanExporter | None:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
-from proxy.admin import build_admin_app
+from proxy import adminhttp
+from proxy.admin import start_admin
+from proxy.adminhttp import Router
 from proxy.app import Runtime, proxy_server
 from proxy.events import Event, Severity
 from proxy.server import ProxyServer
@@ -61,7 +62,7 @@ class Proxy:
     events: RecordingSink
     session: aiohttp.ClientSession
     server: ProxyServer
-    admin: web.BaseRunner
+    admin: ProxyServer
 
     async def post(
         self, path: str = "/v1/deposits", **kw: Any
@@ -72,12 +73,6 @@ class Proxy:
         kw.setdefault("data", b'{"amount": 100, "currency": "EUR"}')
         async with self.session.request(method, URL(self.url + path, encoded=True), **kw) as resp:
             return resp.status, dict(resp.headers), await resp.read()
-
-
-def _port(runner: web.BaseRunner) -> int:
-    for addr in runner.addresses:
-        return int(addr[1])
-    raise RuntimeError("not listening")
 
 
 @contextlib.asynccontextmanager
@@ -101,14 +96,12 @@ async def running_proxy(rules: str, tmp_path: Path, **overrides: Any) -> AsyncIt
     await rt.start()
     traffic = proxy_server(rt)
     await traffic.start("127.0.0.1", 0)
-    admin = web.AppRunner(build_admin_app(rt), access_log=None)
-    await admin.setup()
-    await web.TCPSite(admin, "127.0.0.1", 0).start()
+    admin = await start_admin(rt)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     proxy = Proxy(
         rt=rt,
         url=f"http://127.0.0.1:{traffic.port}",
-        admin_url=f"http://127.0.0.1:{_port(admin)}",
+        admin_url=f"http://127.0.0.1:{admin.port}",
         rules_dir=rules_dir,
         events=sink,
         session=session,
@@ -120,8 +113,46 @@ async def running_proxy(rules: str, tmp_path: Path, **overrides: Any) -> AsyncIt
     finally:
         await session.close()
         await traffic.close(60.0)
-        await admin.cleanup()
+        await admin.close(5.0)
         await rt.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(router: Router) -> AsyncIterator[str]:
+    """`router` on its own listener on loopback, as the admin port serves it; yields the
+    base URL."""
+    server = await adminhttp.serve(router, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close(5.0)
+
+
+class Client:
+    """An HTTP client of one base URL; answers come back read, so `json()` and `text()`
+    work after the connection was released."""
+
+    def __init__(self, base: str, session: aiohttp.ClientSession) -> None:
+        self.base = base
+        self.session = session
+
+    async def request(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        async with self.session.request(method, URL(self.base + path, encoded=True), **kw) as r:
+            await r.read()
+            return r
+
+    async def get(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        return await self.request("POST", path, **kw)
+
+
+@contextlib.asynccontextmanager
+async def serving_client(router: Router) -> AsyncIterator[Client]:
+    """`router` served on loopback, and a client of it."""
+    async with serving(router) as base, aiohttp.ClientSession() as session:
+        yield Client(base, session)
 
 
 @contextlib.asynccontextmanager

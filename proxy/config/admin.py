@@ -13,9 +13,9 @@ import json
 import logging
 from typing import Any
 
-from aiohttp import web
-
+from proxy.adminhttp import AdminRequest, Route, get, json_response, post
 from proxy.config.store import ConfigStore
+from proxy.http import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,15 @@ def config_view(store: ConfigStore[Any]) -> dict[str, object]:
     }
 
 
-def routes(store: ConfigStore[Any]) -> list[web.RouteDef]:
-    async def get_config(request: web.Request) -> web.Response:
+def routes(store: ConfigStore[Any]) -> list[Route]:
+    async def get_config(request: AdminRequest) -> Answer:
         if not store.loaded:
-            return web.json_response({"error": "rules not loaded yet"}, status=503)
-        return web.json_response(config_view(store), dumps=_dumps)
+            return json_response({"error": "rules not loaded yet"}, status=503)
+        return json_response(config_view(store), dumps=_dumps)
 
-    async def post_reload(request: web.Request) -> web.Response:
+    async def post_reload(request: AdminRequest) -> Answer:
         result = await store.reload("admin")
         status = 422 if result.outcome == "failure" else 200
-        return web.json_response(result.as_dict(), status=status, dumps=_dumps)
+        return json_response(result.as_dict(), status=status, dumps=_dumps)
 
-    return [web.get("/admin/config", get_config), web.post("/admin/reload", post_reload)]
+    return [get("/admin/config", get_config), post("/admin/reload", post_reload)]

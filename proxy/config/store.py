@@ -154,6 +154,10 @@ class ConfigStore(Generic[T]):
         """Call `listener(new, old)` after every future swap."""
         self._listeners.append(listener)
 
+    def add_binder(self, binder: Binder[T]) -> None:
+        """Run `binder(rules, compiled)` before every future swap; raising refuses it."""
+        self._binders = (*self._binders, binder)
+
     # -- loading ---------------------------------------------------------------------------
 
     def load_initial(self) -> Snapshot[T]:

@@ -18,7 +18,8 @@ which the proxy imports instead of this package.
 
 aiohttp's web server is not used here for the same reason the upstream client is lean:
 its generic request/response machinery cost more CPU per proxied request than routing,
-retries and accounting together. The admin listener stays on aiohttp.
+retries and accounting together. The admin and probes ports are served by this listener
+too, with the small router of proxy.adminhttp.
 """
 
 from proxy.http import (

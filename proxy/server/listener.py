@@ -81,10 +81,20 @@ class ProxyServer:
         """Draining or closing: no connection is kept alive past its current answer."""
         return self.draining or self.closing
 
-    async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
+    async def start(
+        self, host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False
+    ) -> None:
+        """Listen on host:port. `reuse_port` (SO_REUSEPORT) lets several worker processes
+        each hold a socket on the same port, the kernel spreading new connections among
+        them; a port already held without it is refused (EADDRINUSE)."""
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
-            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
+            lambda: Connection(self),
+            host,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 

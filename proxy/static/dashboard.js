@@ -100,6 +100,14 @@
     return node;
   }
 
+  // A control command from payswitch.control in force: what, who, until when, why.
+  function overlayChip(o) {
+    const what = o.action === "weight" ? "weight " + o.weight : o.action;
+    const node = el("span", "chip chip-minor st-draining", "control: " + what + " by " + o.issuer);
+    node.title = o.reason + " (until " + o.expires_at + ")";
+    return node;
+  }
+
   // -- rates ----------------------------------------------------------------------
 
   function rates(gateways, now) {
@@ -245,6 +253,7 @@
       const sinceLine = el("span", "since", win ? "since " + fmtTime(win.since) + (win.reason ? " · " + win.reason : "") : "");
       if (win) sinceLine.title = fmtAgo(win.since) + (win.reason ? ": " + win.reason : "");
       c.status.replaceChildren(chip(st.main, false), ...st.extra.map((s) => chip(s, true)), document.createTextNode(" "), sinceLine);
+      if (gw.overlay) c.status.append(overlayChip(gw.overlay));
       const score = Math.max(0, Math.min(1, Number(gw.score) || 0));
       c.scoreFill.style.width = (score * 100).toFixed(1) + "%";
       c.scoreFill.className = "bar-fill" + (score < 0.5 ? " low" : score < 0.8 ? " mid" : "");

@@ -9,7 +9,10 @@ again before it has stayed up for a calm period needs twice as many passes each 
 A 429 to a probe counts neither way. While the gateway is failing, it is probed twice as
 often, so its return is noticed sooner (as Envoy's `unhealthy_interval`); the probes cost
 only the checker, never a request.
-Must not: create its own HTTP session (one is shared by all checkers), start tasks other
+Probes go through payswitch's own upstream client (a GET of a few bytes does not need a
+generic HTTP stack), with the gateway's TLS settings: a probe verifies the gateway as its
+traffic does.
+Must not: create its own HTTP client (one is shared by all checkers), start tasks other
 than through `proxy.aio.spawn`, or touch the flags other health sources own.
 """
 
@@ -21,12 +24,13 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
+from multidict import CIMultiDict
 
 from proxy.aio import cancel_and_wait, spawn
 from proxy.clock import Clock
 from proxy.config.model import Gateway, HealthCheck
 from proxy.events import Emitter, Severity
+from proxy.upstream.client import DEFAULT_MAX_CONNECTIONS, Response, UpstreamClient, UpstreamError
 from proxy.upstream.state import Flag, GatewayState
 
 logger = logging.getLogger(__name__)
@@ -40,12 +44,52 @@ MAX_PASS_FACTOR = 16
 #: The interval, as a fraction of the configured one, while the gateway is failing.
 FAILING_INTERVAL = 0.5
 
+#: Bytes of a probe's answer body kept; a longer body is cut off (its connection closed).
+PROBE_BODY = 64 * 1024
+
+USER_AGENT = "payswitch-health"
+
 Sleep = Callable[[float], Awaitable[None]]
 
 
 def probe_url(gw: Gateway, hc: HealthCheck) -> str:
     host = f"[{gw.host}]" if ":" in gw.host else gw.host
     return f"{gw.scheme}://{host}:{gw.port}{gw.base_path}{hc.path}"
+
+
+def _status_of(value: Response | UpstreamError) -> int | UpstreamError:
+    if isinstance(value, Response):
+        if value.streaming:
+            value.release()  # a body longer than a probe needs: the connection is closed
+        return value.status
+    return value
+
+
+async def probe_status(client: UpstreamClient, gw: Gateway, hc: HealthCheck) -> int:
+    """One probe of `gw`: its status, TimeoutError after `hc.timeout`, or the
+    UpstreamError that ended the exchange. Redirects are not followed."""
+    tls = gw.tls
+    if tls is None:
+        pool = client.pool((gw.scheme, gw.host, gw.port))
+    else:
+        pool = client.pool((gw.scheme, gw.host, gw.port), tls.context, tls.server_name)
+    headers = CIMultiDict({"User-Agent": USER_AGENT})
+    data = client.encode(pool, hc.method, gw.base_path + hc.path, headers, b"")
+    fut = client.send(
+        pool,
+        data,
+        within=hc.timeout,
+        connect_timeout=hc.timeout,
+        convert=_status_of,
+        head_only=hc.method == "HEAD",
+        limit=PROBE_BODY,
+        max_connections=gw.limits.max_connections or DEFAULT_MAX_CONNECTIONS,
+    )
+    # Cancelled on timeout, which closes the connection: a late answer is not read.
+    result: int | UpstreamError = await asyncio.wait_for(fut, hc.timeout)
+    if isinstance(result, UpstreamError):
+        raise result
+    return result
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,25 +202,15 @@ class ActiveChecker:
         calm = hc.healthy_threshold * min(1 << self._trips, MAX_PASS_FACTOR) * hc.interval
         return self._last_checked - self._restored_at < calm
 
-    async def probe_once(self, session: aiohttp.ClientSession) -> bool:
+    async def probe_once(self, client: UpstreamClient) -> bool:
         """Send one probe and record its result; True when it passed."""
         hc = self.st.gateway.health_check
         if hc is None:
             return False
-        url = probe_url(self.st.gateway, hc)
-        tls = self.st.gateway.tls  # probes verify the gateway as its traffic does
         try:
-            async with session.request(
-                hc.method,
-                url,
-                timeout=aiohttp.ClientTimeout(total=hc.timeout),
-                allow_redirects=False,
-                ssl=tls.context if tls is not None else True,
-                server_hostname=tls.server_name if tls is not None else None,
-            ) as resp:
-                status = resp.status
-                ok = status in hc.expected_statuses
-                detail = f"status {status}"
+            status = await probe_status(client, self.st.gateway, hc)
+            ok = status in hc.expected_statuses
+            detail = f"status {status}"
             if status == 429 and not ok:
                 # A rate signal, not a verdict on health (DESIGN §4): counting it would take
                 # a throttling gateway out as failed, and page someone, for being busy. The
@@ -186,7 +220,7 @@ class ActiveChecker:
                 return False
         except TimeoutError:
             ok, detail = False, f"timeout after {hc.timeout:g}s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except (UpstreamError, OSError, ValueError) as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         self.record(ok, detail)
         return ok
@@ -194,7 +228,7 @@ class ActiveChecker:
     def _pause(self, interval: float) -> float:
         return interval * (1.0 + JITTER * self._rng.random())
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
+    async def run(self, client: UpstreamClient) -> None:
         """Probe until cancelled or until the gateway's health check is removed."""
         hc = self.st.gateway.health_check
         if hc is None:
@@ -203,7 +237,7 @@ class ActiveChecker:
         await self._sleep(hc.interval * JITTER * self._rng.random())
         while (hc := self.st.gateway.health_check) is not None:
             try:
-                await self.probe_once(session)
+                await self.probe_once(client)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -212,10 +246,10 @@ class ActiveChecker:
             interval = hc.interval * (FAILING_INTERVAL if self.failing else 1.0)
             await self._sleep(self._pause(interval))
 
-    def start(self, session: aiohttp.ClientSession) -> None:
+    def start(self, client: UpstreamClient) -> None:
         if self.running:
             return
-        self._task = spawn(self.run(session), name=f"health-check:{self.st.name}")
+        self._task = spawn(self.run(client), name=f"health-check:{self.st.name}")
 
     def cancel(self) -> asyncio.Task[None] | None:
         """Stop probing without waiting (for synchronous callers); returns the task."""

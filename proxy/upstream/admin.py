@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web
-
+from proxy.adminhttp import AdminRequest, Route, get, json_response, post
+from proxy.http import Answer
 from proxy.upstream.health import Health
 from proxy.upstream.state import GatewayState, StateRegistry
 
@@ -21,38 +21,38 @@ def _view(health: Health, st: GatewayState) -> dict[str, object]:
     return {**st.describe(), "health": health.describe(st)}
 
 
-def _unknown(name: str) -> web.Response:
-    return web.json_response(
+def _unknown(name: str) -> Answer:
+    return json_response(
         {"title": "Unknown gateway", "status": 404, "gateway": name},
         status=404,
         content_type="application/problem+json",
     )
 
 
-def routes(health: Health, registry: StateRegistry) -> list[web.RouteDef]:
+def routes(health: Health, registry: StateRegistry) -> list[Route]:
     """GET /admin/gateways, POST /admin/gateways/{name}/drain and .../undrain."""
 
-    async def list_gateways(request: web.Request) -> web.Response:
-        return web.json_response([_view(health, st) for st in registry.values()])
+    async def list_gateways(request: AdminRequest) -> Answer:
+        return json_response([_view(health, st) for st in registry.values()])
 
-    async def drain(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def drain(request: AdminRequest) -> Answer:
+        name = request.params["name"]
         st = registry.get(name)
         if st is None:
             return _unknown(name)
         changed = health.drain(st)
-        return web.json_response({"changed": changed, **_view(health, st)})
+        return json_response({"changed": changed, **_view(health, st)})
 
-    async def undrain(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def undrain(request: AdminRequest) -> Answer:
+        name = request.params["name"]
         st = registry.get(name)
         if st is None:
             return _unknown(name)
         changed = health.undrain(st)
-        return web.json_response({"changed": changed, **_view(health, st)})
+        return json_response({"changed": changed, **_view(health, st)})
 
     return [
-        web.get("/admin/gateways", list_gateways),
-        web.post("/admin/gateways/{name}/drain", drain),
-        web.post("/admin/gateways/{name}/undrain", undrain),
+        get("/admin/gateways", list_gateways),
+        post("/admin/gateways/{name}/drain", drain),
+        post("/admin/gateways/{name}/undrain", undrain),
     ]

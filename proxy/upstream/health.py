@@ -19,13 +19,13 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 
-import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.model import Gateway, Route
 from proxy.events import Emitter, NullEmitter, Severity
 from proxy.upstream.active import ActiveChecker, Sleep
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.degradation import DegradationTracker, exploration_floor
 from proxy.upstream.limits import GatewayLimiter
 from proxy.upstream.outlier import OutlierDetector
@@ -104,7 +104,7 @@ class Health:
         registry: CollectorRegistry | None = None,
         routes: Sequence[Route] = (),
         max_ejected_percent: float = 50.0,
-        http: aiohttp.ClientSession | None = None,
+        http: UpstreamClient | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -273,7 +273,9 @@ class Health:
         if self._started:
             return
         if self._http is None:
-            self._http = aiohttp.ClientSession(headers={"User-Agent": "payswitch-health"})
+            # Probes keep connections of their own: a probe never takes a pooled traffic
+            # connection, and never counts against the gateway's cap as traffic does.
+            self._http = UpstreamClient(idle_timeout=30.0, max_idle=2)
             self._owns_http = True
         self._started = True
         self._sync_active()

@@ -80,12 +80,14 @@ class GatewayState:
         "flags",
         "gateway",
         "in_flight",
+        "overlay",
         "probe_due",
         "requests",
         "score",
         "silent",
         "throttled_until",
         "weight_factor",
+        "weight_override",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -104,6 +106,10 @@ class GatewayState:
         self.failures = 0
         self.ewma_latency = 0.0
         self.throttled_until = 0.0
+        # A control command in force on this gateway (who, what, until when), and the weight
+        # it sets in place of the rules' weight; both written only by proxy.kafka.overlay.
+        self.overlay: dict[str, object] | None = None
+        self.weight_override: float | None = None
         self._listeners: list[Callable[[GatewayState, FlagChange], None]] = []
 
     @property
@@ -115,7 +121,8 @@ class GatewayState:
         return bool(self.flags & BLOCKING)
 
     def effective_weight(self) -> float:
-        return self.gateway.weight * self.score * self.weight_factor
+        weight = self.gateway.weight if self.weight_override is None else self.weight_override
+        return weight * self.score * self.weight_factor
 
     def subscribe(self, listener: Callable[[GatewayState, FlagChange], None]) -> None:
         self._listeners.append(listener)
@@ -153,6 +160,7 @@ class GatewayState:
             "requests": self.requests,
             "failures": self.failures,
             "ewma_latency_ms": round(self.ewma_latency * 1000, 3),
+            "overlay": self.overlay,
         }
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
-from aiohttp import web
 
 from proxy.admin import PROBE_PATHS, build_admin_app, build_probes_app
-from tests.support import gateways, running_proxy
+from proxy.adminhttp import Router
+from tests.support import gateways, running_proxy, serving
 
 RULES = """\
 gateways:
@@ -46,6 +46,7 @@ ENDPOINTS: list[tuple[str, str, str, bool]] = [
     ("POST", "/admin/gateways/eu1/undrain", "/admin/gateways/{name}/undrain", False),
     ("GET", "/admin/transactions/nope", "/admin/transactions/{id}", False),
     ("GET", "/admin/stats", "/admin/stats", False),
+    ("GET", "/admin/control", "/admin/control", False),
 ]
 IDS = [f"{m} {p}" for m, p, _, _ in ENDPOINTS]
 #: Guarded routes that stream until the client leaves: checked for the refusal only.
@@ -61,14 +62,10 @@ WRONG = {
 }
 
 
-def routes_of(app: web.Application) -> set[tuple[str, str]]:
-    found = set()
-    for route in app.router.routes():
-        info = route.resource.get_info() if route.resource is not None else {}
-        path = info.get("path") or info.get("formatter")
-        if route.method != "HEAD":
-            found.add((route.method, str(path)))
-    return found
+def routes_of(router: Router) -> set[tuple[str, str]]:
+    found = router.routes()
+    assert len(found) == len(set(found)), "a route is listed twice"
+    return set(found)
 
 
 async def call(
@@ -153,13 +150,7 @@ async def test_unauthorized_is_a_problem_with_a_challenge(tmp_path: Path) -> Non
 
 async def test_probes_app_serves_probes_and_metrics_only(tmp_path: Path) -> None:
     async with gateways("eu1") as g, running_proxy(RULES.format(url=g["eu1"].url), tmp_path) as p:
-        runner = web.AppRunner(build_probes_app(p.rt), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            server = runner.addresses[0]
-            base = f"http://127.0.0.1:{server[1]}"
+        async with serving(build_probes_app(p.rt)) as base:
             assert await call(p.session, base, "GET", "/healthz", {}) == 200
             assert await call(p.session, base, "GET", "/readyz", {}) == 200
             async with p.session.get(f"{base}/metrics") as resp:
@@ -169,8 +160,6 @@ async def test_probes_app_serves_probes_and_metrics_only(tmp_path: Path) -> None
                     assert await call(p.session, base, method, path, {}) in (404, 405), path
             p.rt.shutting_down = True
             assert await call(p.session, base, "GET", "/readyz", {}) == 503
-        finally:
-            await runner.cleanup()
 
 
 # Paths that look public but reach a guarded endpoint, or that are not what they seem.

@@ -14,29 +14,27 @@ import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from proxy import dashboard
+from proxy.adminhttp import AdminRequest, Router
 from proxy.config import admin as config_admin
 from proxy.config.model import Rules
 from proxy.config.store import ConfigStore, Snapshot
+from proxy.http import Answer
 from proxy.metrics import Metrics
 from proxy.upstream import admin as gateways_admin
 from proxy.upstream.health import Health
 from proxy.upstream.state import Flag, Outcome, StateRegistry
 from proxy.windows import Windows
-
-Client = TestClient[web.Request, web.Application]
+from tests.support import Client, serving_client
 
 RULES = textwrap.dedent(
     """\
@@ -82,15 +80,16 @@ def _route_names(rules: Rules) -> tuple[str, ...]:
     return tuple(r.name for r in rules.routes)
 
 
-def _traffic_between_polls(health: Health, states: StateRegistry) -> web.middleware:  # type: ignore[valid-type]
+def _traffic_between_polls(
+    health: Health, states: StateRegistry
+) -> Callable[[AdminRequest], Answer | None]:
     """Before each poll of the gateways, ten requests to stripe-eu as the request path
     reports them, one failing: the browser's virtual clock runs faster than ours, so
     traffic tied to polls is what gives it a steady, non-zero rate to draw."""
     st = states["stripe-eu"]
     sent = 0
 
-    @web.middleware
-    async def traffic(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def traffic(request: AdminRequest) -> Answer | None:
         nonlocal sent
         if request.path == "/admin/gateways":
             for _ in range(10):
@@ -99,7 +98,7 @@ def _traffic_between_polls(health: Health, states: StateRegistry) -> web.middlew
                 health.started(st, now)
                 outcome = Outcome.SERVER_ERROR if sent % 10 == 0 else Outcome.SUCCESS
                 health.finished(st, outcome, 0.030 + (sent % 7) / 1000, now)
-        return await handler(request)
+        return None  # let the request through
 
     return traffic
 
@@ -136,13 +135,18 @@ async def admin_app(tmp_path: Path) -> AsyncIterator[Admin]:
     result = await store.reload("watch")
     assert result.outcome == "failure", result
 
-    app = web.Application(middlewares=[_traffic_between_polls(health, states)])
-    app.router.add_routes(dashboard.routes(windows[0].view))
-    app.router.add_routes(gateways_admin.routes(health, states))
-    app.router.add_routes(config_admin.routes(store))
+    # The guard sees every request before it is routed: it stands in for the traffic.
+    router = Router(
+        [
+            *dashboard.routes(windows[0].view),
+            *gateways_admin.routes(health, states),
+            *config_admin.routes(store),
+        ],
+        guard=_traffic_between_polls(health, states),
+    )
     try:
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            url = str(client.make_url("/dashboard"))
+        async with serving_client(router) as client:
+            url = client.base + "/dashboard"
             yield Admin(url=url, client=client, health=health, states=states)
     finally:
         await health.close()
@@ -198,7 +202,7 @@ async def test_page_uses_only_same_origin_resources(tmp_path: Path) -> None:
 
         assets: dict[str, str] = {}
         for ref in links.urls:
-            asset = await admin.client.get(URL("/dashboard").join(URL(ref)))
+            asset = await admin.client.get(str(URL("/dashboard").join(URL(ref))))
             assert asset.status == 200, ref
             assets[asset.content_type] = await asset.text()
         assert set(assets) == {"text/javascript", "text/css"}
@@ -212,7 +216,7 @@ async def test_page_uses_only_same_origin_resources(tmp_path: Path) -> None:
         polled = set(re.findall(r'getJSON\("([^"]+)"\)', assets["text/javascript"]))
         assert polled == {"admin/gateways", "admin/config", "admin/stats"}
         for path in polled:
-            data = await admin.client.get(URL("/dashboard").join(URL(path)))
+            data = await admin.client.get(str(URL("/dashboard").join(URL(path))))
             assert data.status == 200, path
             assert data.content_type == "application/json"
 

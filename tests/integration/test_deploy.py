@@ -27,10 +27,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import errors
+from proxy import adminhttp, errors
 from proxy.admin import build_probes_app
 from proxy.config.load import build_rules, load_rules
 from proxy.config.model import Rules, Timeouts
@@ -313,15 +312,13 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
         listen, health, admin = free_port(), free_port(), free_port()
         upstream = int(p.url.rsplit(":", 1)[1])
         # payswitch's probes listener, as PAYSWITCH_PROBES starts it in the pod.
-        probes = web.AppRunner(build_probes_app(p.rt), access_log=None)
-        await probes.setup()
-        await web.TCPSite(probes, "127.0.0.1", 0).start()
+        probes = await adminhttp.serve(build_probes_app(p.rt), "127.0.0.1", 0)
         config = envoy_config_for(
             listen=listen,
             health=health,
             admin=admin,
             upstream=upstream,
-            upstream_probes=int(probes.addresses[0][1]),
+            upstream_probes=probes.port,
         )
         config_file = tmp_path / "envoy.yaml"
         config_file.write_text(yaml.safe_dump(config))
@@ -385,7 +382,7 @@ async def test_a_payment_through_envoy_reaches_the_gateway_once(tmp_path: Path) 
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-            await probes.cleanup()
+            await probes.close(5.0)
 
 
 async def wait_for_status(

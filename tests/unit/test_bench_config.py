@@ -167,3 +167,22 @@ def test_missing_tools_installed_through_apt_in_order(
     else:
         tools.ensure(run=fake_apt)
     assert ran == list(tools.INSTALLS[:calls])
+
+
+CORES = {
+    "one process: the proxy core": ([], "0"),
+    "other options only": (["--access-log=off"], "0"),
+    "two workers, = form": (["--workers=2"], "0,1"),
+    "two workers, two words": (["--workers", "2"], "0,1"),
+    "more workers than cores": (["--workers=64"], None),
+}
+
+
+@pytest.mark.parametrize(("args", "cores"), CORES.values(), ids=CORES)
+def test_payswitch_cores(args: list[str], cores: str | None) -> None:
+    import os
+
+    from bench.targets import payswitch_cores
+
+    expected = cores or ",".join(str(i) for i in range(os.cpu_count() or 1))
+    assert payswitch_cores(args) == expected

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -85,3 +87,17 @@ def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("payswitch ")
+
+
+BAD_WORKERS = {
+    "zero": "0",
+    "a word": "two",
+    "too many": "65",
+}
+
+
+@pytest.mark.parametrize("value", BAD_WORKERS.values(), ids=BAD_WORKERS)
+def test_run_refuses_a_bad_workers_count_with_exit_2(value: str) -> None:
+    result = run("run", "--workers", value, "--rules", "rules")
+    assert result.returncode == 2, result.stderr
+    assert "workers: expected a number from 1 to 64" in result.stderr

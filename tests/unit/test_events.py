@@ -103,8 +103,24 @@ SAMPLES: dict[str, dict[str, object]] = {
         "gateway": "adyen-eu",
         "status": 200,
     },
+    "control.applied": {
+        "target": "gateway/stripe-eu",
+        "action": "drain",
+        "issuer": "ops@example.com",
+        "reason": "provider incident",
+        "expires_at": "2026-12-01T10:00:00Z",
+    },
+    "control.rejected": {"key": "gateway/stripe-eu", "error": "expires_at is in the past"},
+    "control.expired": {"target": "gateway/stripe-eu", "action": "drain", "issuer": "ops"},
     "store.down": {"op": "claim", "error": "ConnectionError: Connection refused"},
     "store.up": {"down_s": 12.5},
+    "worker.restarted": {
+        "worker": 1,
+        "pid": 4242,
+        "previous_pid": 4100,
+        "exit": "signal SIGKILL",
+        "ran_s": 310.5,
+    },
 }
 
 

@@ -20,12 +20,13 @@ from proxy.http import (
 
 
 class Channel:
-    """The two things a request needs of its connection."""
+    """What a request needs of its connection."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.remote: str | None = "10.0.0.1"
         self.open = True
+        self.eof = False
         self.continues = 0
 
     def send_continue(self) -> None:
@@ -103,3 +104,22 @@ def test_problems_follow_rfc_9457() -> None:
     assert answer.headers == {"Content-Type": "application/problem+json"}
     assert orjson.loads(answer.body) == problem_fields(400, "Bad Request", "why", "bad-request")
     assert orjson.loads(answer.body)["type"] == "https://payswitch.dev/problems/bad-request"
+
+
+LEAVING = {
+    # how the connection stands, whether the client has left
+    "open": ({}, False),
+    "half-closed by the client": ({"eof": True}, True),
+    "closed": ({"open": False}, True),
+}
+
+
+@pytest.mark.parametrize(("state", "left"), LEAVING.values(), ids=LEAVING)
+async def test_client_left(state: dict[str, bool], left: bool) -> None:
+    channel = Channel()
+    req = request(channel)
+    for name, value in state.items():
+        setattr(channel, name, value)
+    assert req.client_left is left
+    req.detach()
+    assert req.client_left  # answered: nothing more goes to that client

@@ -190,3 +190,55 @@ def test_extra_fields_become_keys(pipe: tuple[int, int]) -> None:
     obj = json.loads(_read_all(r))
     assert obj["problems"] == ["a", "b"]
     assert obj["msg"] == "refused"
+
+
+# -- several processes on one stdout ------------------------------------------------------
+
+CUTS = {
+    "short lines together": ([100, 200, 300], [603]),
+    "cut at the last line end that fits": ([3000, 2000], [3001, 2001]),
+    "a line over the limit alone": ([10, 5000, 10], [11, 5001, 11]),
+    "exactly the limit": ([4095, 1], [4096, 2]),
+}
+
+
+@pytest.mark.parametrize(("lines", "pieces"), CUTS.values(), ids=CUTS)
+def test_shared_writes_are_whole_lines_within_pipe_buf(lines: list[int], pieces: list[int]) -> None:
+    from proxy.logs import _whole_lines
+
+    data = b"".join(b"x" * n + b"\n" for n in lines)
+    got = list(_whole_lines(data))
+    assert [len(p) for p in got] == pieces
+    assert b"".join(got) == data
+
+
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_two_processes_sharing_a_pipe_never_split_a_line() -> None:
+    """Two forked writers push big batches into one pipe; every line arrives whole."""
+    r, w = os.pipe()
+    children = []
+    for tag in (b"a", b"b"):
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            import proxy.logs as logs
+
+            logs.share_outputs()
+            writer = LineWriter(w, name="shared")
+            for _ in range(20):
+                writer.offer(b"".join(tag * 900 + b"\n" for _ in range(50)))
+            writer.close(10.0)
+            os._exit(0)
+        children.append(pid)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    lines = data.split(b"\n")[:-1]
+    assert len(lines) == 2000
+    assert all(line in (b"a" * 900, b"b" * 900) for line in lines)

@@ -7,15 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.adminhttp import Router
 from proxy.clock import ManualClock
 from proxy.config import admin
 from proxy.config.model import Rules
 from proxy.config.store import ConfigStore
-
-Client = TestClient[web.Request, web.Application]
+from tests.support import Client, serving_client
 
 EXAMPLE_RULES = Path(__file__).resolve().parents[3] / "rules"
 
@@ -33,9 +31,7 @@ def store(tmp_path: Path) -> ConfigStore[tuple[str, ...]]:
 
 @pytest.fixture
 async def client(store: ConfigStore[tuple[str, ...]]) -> AsyncIterator[Client]:
-    app = web.Application()
-    app.router.add_routes(admin.routes(store))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+    async with serving_client(Router(admin.routes(store))) as c:
         yield c
 
 

@@ -371,3 +371,23 @@ def test_a_binder_failing_on_the_first_load_is_fatal(rules_dir: Path) -> None:
     with pytest.raises(ConfigError, match="cannot bind runtime state"):
         store.load_initial()
     assert not store.loaded
+
+
+async def test_a_binder_added_later_refuses_the_next_reload_with_its_issue(
+    rules_dir: Path,
+) -> None:
+    store = ConfigStore([rules_dir], compile_rules)
+    first = store.load_initial()
+
+    def refuse(rules: Rules, compiled: Compiled) -> None:
+        raise ConfigError([ConfigIssue("rules", 0, "", "not with several workers")])
+
+    store.add_binder(refuse)
+    (rules_dir / "gateways.yaml").write_text(
+        (rules_dir / "gateways.yaml").read_text().replace("weight: 3", "weight: 4", 1)
+    )
+    result = await store.reload("signal")
+    assert result.outcome == "failure"
+    assert store.current is first
+    assert store.last_error is not None
+    assert "not with several workers" in str(store.last_error)

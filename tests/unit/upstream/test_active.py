@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import socket
+from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
@@ -13,9 +14,21 @@ from pytest_aiohttp import AiohttpServer
 from proxy.clock import ManualClock
 from proxy.config.model import HealthCheck
 from proxy.events import Severity
-from proxy.upstream.active import FAILING_INTERVAL, JITTER, ActiveChecker, probe_url
+from proxy.upstream.active import FAILING_INTERVAL, JITTER, USER_AGENT, ActiveChecker, probe_url
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.state import Flag, GatewayState
 from tests.unit.upstream.health_support import Recorder, gateway
+
+
+@contextlib.asynccontextmanager
+async def probe_client() -> AsyncIterator[UpstreamClient]:
+    """The upstream client the checkers share, as Health makes it."""
+    client = UpstreamClient(idle_timeout=30.0, max_idle=2)
+    try:
+        yield client
+    finally:
+        await client.close()
+
 
 HC = HealthCheck(
     path="/health", interval=1.0, timeout=0.5, healthy_threshold=2, unhealthy_threshold=3
@@ -169,7 +182,7 @@ class _Scripted(ActiveChecker):
         )
         self._script = iter(script)
 
-    async def probe_once(self, session: aiohttp.ClientSession) -> bool:
+    async def probe_once(self, client: UpstreamClient) -> bool:
         ok = next(self._script)
         self.record(ok, "scripted")
         return ok
@@ -179,7 +192,7 @@ async def test_loop_sleeps_the_interval_with_jitter_and_stops_when_removed() -> 
     st = GatewayState(gateway(health_check=HC))
     sleeps: list[float] = []
     checker = _Scripted(st, [False, False, False, True], sleeps)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         await asyncio.wait_for(checker.run(session), timeout=5)
     first, *rest = sleeps
     assert 0 <= first <= HC.interval * JITTER
@@ -207,7 +220,7 @@ async def test_probe_against_a_real_gateway_that_goes_bad(aiohttp_server: Aiohtt
     checker, st, rec, _ = _checker(hc, port=server.port or 0, base_path="/psp")
     down = asyncio.Event()
     st.subscribe(lambda _st, change: down.set() if change.flag is Flag.ACTIVE_FAILED else None)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         checker.start(session)
         try:
             await asyncio.wait_for(down.wait(), timeout=5)
@@ -235,7 +248,7 @@ async def test_probe_once_expected_statuses(
     app.router.add_get("/health", health)
     server = await aiohttp_server(app)
     checker, _, _, _ = _checker(port=server.port or 0)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         assert await checker.probe_once(session) is ok
     assert checker.status().last_result == f"status {status}"
 
@@ -251,7 +264,7 @@ async def test_probe_once_takes_a_429_as_no_verdict(aiohttp_server: AiohttpServe
     server = await aiohttp_server(app)
     hc = dataclasses.replace(HC, unhealthy_threshold=1)
     checker, st, rec, _ = _checker(hc, port=server.port or 0)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         assert [await checker.probe_once(session) for _ in range(6)] == [True, True] + [False] * 4
         # Busy is not down: four 429s in a row leave a one-failure threshold untouched.
         assert not st.flags & Flag.ACTIVE_FAILED
@@ -267,7 +280,7 @@ async def test_probe_once_counts_a_refused_connection_as_failed() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     checker, _, _, _ = _checker(port=port)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         assert await checker.probe_once(session) is False
     assert checker.status().consecutive_failures == 1
     assert "Connect" in str(checker.status().last_result)
@@ -284,7 +297,38 @@ async def test_probe_once_counts_a_slow_answer_as_failed(aiohttp_server: Aiohttp
     app.router.add_get("/health", health)
     server = await aiohttp_server(app)
     checker, _, _, _ = _checker(dataclasses.replace(HC, timeout=0.05), port=server.port or 0)
-    async with aiohttp.ClientSession() as session:
+    async with probe_client() as session:
         assert await checker.probe_once(session) is False
     release.set()
     assert checker.status().last_result == "timeout after 0.05s"
+
+
+PROBES = {
+    # method, body size of the answer, whether the connection is kept for the next probe
+    "GET, small body": ("GET", 10, True),
+    "HEAD": ("HEAD", 10, True),
+    "GET, body over what a probe keeps": ("GET", 200_000, False),
+}
+
+
+@pytest.mark.parametrize(("method", "size", "kept"), PROBES.values(), ids=PROBES)
+async def test_probe_sends_a_plain_request_and_keeps_only_a_finished_connection(
+    aiohttp_server: AiohttpServer, method: str, size: int, kept: bool
+) -> None:
+    seen: list[tuple[str, str, str | None]] = []
+
+    async def health(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, request.headers.get("User-Agent")))
+        return web.Response(body=b"x" * size)
+
+    app = web.Application()
+    app.router.add_route(method, "/health", health)
+    server = await aiohttp_server(app)
+    checker, _, _, _ = _checker(dataclasses.replace(HC, method=method), port=server.port or 0)
+    async with probe_client() as client:
+        assert await checker.probe_once(client) is True
+        origin = ("http", "127.0.0.1", server.port or 0)
+        await asyncio.sleep(0.01)
+        assert client.idle_count(origin) == (1 if kept else 0)
+        assert await checker.probe_once(client) is True
+    assert seen == [(method, "/health", USER_AGENT)] * 2

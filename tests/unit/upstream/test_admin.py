@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-import pytest
-from aiohttp import web
-from pytest_aiohttp import AiohttpClient
+from collections.abc import AsyncIterator
 
+import pytest
+
+from proxy.adminhttp import Router
 from proxy.clock import ManualClock
 from proxy.upstream import admin
 from proxy.upstream.health import Health
 from proxy.upstream.state import StateRegistry
+from tests.support import Client, serving_client
 from tests.unit.upstream.health_support import Recorder, gateway
 
 
@@ -19,13 +21,16 @@ def setup() -> tuple[Health, StateRegistry, Recorder]:
     return Health(states, clock=ManualClock(), events=rec), states, rec
 
 
-async def test_lists_every_gateway_with_its_health(
-    aiohttp_client: AiohttpClient, setup: tuple[Health, StateRegistry, Recorder]
-) -> None:
+@pytest.fixture
+async def client(setup: tuple[Health, StateRegistry, Recorder]) -> AsyncIterator[Client]:
     health, states, _ = setup
-    app = web.Application()
-    app.add_routes(admin.routes(health, states))
-    client = await aiohttp_client(app)
+    async with serving_client(Router(admin.routes(health, states))) as c:
+        yield c
+
+
+async def test_lists_every_gateway_with_its_health(
+    client: Client, setup: tuple[Health, StateRegistry, Recorder]
+) -> None:
     resp = await client.get("/admin/gateways")
     assert resp.status == 200
     body = await resp.json()
@@ -45,17 +50,14 @@ async def test_lists_every_gateway_with_its_health(
     ids=["drain", "drain-twice", "drain-undrain", "undrain-noop"],
 )
 async def test_drain_and_undrain(
-    aiohttp_client: AiohttpClient,
+    client: Client,
     setup: tuple[Health, StateRegistry, Recorder],
     actions: list[str],
     flags: list[str],
     changed: list[bool],
     events: list[str],
 ) -> None:
-    health, states, rec = setup
-    app = web.Application()
-    app.add_routes(admin.routes(health, states))
-    client = await aiohttp_client(app)
+    _, states, rec = setup
     seen = []
     for action in actions:
         resp = await client.post(f"/admin/gateways/a/{action}")
@@ -70,12 +72,9 @@ async def test_drain_and_undrain(
 
 @pytest.mark.parametrize("action", ["drain", "undrain"])
 async def test_unknown_gateway_is_404(
-    aiohttp_client: AiohttpClient, setup: tuple[Health, StateRegistry, Recorder], action: str
+    client: Client, setup: tuple[Health, StateRegistry, Recorder], action: str
 ) -> None:
-    health, states, rec = setup
-    app = web.Application()
-    app.add_routes(admin.routes(health, states))
-    client = await aiohttp_client(app)
+    _, _, rec = setup
     resp = await client.post(f"/admin/gateways/nope/{action}")
     assert resp.status == 404
     assert resp.content_type == "application/problem+json"

@@ -1,0 +1,150 @@
+"""The broker goes away for 20 s under a steady 200 payments/s: payments do not notice,
+critical records survive it, dropped ones are counted. A broker of its own on other ports,
+so stopping it disturbs no other test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from proxy.events import Severity
+from proxy.kafka.sink import KafkaSink
+from tests.kafka_support import kafka_settings, read_topic, start_broker, stop_broker
+from tests.support import Proxy, eventually, gateways, running_proxy
+
+pytestmark = pytest.mark.kafka
+
+PORT = 19092
+RATE = 200.0  # payments per second
+CRITICAL_EVERY = 0.1  # seconds between two critical events
+UP_FOR, DOWN_FOR = 8.0, 20.0
+
+RULES = """
+gateways:
+  g1: {{url: '{g1}', region: eu}}
+  g2: {{url: '{g2}', region: eu}}
+routes:
+  - name: deposits
+    match: {{path_prefix: /v1/deposits, methods: [POST]}}
+    region: {{default: eu}}
+    gateways: [g1, g2]
+"""
+
+
+class Load:
+    """Open-loop load: a payment every 1/RATE s whatever the answers do; then critical
+    events through the proxy's own event bus, as an ejection or a late success would."""
+
+    def __init__(self, p: Proxy) -> None:
+        self.p = p
+        self.results: list[tuple[float, float, int]] = []  # sent at, seconds, status
+        self.critical: list[str] = []
+        self.stop = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def _one(self) -> None:
+        started = time.monotonic()
+        try:
+            status, _, _ = await self.p.post()
+        except Exception:
+            status = -1
+        self.results.append((started, time.monotonic() - started, status))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        n = 0
+        next_critical = t0
+        while not self.stop.is_set():
+            task = asyncio.ensure_future(self._one())  # noqa: TID251
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            n += 1
+            if loop.time() >= next_critical:
+                next_critical += CRITICAL_EVERY
+                txn = f"crit-{uuid.uuid4().hex}"
+                self.critical.append(txn)
+                self.p.rt.events.emit(
+                    "payment.late_success",
+                    Severity.CRITICAL,
+                    transaction_id=txn,
+                    route="deposits",
+                    attempt_id="att",
+                    gateway="g1",
+                    status=200,
+                )
+            await asyncio.sleep(max(0.0, t0 + n / RATE - loop.time()))
+        await asyncio.gather(*self._pending)
+
+    def p99(self, start: float, end: float) -> tuple[float, int]:
+        lat = sorted(s for t, s, _ in self.results if start <= t < end)
+        return lat[int(len(lat) * 0.99) - 1], len(lat)
+
+
+@pytest.mark.timeout(150)
+async def test_broker_down_for_20s_costs_no_payment_and_no_critical_record(
+    tmp_path: Path,
+) -> None:
+    start_broker(PORT)
+    kafka = kafka_settings(tmp_path, PORT, buffer=2000, control=False)
+    try:
+        async with gateways("g1", "g2") as g:
+            rules = RULES.format(g1=g["g1"].url, g2=g["g2"].url)
+            async with running_proxy(rules, tmp_path, kafka=kafka) as p:
+                assert p.rt.kafka is not None
+                sink: KafkaSink = p.rt.kafka.sink
+                await eventually(lambda: sink.connected, within=15)
+                load = Load(p)
+                runner = asyncio.ensure_future(load.run())  # noqa: TID251
+                up_from = time.monotonic()
+                await asyncio.sleep(UP_FOR)
+                up_until = time.monotonic()
+                await asyncio.to_thread(stop_broker, PORT)
+                down_from = time.monotonic()
+                await asyncio.sleep(DOWN_FOR)
+                down_until = time.monotonic()
+                await asyncio.to_thread(start_broker, PORT, keep=True)
+                await asyncio.sleep(2.0)
+                load.stop.set()
+                await runner
+                await eventually(
+                    lambda: sink.queued == 0 and sink.spill.pending_bytes == 0, within=30
+                )
+                drops, spilled, sent = dict(sink.drops), sink.spilled, dict(sink.sent)
+        failures = [r for r in load.results if r[2] != 200]
+        p99_up, n_up = load.p99(up_from + 1.0, up_until)
+        p99_down, n_down = load.p99(down_from, down_until)
+        print(
+            f"\nbroker up: {n_up} payments, p99 {p99_up * 1000:.2f} ms; "
+            f"broker down: {n_down} payments, p99 {p99_down * 1000:.2f} ms; "
+            f"critical emitted {len(load.critical)}, spilled {spilled}; "
+            f"dropped {drops}; sent {sent}"
+        )
+        assert failures == []
+        assert n_down >= DOWN_FOR * RATE * 0.9
+        # Within 10%, with 2 ms of slack for a shared 2-core machine's scheduling noise.
+        assert p99_down <= p99_up * 1.10 + 0.002
+        records = await read_topic(kafka, kafka.events_topic, expect=len(load.critical), within=20)
+        arrived = {
+            str(r.value["fields"]["transaction_id"])  # type: ignore[index]
+            for r in records
+            if r.value["kind"] == "payment.late_success"
+        }
+        assert set(load.critical) - arrived == set(), "critical records lost"
+        assert spilled > 0
+        assert drops.get("buffer_full", 0) > 0
+        assert "spill_full" not in drops and "spill_backlog_full" not in drops
+        # Critical records keep their order: one key (the gateway), one partition.
+        order = [
+            str(r.value["fields"]["transaction_id"])  # type: ignore[index]
+            for r in records
+            if r.value["kind"] == "payment.late_success"
+        ]
+        firsts = list(dict.fromkeys(order))
+        assert firsts == load.critical
+    finally:
+        await asyncio.to_thread(stop_broker, PORT)

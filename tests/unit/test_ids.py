@@ -1,0 +1,36 @@
+"""Ids: unique within a process, and across processes forked from one another."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxy.ids import new_id
+
+
+def test_ids_within_a_process_are_unique_and_share_a_prefix() -> None:
+    ids = [new_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert len({i[:16] for i in ids}) == 1
+
+
+# Forking from a test process that may run threads (Python 3.12 warns); the child
+# makes a few plain calls and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    """Workers are forked after the package is imported: each must draw its own prefix."""
+    before = new_id()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, ",".join(new_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 4096).decode().split(",")
+    os.close(r)
+    assert os.waitpid(pid, 0)[1] == 0
+    after = [new_id() for _ in range(3)]
+    assert not set(child) & {before, *after}
+    assert child[0][:16] != before[:16]
