@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--transaction-log-memory",
         dest="transaction_log_bytes",
-        help="byte budget of the in-memory transaction log (default 6MiB)",
+        help="byte budget of the in-memory transaction log (default 4MiB)",
     )
     run.add_argument(
         "--trusted-proxies",

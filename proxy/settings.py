@@ -47,7 +47,7 @@ class Settings:
     # The in-memory stores' budgets (see README "Memory"); Redis keeps no such bound.
     idempotency_memory_bytes: int = 16 * 1024 * 1024
     idempotency_when_full: str = "evict"  # evict | refuse
-    transaction_log_bytes: int = 6 * 1024 * 1024
+    transaction_log_bytes: int = 4 * 1024 * 1024
     # Peers whose X-Forwarded-*/Forwarded headers are kept and extended (Envoy in front);
     # from anyone else they are replaced.
     trusted_proxies: tuple[str, ...] = ()

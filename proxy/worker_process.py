@@ -16,6 +16,7 @@ import mmap
 import os
 import signal
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from prometheus_client.core import GaugeMetricFamily
@@ -37,13 +38,24 @@ _PR_SET_PDEATHSIG = 1
 
 def worker_settings(settings: Settings, index: int) -> Settings:
     """Worker `index`'s settings: admin and probes on their port + index (0 stays 0:
-    an ephemeral port each)."""
+    an ephemeral port each), and a Kafka spill file and client id of its own."""
 
     def shifted(addr: tuple[str, int]) -> tuple[str, int]:
         return (addr[0], addr[1] + index if addr[1] else 0)
 
     probes = shifted(settings.probes) if settings.probes is not None else None
-    return dataclasses.replace(settings, admin=shifted(settings.admin), probes=probes)
+    kafka = settings.kafka
+    if kafka is not None and index > 0:
+        # One spill file per writer: two processes appending to one file would interleave
+        # their records and each commit the other's offsets. Worker 0 keeps the configured
+        # name, so a single-process spill left behind is still sent.
+        spill = Path(kafka.spill_path)
+        kafka = dataclasses.replace(
+            kafka,
+            spill_path=str(spill.with_name(f"{spill.stem}.{index}{spill.suffix}")),
+            client_id=f"{kafka.client_id}-{index}",
+        )
+    return dataclasses.replace(settings, admin=shifted(settings.admin), probes=probes, kafka=kafka)
 
 
 def check_shared_keys(settings: Settings, rules: Rules) -> None:

@@ -109,3 +109,18 @@ async def publish(
         await producer.send_and_wait(settings.control_topic, data, key=key.encode())
     finally:
         await producer.stop()
+
+
+#: Two gateways of one region behind one POST route: the rules every Kafka test runs on
+#: (format with g1=, g2=; KEYED_RULES adds an idempotency key header).
+RULES = """
+gateways:
+  g1: {{url: '{g1}', region: eu}}
+  g2: {{url: '{g2}', region: eu}}
+routes:
+  - name: deposits
+    match: {{path_prefix: /v1/deposits, methods: [POST]}}
+    region: {{default: eu}}
+    gateways: [g1, g2]
+"""
+KEYED_RULES = RULES + "    idempotency: {{header: Idempotency-Key}}\n"

@@ -70,7 +70,7 @@ RECORD_OVERHEAD = 240
 #: 90 seconds at 100 payments/s. The lasting record of every payment is the event stream
 #: (`transaction.*` events, the Kafka topic) or the Redis store; this one answers
 #: `GET /admin/transactions/{id}` for recent payments on a sidecar.
-DEFAULT_MAX_BYTES = 6 * 1024 * 1024
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 
 
 class MemoryTransactionStore:

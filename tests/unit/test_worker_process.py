@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.config.load import ConfigError, load_rules
+from proxy.kafka.config import KafkaSettings
 from proxy.settings import Settings
 from proxy.worker_process import WorkerInfo, check_shared_keys, worker_settings
 
@@ -84,3 +85,24 @@ def test_settings_replace_keeps_every_other_field() -> None:
     base = Settings(workers=2, max_connections=10, shutdown_grace=0.5)
     got = worker_settings(base, 1)
     assert dataclasses.replace(got, admin=base.admin) == base
+
+
+@pytest.mark.parametrize(
+    ("index", "spill", "client_id"),
+    [
+        (0, "/var/spill/ps.jsonl", "ps"),
+        (1, "/var/spill/ps.1.jsonl", "ps-1"),
+        (3, "/var/spill/ps.3.jsonl", "ps-3"),
+    ],
+    ids=["first-keeps-its-name", "second", "fourth"],
+)
+def test_each_worker_spills_kafka_records_to_its_own_file(
+    index: int, spill: str, client_id: str
+) -> None:
+    kafka = KafkaSettings(
+        bootstrap=("127.0.0.1:9092",), spill_path="/var/spill/ps.jsonl", client_id="ps"
+    )
+    got = worker_settings(Settings(workers=4, kafka=kafka), index).kafka
+    assert got is not None
+    assert (got.spill_path, got.client_id) == (spill, client_id)
+    assert got.bootstrap == kafka.bootstrap

@@ -18,21 +18,10 @@ import orjson
 import pytest
 
 from proxy.kafka.config import KafkaSettings
-from tests.kafka_support import kafka_settings, publish, read_topic, start_broker
+from tests.kafka_support import RULES, kafka_settings, publish, read_topic, start_broker
 from tests.support import eventually, gateways, running_proxy
 
 pytestmark = pytest.mark.kafka
-
-RULES = """
-gateways:
-  g1: {{url: '{g1}', region: eu}}
-  g2: {{url: '{g2}', region: eu}}
-routes:
-  - name: deposits
-    match: {{path_prefix: /v1/deposits, methods: [POST]}}
-    region: {{default: eu}}
-    gateways: [g1, g2]
-"""
 
 
 @pytest.fixture(scope="module", autouse=True)

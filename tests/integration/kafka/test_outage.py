@@ -13,7 +13,7 @@ import pytest
 
 from proxy.events import Severity
 from proxy.kafka.sink import KafkaSink
-from tests.kafka_support import kafka_settings, read_topic, start_broker, stop_broker
+from tests.kafka_support import RULES, kafka_settings, read_topic, start_broker, stop_broker
 from tests.support import Proxy, eventually, gateways, running_proxy
 
 pytestmark = pytest.mark.kafka
@@ -22,17 +22,6 @@ PORT = 19092
 RATE = 200.0  # payments per second
 CRITICAL_EVERY = 0.1  # seconds between two critical events
 UP_FOR, DOWN_FOR = 8.0, 20.0
-
-RULES = """
-gateways:
-  g1: {{url: '{g1}', region: eu}}
-  g2: {{url: '{g2}', region: eu}}
-routes:
-  - name: deposits
-    match: {{path_prefix: /v1/deposits, methods: [POST]}}
-    region: {{default: eu}}
-    gateways: [g1, g2]
-"""
 
 
 class Load:

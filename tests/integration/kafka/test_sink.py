@@ -12,22 +12,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.tracing import Tracing
+from tests.kafka_support import KEYED_RULES as RULES
 from tests.kafka_support import kafka_settings, read_topic, start_broker
 from tests.support import gateways, running_proxy
 
 pytestmark = pytest.mark.kafka
 
-RULES = """
-gateways:
-  g1: {{url: '{g1}', region: eu}}
-  g2: {{url: '{g2}', region: eu}}
-routes:
-  - name: deposits
-    match: {{path_prefix: /v1/deposits, methods: [POST]}}
-    region: {{default: eu}}
-    gateways: [g1, g2]
-    idempotency: {{header: Idempotency-Key}}
-"""
 TERMINAL = {"transaction.succeeded", "transaction.failed", "transaction.unknown"}
 
 
