@@ -6,6 +6,7 @@
 (() => {
   const INTERVAL_MS = 1000;
   const TIMEOUT_MS = 3000;
+  const TAIL_RETRY_MS = 2000;
   const HISTORY = 60; // samples kept for the sparkline (one per poll)
   const EVENTS_SHOWN = 100;
   const COLUMNS = 12;
@@ -36,13 +37,22 @@
     return node;
   }
 
+  // The admin token typed into the page goes with every call: with a token set on the
+  // admin port, the data calls need it as much as the drain buttons do.
+  function authHeaders(accept) {
+    const headers = { Accept: accept };
+    const token = $("token").value.trim();
+    if (token) headers.Authorization = "Bearer " + token;
+    return headers;
+  }
+
   async function getJSON(path) {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), TIMEOUT_MS);
     try {
       const resp = await fetch(path, {
         cache: "no-store",
-        headers: { Accept: "application/json" },
+        headers: authHeaders("application/json"),
         signal: ctl.signal,
       });
       const body = await resp.json().catch(() => null);
@@ -384,9 +394,7 @@
   }
 
   async function drainAction(name, action, button) {
-    const headers = { Accept: "application/json" };
-    const token = $("token").value.trim();
-    if (token) headers.Authorization = "Bearer " + token;
+    const headers = authHeaders("application/json");
     button.disabled = true;
     try {
       const resp = await fetch("admin/gateways/" + encodeURIComponent(name) + "/" + action, {
@@ -416,6 +424,8 @@
     } catch (_) {
       // Storage may be disabled; the field still works for this page.
     }
+    // A new token reopens the event tail with it (the polls pick it up on their own).
+    input.addEventListener("change", openTail);
   }
 
   // -- live event tail ------------------------------------------------------------
@@ -436,20 +446,67 @@
     while (list.children.length > EVENTS_SHOWN) list.lastElementChild.remove();
   }
 
+  // The tail is read with fetch rather than EventSource, which cannot send the token.
+  let tailRun = 0;
+
   function openTail() {
-    if (source) source.close();
+    tailRun += 1;
+    if (source) source.abort();
+    source = null;
     $("events").replaceChildren();
-    const severity = $("severity").value;
-    source = new EventSource("admin/events?severity=" + encodeURIComponent(severity));
-    source.onopen = () => { $("tail-state").textContent = "live"; };
-    source.onerror = () => { $("tail-state").textContent = "reconnecting…"; };
-    source.onmessage = (msg) => {
+    followTail(tailRun);
+  }
+
+  async function followTail(run) {
+    while (run === tailRun) {
+      const ctl = new AbortController();
+      source = ctl;
       try {
-        addEvent(JSON.parse(msg.data));
+        const severity = $("severity").value;
+        const resp = await fetch("admin/events?severity=" + encodeURIComponent(severity), {
+          cache: "no-store",
+          headers: authHeaders("text/event-stream"),
+          signal: ctl.signal,
+        });
+        if (resp.status === 401 || resp.status === 403) {
+          $("tail-state").textContent = "needs the admin token";
+        } else if (!resp.ok || !resp.body) {
+          $("tail-state").textContent = "reconnecting…";
+        } else {
+          $("tail-state").textContent = "live";
+          await readEvents(resp.body.getReader(), run);
+          if (run === tailRun) $("tail-state").textContent = "reconnecting…";
+        }
       } catch (err) {
-        console.warn("bad event", err);
+        if (run !== tailRun) return;
+        $("tail-state").textContent = "reconnecting…";
       }
-    };
+      await new Promise((done) => setTimeout(done, TAIL_RETRY_MS));
+    }
+  }
+
+  // Server-sent events: blocks separated by a blank line, the event in its data lines.
+  async function readEvents(reader, run) {
+    const decoder = new TextDecoder();
+    let buffered = "";
+    while (run === tailRun) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffered += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffered.indexOf("\n\n")) >= 0) {
+        const block = buffered.slice(0, cut);
+        buffered = buffered.slice(cut + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:"))
+          .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+        if (!data) continue;
+        try {
+          addEvent(JSON.parse(data));
+        } catch (err) {
+          console.warn("bad event", err);
+        }
+      }
+    }
   }
 
   // -- rules ----------------------------------------------------------------------
@@ -510,6 +567,11 @@
         getJSON("admin/config"),
         getJSON("admin/stats").catch(() => ({ status: 0, body: null })),
       ]);
+      if (gws.status === 401 || gws.status === 403) {
+        $("gateways").classList.add("stale");
+        setConn("down", "type the admin token: this admin port asks for one");
+        return;
+      }
       if (gws.status !== 200 || !Array.isArray(gws.body)) {
         throw new Error("admin/gateways answered " + gws.status);
       }

@@ -188,8 +188,7 @@ async def test_dashboard_after_a_fault_agrees_with_metrics_and_drain_click_drain
 ) -> None:
     async with gateways("g1", "g2", "g3") as g:
         rules = RULES.format(g1=g["g1"].url, g2=g["g2"].url, g3=g["g3"].url)
-        # Admin on loopback with no token, as `make run` serves it: the page's data calls
-        # carry no token yet (with one set they answer 401; see the README).
+        # Admin on loopback with no token, as `make run` serves it (the test below sets one).
         async with running_proxy(rules, tmp_path) as p:
             stop = asyncio.Event()
             traffic = asyncio.gather(_traffic(p, stop))
@@ -313,3 +312,50 @@ def _agrees(stats: dict[str, Any], samples: list[tuple[str, dict[str, str], floa
         assert by_gateway[name]["5m"]["failures"] == failures, name
     assert by_gateway["g1"]["status"] == "ejected"
     assert by_gateway["g1"]["5m"]["failures"] > 0
+
+
+@pytest.mark.timeout(120)
+async def test_dashboard_behind_a_token_shows_nothing_until_it_is_typed_then_everything(
+    tmp_path: Path,
+) -> None:
+    async with gateways("g1", "g2", "g3") as g:
+        rules = RULES.format(g1=g["g1"].url, g2=g["g2"].url, g3=g["g3"].url)
+        async with running_proxy(rules, tmp_path, admin_token=TOKEN) as p:
+            url = p.admin_url + "/dashboard"
+            async with chromium_page(url, tmp_path / "profile") as page:
+                await page.until(
+                    "asks for the token",
+                    "document.getElementById('conn').textContent.includes('admin token')",
+                )
+                await page.until(
+                    "tail asks for the token",
+                    "document.getElementById('tail-state').textContent === 'needs the admin token'",
+                )
+                assert await page.eval("document.querySelectorAll('tr.gw').length") == 0
+
+                await page.type_into("#token", TOKEN)
+                await page.until(
+                    "live with the token", "document.getElementById('conn').textContent === 'live'"
+                )
+                await page.until("gateway rows", "document.querySelectorAll('tr.gw').length === 3")
+                await page.until(
+                    "tail live with the token",
+                    "document.getElementById('tail-state').textContent === 'live'",
+                )
+                # An event made after the tail opened reaches the page through it (a drain
+                # is info: the tail is switched to info, which reopens it with the token).
+                await page.eval(
+                    "(() => { const s = document.getElementById('severity'); s.value = 'info';"
+                    " s.dispatchEvent(new Event('change')); })()"
+                )
+                await page.until(
+                    "tail live at info",
+                    "document.getElementById('tail-state').textContent === 'live'",
+                )
+                await page.click('button.act-btn[data-gateway="g2"]')
+                await page.until(
+                    "the drain in the event tail",
+                    "[...document.querySelectorAll('#events li')]"
+                    ".some(li => li.textContent.includes('gateway.drained'))",
+                )
+                assert p.rt.states["g2"].flags & Flag.DRAINING
