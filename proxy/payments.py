@@ -344,13 +344,18 @@ def transaction_record(
     dispatch: Dispatch, state: str, status: int | None, started_wall: float
 ) -> dict[str, object]:
     winner = dispatch.winner
+    req = dispatch.req
+    tried = dispatch.tried
+    # Most payments leave nothing tried behind; only then is a lookup table worth building
+    # (reversed, so the first entry for an attempt wins, as a scan would find it).
+    left = {t.attempt_id: t.outcome for t in reversed(tried)} if tried else {}
     return {
-        "transaction_id": dispatch.req.transaction_id,
+        "transaction_id": req.transaction_id,
         "state": state,
-        "route": dispatch.req.plan.name,
-        "region": dispatch.req.region,
-        "method": dispatch.req.method,
-        "path": dispatch.req.path_qs,
+        "route": req.plan.name,
+        "region": req.region,
+        "method": req.method,
+        "path": req.path_qs,
         "status": status,
         "gateway": winner.gateway.name if winner else None,
         "attempts": [
@@ -359,9 +364,7 @@ def transaction_record(
                 "gateway": a.gateway.name,
                 "provider": a.gateway.provider,
                 "abandoned": a.abandoned,
-                "outcome": next(
-                    (t.outcome for t in dispatch.tried if t.attempt_id == a.attempt_id), "answered"
-                ),
+                "outcome": left.get(a.attempt_id, "answered"),
             }
             for a in dispatch.attempts
         ],

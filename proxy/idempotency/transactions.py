@@ -109,14 +109,18 @@ class MemoryTransactionStore:
         now = self._clock.now()
         if now >= self._purge_at:
             self._purge(now)
-        prior = self._records.pop(transaction_id, None)
+        records = self._records
+        prior = records.pop(transaction_id, None)
+        # `_cost` written out: once per payment, and the id's length cancels on a re-put.
         if prior is not None:
-            self._bytes -= _cost(transaction_id, prior[1])
+            self._bytes -= len(prior[1])
+        else:
+            self._bytes += RECORD_OVERHEAD + len(transaction_id)
         expires_at = now + self._ttl
-        self._records[transaction_id] = (expires_at, text)
+        records[transaction_id] = (expires_at, text)
         if expires_at < self._purge_at:  # the store was empty: this is the oldest
             self._purge_at = expires_at
-        self._bytes += _cost(transaction_id, text)
+        self._bytes += len(text)
         while self._bytes > self._max and len(self._records) > 1:
             self._drop_oldest()
             self.evictions += 1

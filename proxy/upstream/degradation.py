@@ -185,19 +185,30 @@ class DegradationTracker:
 
     def evaluate(self, now: float, floor: float = 0.0) -> float:
         """Recompute the score and the DEGRADED flag; returns the score now in force."""
-        policy = self.st.gateway.degradation
+        # Once per request: the averages read in place rather than through `value` and
+        # `_warming_up`, which cost a call each and say the same.
+        st = self.st
+        policy = st.gateway.degradation
         raw = 1.0
-        short_lat, long_lat = self._short_lat.value, self._long_lat.value
-        short_err = self._short_err.value or 0.0
-        if policy.enabled and not self._warming_up(now):
+        m = self._short_lat
+        short_lat = m._sum / m._weight if m._weight > 0 else None
+        m = self._long_lat
+        long_lat = m._sum / m._weight if m._weight > 0 else None
+        m = self._short_err
+        short_err = m._sum / m._weight if m._weight > 0 else 0.0
+        first = self._first
+        warming = (
+            first is None or self._samples < WARMUP_SAMPLES or now - first < policy.short_window
+        )
+        if policy.enabled and not warming:
             if short_lat is None or long_lat is None:
                 short_lat = long_lat = 0.0
             lat_score, err_score, _ = _scores(policy, short_lat, long_lat, short_err)
             raw = err_score if err_score < lat_score else lat_score
         self._raw = raw
         applied = 1.0 if raw >= 1.0 else max(raw, policy.min_score, min(floor, 1.0))
-        self.st.score = applied
-        degraded = bool(self.st.flags) and bool(self.st.flags & Flag.DEGRADED)
+        st.score = applied
+        degraded = bool(st.flags) and bool(st.flags & Flag.DEGRADED)
         if not degraded and raw < DEGRADE_BELOW:
             assert short_lat is not None and long_lat is not None  # raw < 1: both were set
             why = score(policy, short_lat, long_lat, short_err)[1]
