@@ -184,7 +184,10 @@ class OutlierDetector:
         if outcome is Outcome.THROTTLED:
             self._last_answer = now  # a 429 is an answer
             return
-        if outcome is Outcome.CANCELLED or self.predates_return(latency, now):
+        if outcome is Outcome.CANCELLED:
+            return
+        back = self._back_at  # `predates_return`, written out: once per request
+        if back is not None and now - max(latency, 0.0) < back - START_TOLERANCE:
             return
         failed = outcome.is_failure
         silent = 0
@@ -200,9 +203,15 @@ class OutlierDetector:
             if self._consecutive == 0:
                 self._run_since = now - max(latency, 0.0)
             self._consecutive += 1
-        self._window.append((now, failed))
+        window = self._window
+        window.append((now, failed))
         self._window_failures += failed
-        self._prune(now)
+        if window[0][0] <= now - self.st.gateway.outlier.window:
+            self._prune(now)
+        if not failed and not self._window_failures:
+            # What `_verdict` finds then: no run (a success ended it), no failed share.
+            self._held = False
+            return
         verdict = self._verdict(silent)
         if verdict is None:
             self._held = False

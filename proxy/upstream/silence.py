@@ -52,13 +52,17 @@ class Silence:
         """The request started at `start` (as its caller measured it) is over."""
         starts = self._starts
         i = bisect.bisect_left(starts, start)
-        best = -1
-        for j in (i - 1, i):
-            if 0 <= j < len(starts) and (
-                best < 0 or abs(starts[j] - start) < abs(starts[best] - start)
-            ):
-                best = j
-        if best >= 0 and abs(starts[best] - start) <= MATCH_WITHIN:
+        # The nearer of the neighbours either side of `start`, the earlier on a tie
+        # (starts[i] >= start > starts[i - 1], so no abs() is needed).
+        if i < len(starts):
+            best, gap = i, starts[i] - start
+            if i and start - starts[i - 1] <= gap:
+                best, gap = i - 1, start - starts[i - 1]
+        elif i:
+            best, gap = i - 1, start - starts[i - 1]
+        else:
+            return
+        if gap <= MATCH_WITHIN:
             del starts[best]
 
     def silent(self, now: float, last_answer: float, usual: float | None) -> bool:
