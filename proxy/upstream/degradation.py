@@ -34,7 +34,8 @@ LATENCY_FLOOR = 0.005
 
 #: Outcomes whose latency says how fast the gateway is. A refused connection is fast and a
 #: reset is arbitrary; a timeout's latency is how long we waited, which is the point.
-_TIMED = frozenset({Outcome.SUCCESS, Outcome.SERVER_ERROR, Outcome.TIMEOUT})
+#: Compared by identity on the request path (an Enum hashes through Python code).
+_SUCCESS, _SERVER_ERROR, _TIMEOUT = Outcome.SUCCESS, Outcome.SERVER_ERROR, Outcome.TIMEOUT
 
 
 class DecayingMean:
@@ -169,7 +170,7 @@ class DegradationTracker:
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             return
         policy = self.st.gateway.degradation
-        if outcome in _TIMED:
+        if outcome is _SUCCESS or outcome is _SERVER_ERROR or outcome is _TIMEOUT:
             dt = 0.0 if self._last_timed is None else now - self._last_timed
             self.st.ewma_latency = peak_ewma(self.st.ewma_latency, latency, dt, policy.short_window)
             self._last_timed = now
