@@ -134,18 +134,23 @@ def upstream_headers(
     drop = hop_by_hop(headers, owned)
     trusted = policy.trusts(client_ip)
     underscores = policy.drop_underscores
+    verdicts = _verdicts((drop, trusted, underscores))
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        lk = k.lower()
-        if (
-            lk in drop
-            or lk in _NEVER_FORWARDED
-            or lk.startswith(OWN_PREFIX)
-            or (underscores and "_" in lk)
-            or (not trusted and lk in FORWARDING)
-        ):
-            continue
-        out.add(k, v)
+        keep = verdicts.get(k)
+        if keep is None:
+            lk = k.lower()
+            keep = not (
+                lk in drop
+                or lk in _NEVER_FORWARDED
+                or lk.startswith(OWN_PREFIX)
+                or (underscores and "_" in lk)
+                or (not trusted and lk in FORWARDING)
+            )
+            if len(verdicts) < _NAMES_KEPT and len(k) <= _NAME_KEPT_LEN:
+                verdicts[k] = keep
+        if keep:
+            out.add(k, v)
     if trusted:
         prior = headers.get("X-Forwarded-For")
         if client_ip:
@@ -166,10 +171,34 @@ def upstream_headers(
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The gateway's response headers as the client should see them (framing is ours)."""
     drop = hop_by_hop(headers)
+    verdicts = _verdicts(drop)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        lk = k.lower()
-        if lk in drop or lk == "content-length":
-            continue
-        out.add(k, v)
+        keep = verdicts.get(k)
+        if keep is None:
+            lk = k.lower()
+            keep = not (lk in drop or lk == "content-length")
+            if len(verdicts) < _NAMES_KEPT and len(k) <= _NAME_KEPT_LEN:
+                verdicts[k] = keep
+        if keep:
+            out.add(k, v)
     return out
+
+
+#: Whether a header name (as spelled on the wire) passes, per set of rules that decide
+#: it: the same few names arrive on every request, so each is lowered and tested once.
+#: Both levels are bounded, as a client chooses the names and the Connection header: at
+#: most 16 x 128 names of at most 64 characters, well under a megabyte whatever is sent.
+_VERDICTS: dict[object, dict[str, bool]] = {}
+_RULE_SETS_KEPT = 16
+_NAMES_KEPT = 128
+_NAME_KEPT_LEN = 64
+
+
+def _verdicts(rules: object) -> dict[str, bool]:
+    found = _VERDICTS.get(rules)
+    if found is None:
+        found = {}
+        if len(_VERDICTS) < _RULE_SETS_KEPT:
+            _VERDICTS[rules] = found
+    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy import headers as headers_module
 from proxy.headers import (
     HeaderPolicy,
     hop_by_hop,
@@ -205,3 +206,46 @@ def test_response_headers_drop_hop_by_hop_and_framing_but_keep_duplicates() -> N
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("client_ip", "policy", "forwarded_kept"),
+    [
+        ("127.0.0.1", TRUST_LOOPBACK, True),
+        ("10.0.0.1", TRUST_LOOPBACK, False),
+        ("127.0.0.1", HeaderPolicy(), False),
+    ],
+    ids=["trusted-peer", "untrusted-peer", "no-trusted-proxies"],
+)
+def test_name_verdicts_remembered_per_rule_set_never_leak_across_them(
+    client_ip: str, policy: HeaderPolicy, forwarded_kept: bool
+) -> None:
+    incoming = proxy_of(("X-Real-IP", "1.2.3.4"), ("x_custom", "1"), ("X-Payswitch-Gateway", "g"))
+    for _ in range(3):  # the first call decides each name, the next ones remember it
+        out = upstream_headers(
+            incoming, client_ip=client_ip, scheme="http", host=None, policy=policy
+        )
+        assert ("X-Real-IP" in out) is forwarded_kept
+        assert "x_custom" not in out and "X-Payswitch-Gateway" not in out
+
+
+def test_name_verdicts_stay_bounded_whatever_names_and_connection_values_arrive() -> None:
+    for i in range(300):
+        names = [(f"X-N{i}-{j}" + "x" * (j % 80), "v") for j in range(20)]
+        upstream_headers(
+            proxy_of(("Connection", f"X-C{i}"), (f"X-C{i}", "1"), *names),
+            client_ip="10.0.0.1",
+            scheme="http",
+            host=None,
+        )
+    assert len(headers_module._VERDICTS) <= headers_module._RULE_SETS_KEPT
+    for verdicts in headers_module._VERDICTS.values():
+        assert len(verdicts) <= headers_module._NAMES_KEPT
+        assert all(len(name) <= headers_module._NAME_KEPT_LEN for name in verdicts)
+    out = upstream_headers(
+        proxy_of(("Connection", "X-C299"), ("X-C299", "1"), ("X-N1-1x", "v")),
+        client_ip="10.0.0.1",
+        scheme="http",
+        host=None,
+    )
+    assert "X-C299" not in out and out["X-N1-1x"] == "v"
