@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, NamedTuple, Protocol
@@ -22,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.aio import cancel_and_wait, spawn
-from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.clock import SYSTEM_CLOCK, Clock, MonotonicClock
 from proxy.event_kinds import KINDS, KindSpec, Severity, problems
 from proxy.ids import new_id
 from proxy.logs import LineWriter, iso_millis, stdout_writer
@@ -375,7 +376,8 @@ class EventBus:
         self._min = min((s.min_severity for s in self.sinks), default=Severity.CRITICAL + 1)
         # Resolved once: a sink's threshold is fixed, and the clock is the bus's for life.
         self._offers = tuple((s.offer, s.min_severity) for s in self.sinks)
-        self._wall = clock.wall
+        # The system clock's wall is time.time behind one more Python call: skip that call.
+        self._wall = time.time if type(clock) is MonotonicClock else clock.wall
         if registry is not None:
             registry.register(_EventCollector(self.sinks, self._counts))
 

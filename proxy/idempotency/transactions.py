@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.clock import SYSTEM_CLOCK, Clock, MonotonicClock
 from proxy.idempotency.store import check_ttl
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class MemoryTransactionStore:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._clock = clock
+        # Read once per put: the system clock's now is time.monotonic behind a Python call.
+        self._now = time.monotonic if type(clock) is MonotonicClock else clock.now
         self._ttl = check_ttl("ttl", ttl)
         self._max = max_bytes
         self._bytes = 0
@@ -106,7 +109,7 @@ class MemoryTransactionStore:
 
     async def put(self, record: Mapping[str, Any]) -> None:
         transaction_id, text = _encode(record)
-        now = self._clock.now()
+        now = self._now()
         if now >= self._purge_at:
             self._purge(now)
         records = self._records

@@ -56,8 +56,13 @@ class DecayingMean:
         self._last: float | None = None
 
     def add(self, sample: float, now: float, tau: float) -> None:
-        if self._last is not None and now > self._last:
-            decay = math.exp(-(now - self._last) / tau) if tau > 0 else 0.0
+        last = self._last
+        self.fold(sample, now, _decay(last, now, tau) if last is not None else None)
+
+    def fold(self, sample: float, now: float, decay: float | None) -> None:
+        """`add` with the decay since the last sample worked out by the caller (None: no
+        time has passed), which a pair of means sampled together shares."""
+        if decay is not None:
             self._sum *= decay
             self._weight *= decay
         if self._last is None or now > self._last:
@@ -68,6 +73,13 @@ class DecayingMean:
     @property
     def value(self) -> float | None:
         return self._sum / self._weight if self._weight > 0 else None
+
+
+def _decay(last: float, now: float, tau: float) -> float | None:
+    """The factor a sample taken at `last` keeps at `now`; None when `now` is not later."""
+    if now > last:
+        return math.exp(-(now - last) / tau) if tau > 0 else 0.0
+    return None
 
 
 def peak_ewma(current: float, sample: float, dt: float, tau: float) -> float:
@@ -170,15 +182,30 @@ class DegradationTracker:
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             return
         policy = self.st.gateway.degradation
+        short_tau, long_tau = policy.short_window, policy.long_window
+        # Each pair of means is always sampled together, so shares its last time; and the
+        # latency pair's is the error pair's whenever the previous answer was timed too:
+        # then the two decays are worked out once for all four.
+        last = self._short_err._last
+        short_decay = long_decay = None
+        if last is not None and now > last:
+            # as `_decay` works them out, written out: once per answer
+            short_decay = math.exp(-(now - last) / short_tau) if short_tau > 0 else 0.0
+            long_decay = math.exp(-(now - last) / long_tau) if long_tau > 0 else 0.0
         if outcome is _SUCCESS or outcome is _SERVER_ERROR or outcome is _TIMEOUT:
             dt = 0.0 if self._last_timed is None else now - self._last_timed
-            self.st.ewma_latency = peak_ewma(self.st.ewma_latency, latency, dt, policy.short_window)
+            self.st.ewma_latency = peak_ewma(self.st.ewma_latency, latency, dt, short_tau)
             self._last_timed = now
-            self._short_lat.add(latency, now, policy.short_window)
-            self._long_lat.add(latency, now, policy.long_window)
+            lat_last = self._short_lat._last
+            if lat_last == last:
+                self._short_lat.fold(latency, now, short_decay)
+                self._long_lat.fold(latency, now, long_decay)
+            else:
+                self._short_lat.add(latency, now, short_tau)
+                self._long_lat.add(latency, now, long_tau)
         failed = 1.0 if outcome.is_failure else 0.0
-        self._short_err.add(failed, now, policy.short_window)
-        self._long_err.add(failed, now, policy.long_window)
+        self._short_err.fold(failed, now, short_decay)
+        self._long_err.fold(failed, now, long_decay)
         self._samples += 1
         if self._first is None:
             self._first = now

@@ -251,3 +251,45 @@ def test_reset_forgets_the_averages_of_before_an_outage() -> None:
     assert rec.kinds()[-1] == "gateway.recovered"
     status = tracker.status(clock.now())
     assert status.warming_up and status.error_rate_short is None
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        (Outcome.SUCCESS,),
+        (Outcome.SUCCESS, Outcome.CONNECT_FAILURE),
+        (Outcome.RESET, Outcome.RESET, Outcome.TIMEOUT, Outcome.SERVER_ERROR),
+        (Outcome.BAD_RESPONSE, Outcome.SUCCESS, Outcome.THROTTLED, Outcome.CANCELLED),
+    ],
+    ids=["all-timed", "timed-and-untimed", "runs-of-each", "with-non-samples"],
+)
+def test_shared_decays_give_the_averages_one_add_per_mean_would(
+    pattern: tuple[Outcome, ...],
+) -> None:
+    s = Setup()
+    short_lat, long_lat, short_err, long_err = (DecayingMean() for _ in range(4))
+    steps = (0.1, 0.0, 0.37, 0.0, 1.5)  # some answers share an instant
+    for i in range(200):
+        outcome = pattern[i % len(pattern)]
+        latency = 0.05 + (i % 7) * 0.01
+        s.clock.advance(steps[i % len(steps)])
+        now = s.clock.now()
+        s.tr.observe(outcome, latency, now)
+        if outcome in (Outcome.THROTTLED, Outcome.CANCELLED):
+            continue
+        if outcome in (Outcome.SUCCESS, Outcome.SERVER_ERROR, Outcome.TIMEOUT):
+            short_lat.add(latency, now, POLICY.short_window)
+            long_lat.add(latency, now, POLICY.long_window)
+        failed = 1.0 if outcome.is_failure else 0.0
+        short_err.add(failed, now, POLICY.short_window)
+        long_err.add(failed, now, POLICY.long_window)
+    status = s.tr.status(s.clock.now())
+    expected = (short_lat.value, long_lat.value, short_err.value, long_err.value)
+    got = (
+        None if status.latency_short_ms is None else status.latency_short_ms / 1000,
+        None if status.latency_long_ms is None else status.latency_long_ms / 1000,
+        status.error_rate_short,
+        status.error_rate_long,
+    )
+    # Exactly equal: the same floating-point operations in the same order.
+    assert got == tuple(None if v is None else v * 1000 / 1000 for v in expected)
