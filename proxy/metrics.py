@@ -84,7 +84,10 @@ class _Timed:
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = _Series()
-        s.observe(seconds)
+        # `_Series.observe`, written out: twice per request
+        s.count += 1
+        s.sum += seconds
+        s.buckets[bisect_left(_BUCKETS, seconds)] += 1
         if exemplar:
             s.exemplar(seconds)
 

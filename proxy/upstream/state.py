@@ -75,6 +75,7 @@ class GatewayState:
         "flags",
         "gateway",
         "in_flight",
+        "name",
         "overlay",
         "probe_due",
         "requests",
@@ -87,6 +88,9 @@ class GatewayState:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        #: The gateway's name, which is its key: a reload swaps `gateway` only for one of
+        #: the same name. An attribute, as it is read several times per request.
+        self.name: str = gateway.name
         self.flags = Flag.NONE
         self.score = 1.0  # predictive health score in (0, 1]
         self.weight_factor = 1.0  # slow-start ramp in (0, 1]
@@ -106,10 +110,6 @@ class GatewayState:
         self.overlay: dict[str, object] | None = None
         self.weight_override: float | None = None
         self._listeners: list[Callable[[GatewayState, FlagChange], None]] = []
-
-    @property
-    def name(self) -> str:
-        return self.gateway.name
 
     @property
     def blocked(self) -> bool:
