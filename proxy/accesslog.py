@@ -17,10 +17,10 @@ import asyncio
 from typing import Final, NamedTuple
 
 import orjson
-from opentelemetry import trace
 
 from proxy.errors import Tried
 from proxy.logs import LineWriter, encode, iso_millis, json_default, stdout_writer
+from proxy.spans import current_context
 
 #: Seconds a record may wait for others before its batch is written. Short: a batch
 #: encoded while its records are still in the CPU's caches costs less (measured: 50 ms
@@ -103,8 +103,10 @@ class AccessLog:
         """Write `record` with the next batch; called on the event loop, inside the
         request's span when tracing is on (its ids are read now, written later)."""
         if self._trace_ids and record.trace is None:
-            ctx = trace.get_current_span().get_span_context()
-            if ctx.is_valid:
+            # Through proxy.spans: importing OpenTelemetry here would load it with
+            # tracing off too.
+            ctx = current_context()
+            if ctx is not None:
                 record = record._replace(
                     trace=(format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
                 )
