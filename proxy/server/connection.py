@@ -61,6 +61,10 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.phase = Phase.READING
+        #: `phase is Phase.READING` / `phase is Phase.ABORTED`, kept beside it by `_enter`:
+        #: read several times per request, where a property costs a call each time.
+        self.reading = True
+        self.aborted = False
         self.phase_since = self.loop.time()  # when it entered the phase
         self.linger_until = 0.0
         self.head = HeadReader(self)
@@ -83,20 +87,14 @@ class Connection(asyncio.Protocol):
     # -- phase ---------------------------------------------------------------------------------
 
     @property
-    def reading(self) -> bool:
-        return self.phase is Phase.READING
-
-    @property
-    def aborted(self) -> bool:
-        return self.phase is Phase.ABORTED
-
-    @property
     def open(self) -> bool:
         return self.transport is not None
 
     def _enter(self, phase: Phase) -> None:
         if phase.value > self.phase.value:
             self.phase = phase
+            self.reading = False  # READING is the first phase: it is never entered again
+            self.aborted = phase is Phase.ABORTED
             self.phase_since = self.loop.time()
 
     def stop_reading(self) -> None:
