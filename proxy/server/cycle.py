@@ -57,7 +57,8 @@ def keep(conn: Connection, req: Request) -> bool:
         and req.complete
         and not req.over_cap
         and req.error is None
-        and not conn.server.winding_down
+        # `winding_down`, written out: twice per request
+        and not (conn.server.draining or conn.server.closing)
     )
 
 
