@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Collection, Coroutine
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -59,19 +59,19 @@ def spawn_owned(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(coro, name=name)
 
 
-async def first_done(tasks: Iterable[asyncio.Future[Any]], within: float) -> None:
-    """Return when any of `tasks` is done or `within` seconds have passed.
+async def first_done(pending: Collection[asyncio.Future[Any]], within: float) -> None:
+    """Return when any of `pending` is done or `within` seconds have passed.
 
     `asyncio.wait` with FIRST_COMPLETED does the same with set bookkeeping the request
-    path does not need; the caller looks at `task.done()` itself.
+    path does not need; the caller looks at `task.done()` itself. `pending` is not copied:
+    it must not change while this waits (the retry loop alone changes its `live`).
     """
-    pending = list(tasks)
     for t in pending:
         if t.done():
             return
     # The tasks' own loop: it is the running one, and asking for that costs more in
     # place than it should (measured with py-spy under load).
-    loop = pending[0].get_loop() if pending else asyncio.get_running_loop()
+    loop = next(iter(pending)).get_loop() if pending else asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
     def wake(_: object = None) -> None:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: Slack when comparing the clock with a timer that should just have fired.
 EPSILON = 1e-4
 
+_NONE_TRIED: frozenset[str] = frozenset()
+
 
 @dataclass(slots=True, eq=False)
 class Dispatch:
@@ -164,7 +166,8 @@ class Dispatch:
     def _pick(self, now: float) -> GatewayState | None:
         req, parts = self.req, self.parts
         health = parts.health
-        tried = {a.gateway.name for a in self.attempts}
+        # The first pick (nearly every request) has nothing to exclude: no set to build.
+        tried = {a.gateway.name for a in self.attempts} if self.attempts else _NONE_TRIED
         if req.forced_gateway is not None and not self.attempts:
             st = (req.states or parts.balancer.states).get(req.forced_gateway)
             if st is not None and any(g.name == st.name for g in req.plan.gateways):

@@ -94,6 +94,9 @@ class Connection(asyncio.Protocol):
         self.reused = False  # has carried a complete exchange before this one
         self.idle_since = 0.0
         self.counted = True  # holds one of its pool's connection slots
+        # Bound once: every exchange hands these to the loop and to its future.
+        self._on_expire = self._expire
+        self._on_cancelled = self._cancelled
         self.reset(head_only=False)
 
     def reset(self, *, head_only: bool) -> None:
@@ -134,8 +137,8 @@ class Connection(asyncio.Protocol):
         self.reset(head_only=head_only)
         self.busy = True
         self.result, self.limit, self.convert, self.progress = fut, limit, convert, progress
-        self.timer = self.loop.call_later(within, self._expire)
-        fut.add_done_callback(self._cancelled)
+        self.timer = self.loop.call_later(within, self._on_expire)
+        fut.add_done_callback(self._on_cancelled)
         transport = self.transport
         assert transport is not None
         if progress is not None:
@@ -234,7 +237,7 @@ class Connection(asyncio.Protocol):
         if remaining <= 0:
             return False
         self._detach()
-        fut.remove_done_callback(self._cancelled)
+        fut.remove_done_callback(self._on_cancelled)
         self.pool.resend(
             fut,
             data,
