@@ -162,6 +162,8 @@ class QueuedSink:
     asyncio.Queue's getter bookkeeping and task accounting cost more than the append.
     """
 
+    # Defaults of instance attributes: a Python subclass of this compiled class (the native
+    # build) changes them in its __init__; a class attribute of its own would be ignored.
     batch_max = 256
     linger = 0.0  # seconds to gather a batch after the first event arrives
 
