@@ -21,15 +21,34 @@ RUN --mount=type=secret,id=cacert \
  && python3 -m venv /opt/payswitch \
  && /opt/payswitch/bin/pip install --require-hashes --no-deps --only-binary=:all: \
       -r requirements.lock
+# A C compiler for the native build, in this stage only (with Python's headers where the
+# base lacks them: Debian's python3 keeps them in python3-dev).
+RUN set -eu; \
+    include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+    pkgs="gcc libc6-dev"; [ -f "$include/Python.h" ] || pkgs="$pkgs python3-dev"; \
+    apt-get update -qq; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; \
+    rm -rf /var/lib/apt/lists/*
 # pyproject.toml names README.md as the package's readme, so the build needs it too.
 COPY pyproject.toml README.md ./
+COPY schemas/ schemas/
+COPY deploy/native/build.py deploy/native/build.py
 COPY proxy/ proxy/
-# The build backend comes from the lock, not from an unpinned isolated build env; then
-# the installers leave the venv, so the runtime has no pip or setuptools.
-RUN /opt/payswitch/bin/pip install --no-deps --no-build-isolation --no-index . \
- && /opt/payswitch/bin/python -m pip uninstall --yes setuptools pip \
- && find /opt/payswitch -name '__pycache__' -prune -exec rm -rf {} + \
- && /opt/payswitch/bin/python -m compileall -q /opt/payswitch/lib
+# The build backend comes from the lock, not from an unpinned isolated build env. Then the
+# request path is compiled (deploy/native/build.py, mypyc from the lock) and its extensions
+# laid over the installed package; then the installers and the compiler leave the venv,
+# so the runtime has no pip, setuptools or mypy.
+RUN set -eu; \
+    /opt/payswitch/bin/pip install --no-deps --no-build-isolation --no-index .; \
+    /opt/payswitch/bin/python deploy/native/build.py --out /src/native; \
+    site=$(/opt/payswitch/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+    cp /src/native/*__mypyc*.so "$site"/; \
+    (cd /src/native && find proxy -name '*.so' -exec cp --parents {} "$site"/ \;); \
+    (cd / && /opt/payswitch/bin/python -c 'import proxy.handler as h; assert h.__file__.endswith(".so"), h.__file__'); \
+    /opt/payswitch/bin/python -m pip uninstall --yes --quiet \
+      setuptools pip mypy pathspec librt ast-serialize types-jsonschema types-pyyaml; \
+    find /opt/payswitch -name '__pycache__' -prune -exec rm -rf {} +; \
+    /opt/payswitch/bin/python -m compileall -q /opt/payswitch/lib
 
 FROM ${BASE}
 # No installer in the runtime: drop whatever pip, setuptools, wheel and bundled

@@ -62,8 +62,11 @@ class Processes:
         self._logdir = logdir
         self._running: list[Started] = []
 
-    def start(self, name: str, argv: Sequence[str], *, core: int | str) -> Started:
-        """Start `argv` pinned to `core` (a number, or a taskset list such as "0,1")."""
+    def start(
+        self, name: str, argv: Sequence[str], *, core: int | str, env: dict[str, str] | None = None
+    ) -> Started:
+        """Start `argv` pinned to `core` (a number, or a taskset list such as "0,1"), with
+        `env` added to this process's environment."""
         log = self._logdir / f"{name}.log"
         with log.open("ab") as out:
             popen = subprocess.Popen(
@@ -74,6 +77,7 @@ class Processes:
                 # Own group, so a stop reaches workers too and a terminal Ctrl-C reaches only
                 # us: we decide the order things stop in.
                 start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
             )
         started = Started(name, popen, log)
         self._running.append(started)

@@ -22,6 +22,7 @@ MAX_FAILED_SHARE = 0.5
 # (name, numerator, denominator, goal); the goal is None where the ratio is context only.
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("payswitch / floor", "payswitch", "floor", 1.25),
+    ("payswitch, not compiled / floor", "payswitch-py", "floor", None),
     ("payswitch / Envoy", "payswitch", "envoy", None),
     ("payswitch / nginx proxy", "payswitch", "nginx", None),
     ("payswitch / direct", "payswitch", "direct", None),

@@ -9,6 +9,7 @@ Must not: generate load or judge results.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,32 @@ def payswitch_cores(args: Sequence[str]) -> str:
     return ",".join(str((PROXY_CORE + i) % cpus) for i in range(n))
 
 
+#: The native build (deploy/native/build.py; `make bench` builds it first): what the
+#: image ships, so what `payswitch` here measures. `payswitch-py` runs the sources.
+NATIVE_DIR = REPO / ".build" / "native"
+
+
+def native_env() -> dict[str, str]:
+    check = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "native" / "build.py"), "--check"], check=False
+    )
+    if check.returncode != 0:
+        raise BenchError(
+            f"the native build in {NATIVE_DIR} is missing or older than the sources:"
+            " run `make native` (make bench does)"
+        )
+    return {"PYTHONPATH": str(NATIVE_DIR)}
+
+
 def _payswitch(ctx: Context) -> Running:
+    return _start_payswitch(ctx, native_env())
+
+
+def _payswitch_py(ctx: Context) -> Running:
+    return _start_payswitch(ctx, {})
+
+
+def _start_payswitch(ctx: Context, env: dict[str, str]) -> Running:
     rules = write_rules(ctx.upstream_url, ctx.workdir / "rules")
     port, admin = free_port(), free_port()
     argv = [
@@ -165,7 +191,7 @@ def _payswitch(ctx: Context) -> Running:
         f"127.0.0.1:{admin}",
         *ctx.payswitch_args,
     ]
-    started = ctx.procs.start("payswitch", argv, core=payswitch_cores(ctx.payswitch_args))
+    started = ctx.procs.start("payswitch", argv, core=payswitch_cores(ctx.payswitch_args), env=env)
     # Worker 0's readiness fails until every worker serves.
     wait_ok(started, f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT)
     return Running(url=f"http://127.0.0.1:{port}{PATH}", started=started)
@@ -177,4 +203,5 @@ TARGETS = (
     Target("envoy", "Envoy (1 worker)", _envoy),
     Target("floor", "aiohttp forwarder", _floor),
     Target("payswitch", "payswitch", _payswitch),
+    Target("payswitch-py", "payswitch, not compiled", _payswitch_py),
 )

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from proxy import version
 from proxy.config.load import ConfigError, load_rules
 from proxy.kafka.config import add_arguments as add_kafka_arguments
 from proxy.kafka.tail import add_parser as add_tail_parser
@@ -155,10 +155,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("payswitch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+    return version.version()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

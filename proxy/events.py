@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, NamedTuple, Protocol
 
 import orjson
+from mypy_extensions import mypyc_attr
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -151,6 +152,7 @@ class Sink(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # sinks and test fakes extend it
 class QueuedSink:
     """A bounded queue drained by one named background task; subclasses say how to deliver.
 
@@ -160,6 +162,8 @@ class QueuedSink:
     asyncio.Queue's getter bookkeeping and task accounting cost more than the append.
     """
 
+    # Defaults of instance attributes: a Python subclass of this compiled class (the native
+    # build) changes them in its __init__; a class attribute of its own would be ignored.
     batch_max = 256
     linger = 0.0  # seconds to gather a batch after the first event arrives
 

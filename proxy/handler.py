@@ -375,9 +375,9 @@ async def _read_body(request: Request, router: Router, method: str, path: str) -
         return await request.read(cap)
     except BodyOverCap:
         raise errors.BodyTooLarge(f"request body exceeds {cap} bytes") from None
-    except MalformedBody as exc:
-        raise errors.BadRequest(f"malformed request body: {exc}") from None
-    except BodyTimeout as exc:
-        raise errors.RequestTimeout(str(exc)) from None
-    except ClientClosed as exc:
-        raise errors.ClientClosed(str(exc)) from None
+    except MalformedBody as malformed:
+        raise errors.BadRequest(f"malformed request body: {malformed}") from None
+    except BodyTimeout as late:
+        raise errors.RequestTimeout(str(late)) from None
+    except ClientClosed as gone:
+        raise errors.ClientClosed(str(gone)) from None

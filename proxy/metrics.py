@@ -15,7 +15,6 @@ import platform
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.registry import Collector
 
+from proxy import version
 from proxy.spans import current_context
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -186,14 +186,13 @@ def register_process_collectors(registry: CollectorRegistry) -> None:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     build = Info("payswitch_build", "The running build of payswitch.", registry=registry)
-    build.info({"version": _version(), "python_version": platform.python_version()})
-
-
-def _version() -> str:
-    try:
-        return version("payswitch")
-    except PackageNotFoundError:
-        return "unknown"
+    build.info(
+        {
+            "version": version.version(),
+            "build": version.build(),
+            "python_version": platform.python_version(),
+        }
+    )
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:

@@ -185,12 +185,12 @@ class Payments:
         lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
         try:
             result = await self.keys.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
-        except StoreFull as exc:
+        except StoreFull as full:
             self._count(plan, "store_full")
             raise errors.StoreUnavailable(
-                f"{exc}; the payment was not sent",
+                f"{full}; the payment was not sent",
                 route=plan.name,
-                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+                headers={"Retry-After": str(max(1, round(full.retry_after)))},
             ) from None
         except Exception as exc:
             self.guard.failed("claim", exc)

@@ -68,12 +68,22 @@ def _schema() -> dict[str, object]:
     return schema
 
 
+def _whole_number(checker: object, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 @cache
 def _validator() -> jsonschema.protocols.Validator:
     schema = _schema()
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    validator: jsonschema.protocols.Validator = cls(schema)
+    # JSON Schema lets `3.0` pass as an integer; the rules take integers as written, so a
+    # weight, limit, threshold, attempt count or status is `3`, not `3.0` (the model and
+    # the compiled request path hold them as int, and `on: [502.0]` would match nothing).
+    strict = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        cls, type_checker=cls.TYPE_CHECKER.redefine("integer", _whole_number)
+    )
+    validator: jsonschema.protocols.Validator = strict(schema)
     return validator
 
 

@@ -210,14 +210,14 @@ class Connection(asyncio.Protocol):
             # connection closes: no protocol switch is offered.
             self.stop_reading()
             self.update_reading()
-        except Refusal as exc:
-            self.refuse(exc)
-        except HttpParserError as exc:
-            cause = exc.__context__
+        except Refusal as refusal:
+            self.refuse(refusal)
+        except HttpParserError as malformed:
+            cause = malformed.__context__
             if isinstance(cause, Refusal):
                 self.refuse(cause)
             else:
-                self.refuse(Refusal(400, f"malformed HTTP request: {exc}"))
+                self.refuse(Refusal(400, f"malformed HTTP request: {malformed}"))
         else:
             # httptools gathers a header line (or a trailer) across reads before calling
             # back: bound what it can hold without completing anything.

@@ -41,6 +41,7 @@ import ssl
 from typing import Any, TypeVar
 
 from multidict import CIMultiDict
+from mypy_extensions import mypyc_attr
 
 from proxy.aio import spawn
 from proxy.upstream.connection import MAX_HEAD_BYTES, Connection, Convert
@@ -166,6 +167,7 @@ class Pool:
         fut.add_done_callback(cancel)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # sinks and test fakes extend it
 class UpstreamClient:
     """Pooled keep-alive connections to any number of origins."""
 

@@ -50,11 +50,16 @@ class Outcome(enum.Enum):
         "local_failure"  # payswitch's own limit (descriptors, connection cap): not the gateway's
     )
 
-    def __init__(self, value: str) -> None:
-        # A plain attribute set once per member: read three times per answer, where a
-        # property and a set lookup would cost two Python calls each (an Enum hashes
-        # through Python code).
-        self.is_failure: bool = value in _FAILURE_VALUES
+    # A plain attribute set once per member (below the class): read three times per
+    # answer, where a property and a set lookup would cost two Python calls each (an Enum
+    # hashes through Python code). Not set in an `__init__`: the native build (mypyc)
+    # cannot compile an Enum's.
+    is_failure: bool
+
+
+for _outcome in Outcome:
+    _outcome.is_failure = _outcome.value in _FAILURE_VALUES
+del _outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,14 +103,18 @@ def test_image_is_labelled_runs_as_non_root_and_carries_no_installer(image: str)
 
     probe = (
         "import importlib.util as u, shutil, sys;"
-        "found = [m for m in ('pip', 'setuptools', 'wheel', 'ensurepip') if u.find_spec(m)];"
+        "found = [m for m in ('pip', 'setuptools', 'wheel', 'ensurepip', 'mypy', 'mypyc')"
+        " if u.find_spec(m)];"
         "found += [t for t in ('pip', 'pip3', 'gcc', 'cc', 'make') if shutil.which(t)];"
         "import opentelemetry.exporter.otlp.proto.http.trace_exporter;"
-        "print(sys.version_info[:2], found)"
+        # The request path is the native build (deploy/native/build.py), and it loads.
+        "import proxy.handler, proxy.retry, proxy.upstream.connection as c;"
+        "native = all(m.__file__.endswith('.so') for m in (proxy.handler, proxy.retry, c));"
+        "print(sys.version_info[:2], found, native)"
     )
     done = in_image(image, "python3", "-c", probe)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "(3, 11) []", done.stdout
+    assert done.stdout.strip() == "(3, 11) [] True", done.stdout
 
 
 def test_validate_works_inside(image: str, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -128,4 +130,7 @@ def test_process_platform_and_build_info() -> None:
     [build] = [m for m in registry.collect() if m.name == "payswitch_build"]
     [s] = build.samples
     assert s.name == "payswitch_build_info" and s.value == 1
-    assert set(s.labels) == {"version", "python_version"}
+    assert set(s.labels) == {"version", "build", "python_version"}
+    assert s.labels["build"] == (
+        "native" if os.environ.get("PAYSWITCH_NATIVE") == "1" else "python"
+    )

@@ -420,3 +420,49 @@ def test_yaml_12_semantics(tmp_path: Path, text: str, words: list[object]) -> No
     issues: list[object] = []
     parsed = parse("a.yaml", text.encode(), issues, DEFAULT_LIMITS)  # type: ignore[arg-type]
     assert parsed is not None and parsed.value == {"x": words}
+
+
+@pytest.mark.parametrize(
+    ("gateway_extra", "retry", "pointer"),
+    [
+        ("weight: 3.0", "attempts: 3", "/gateways/stripe-eu/weight"),
+        (
+            "limits: {max_in_flight: 100.0}",
+            "attempts: 3",
+            "/gateways/stripe-eu/limits/max_in_flight",
+        ),
+        (
+            "limits: {max_connections: 64.0}",
+            "attempts: 3",
+            "/gateways/stripe-eu/limits/max_connections",
+        ),
+        ("limits: {rate: 10/s, burst: 50.0}", "attempts: 3", "/gateways/stripe-eu/limits/burst"),
+        (
+            "outlier: {consecutive_failures: 5.0}",
+            "attempts: 3",
+            "/gateways/stripe-eu/outlier/consecutive_failures",
+        ),
+        ("weight: 1", "attempts: 3.0", "/routes/0/retry/attempts"),
+    ],
+    ids=["weight", "max-in-flight", "max-connections", "burst", "consecutive-failures", "attempts"],
+)
+def test_a_whole_number_written_as_a_float_is_refused(
+    tmp_path: Path, gateway_extra: str, retry: str, pointer: str
+) -> None:
+    """JSON Schema's `integer` admits 3.0; the rules do not: the model, and the compiled
+    request path, hold these as int."""
+    gateways = GOOD_GATEWAYS.replace("weight: 3, ", "")
+    gateways = gateways.replace("provider: stripe}", f"provider: stripe, {gateway_extra}}}")
+    routes = GOOD_ROUTES.replace("attempts: 3", retry)
+    with pytest.raises(ConfigError) as caught:
+        load_rules([write(tmp_path, **{"a.yaml": gateways, "b.yaml": routes})])
+    [issue] = caught.value.issues
+    assert issue.pointer == pointer
+    assert "expected a whole number" in issue.message
+
+
+def test_a_status_written_as_a_float_is_refused(tmp_path: Path) -> None:
+    routes = GOOD_ROUTES.replace("502, 503", "502.0, 503")
+    with pytest.raises(ConfigError) as caught:
+        load_rules([write(tmp_path, **{"a.yaml": GOOD_GATEWAYS, "b.yaml": routes})])
+    assert [i.pointer for i in caught.value.issues] == ["/routes/0/retry/on/2"]

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.http import Answer, Request
+from proxy.http import Answer, MalformedBody, Request
 from proxy.server import ProxyServer
 from proxy.server.connection import Connection
 from proxy.server.cycle import keep
@@ -64,7 +64,7 @@ async def test_whether_the_connection_carries_another_request(change: str, kept:
     elif change == "over_cap":
         req.over_cap = True
     elif change == "error":
-        req.error = ValueError("x")  # type: ignore[assignment]
+        req.error = MalformedBody("x")
     elif change == "draining":
         conn.server.drain()
     assert keep(conn, req) is kept

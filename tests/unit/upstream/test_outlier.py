@@ -7,6 +7,7 @@ from proxy.config.model import OutlierDetection
 from proxy.events import Severity
 from proxy.upstream.outlier import (
     PROBE_STALE_AFTER,
+    WINDOW_BUCKETS,
     OutlierDetector,
     ejection_time,
     slow_start_factor,
@@ -129,6 +130,20 @@ def test_failures_slide_out_of_the_window() -> None:
         s.send(Outcome.SERVER_ERROR if c == "F" else Outcome.SUCCESS)
     assert not s.ejected()
     assert s.det.status(s.clock.now()).window_requests == 5
+
+
+def test_the_window_holds_counts_not_requests_at_any_rate() -> None:
+    """A busy gateway's window costs the same as an idle one's: buckets of counts."""
+    s = Setup()
+    step = POLICY.window / 20_000
+    for i in range(40_000):  # two windows' worth, evenly spread, every tenth one failing
+        s.send(Outcome.SERVER_ERROR if i % 10 == 0 else Outcome.SUCCESS, latency=step)
+    status = s.det.status(s.clock.now())
+    assert len(s.det._window) <= WINDOW_BUCKETS + 1
+    # The last window's requests, less at most one bucket's width of them.
+    assert 20_000 * (1 - 1 / WINDOW_BUCKETS) - 1 <= status.window_requests <= 20_000
+    assert status.window_failures == pytest.approx(status.window_requests / 10, abs=2)
+    assert not s.ejected()
 
 
 def test_ejection_event() -> None:
