@@ -12,7 +12,10 @@ With the shipped defaults (access log and events on stdout) on both sides, the d
 is what the Kafka sink itself adds; `--quiet` turns every other output off on both sides,
 so the difference is the sink plus building the events it sends.
 
-Usage: .venv/bin/python bench/kafka_cost.py [--rounds 3] [--duration 8] [--quiet]
+payswitch is the native build, as the image ships it (`make native` first); `--python`
+measures the sources instead.
+
+Usage: .venv/bin/python bench/kafka_cost.py [--rounds 3] [--duration 8] [--quiet] [--python]
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ if __package__ in (None, ""):
 
 from bench import wrk
 from bench.procs import Processes, free_port, wait_ok
-from bench.targets import LOAD_CORE, PATH, PROXY_CORE, payswitch_binary, start_upstream, write_rules
+from bench.targets import (
+    LOAD_CORE,
+    PATH,
+    PROXY_CORE,
+    native_env,
+    payswitch_binary,
+    start_upstream,
+    write_rules,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -40,12 +51,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
-def one(procs: Processes, rules: Path, extra: list[str], seconds: float) -> tuple[float, float]:
+def one(
+    procs: Processes, rules: Path, extra: list[str], seconds: float, env: dict[str, str]
+) -> tuple[float, float]:
     """(requests per second, CPU microseconds per request) of one payswitch run."""
     port, admin = free_port(), free_port()
     argv = [str(payswitch_binary()), "run", "--rules", str(rules),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", *extra]  # fmt: skip
-    started = procs.start("payswitch", argv, core=PROXY_CORE)
+    started = procs.start("payswitch", argv, core=PROXY_CORE, env=env)
     try:
         wait_ok(started, f"http://127.0.0.1:{admin}/readyz", timeout=30)
         url = f"http://127.0.0.1:{port}{PATH}"
@@ -64,7 +77,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
     ap.add_argument("--quiet", action="store_true", help="access log and stdout events off")
+    ap.add_argument("--python", action="store_true", help="the sources, not the native build")
     args = ap.parse_args()
+    env = {} if args.python else native_env()
     work = Path(tempfile.mkdtemp(prefix="payswitch-kafka-cost-"))
     off = ["--events", "off", "--access-log", "off"] if args.quiet else []
     on = [*off, "--kafka-bootstrap", args.bootstrap, "--kafka-spill", str(work / "spill.jsonl"),
@@ -76,7 +91,7 @@ def main() -> int:
         rules = write_rules(upstream, work / "rules")
         for _ in range(args.rounds):
             for name, extra in (("off", off), ("on", on)):
-                rps, cpu = one(procs, rules, extra, args.duration)
+                rps, cpu = one(procs, rules, extra, args.duration, env)
                 results[name].append((rps, cpu))
                 print(
                     f"kafka sink {name:>3}: {rps:8,.0f} req/s  {cpu:6.1f} us CPU/request",
