@@ -97,7 +97,7 @@ payment-faults: $(STAMP)
 	$(BIN)/python bench/idempotency_bench.py
 
 ## make soak: 30 min of mixed payments through faults, reload storms and a Redis restart
-soak: $(STAMP)
+soak: $(STAMP) native
 	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),30)
 
 .PHONY: scenarios payment-faults soak

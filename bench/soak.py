@@ -8,6 +8,9 @@ no payment is charged twice, nothing answers 500, and RSS stays flat after warm-
 Must not: send traffic anywhere but 127.0.0.1; it stops by itself.
 
     .venv/bin/python bench/soak.py --minutes 30      # make soak
+
+payswitch is the native build, as the image ships it (`make native` first); `--python`
+soaks the sources instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procs import Processes, free_port, rss_mib, wait_ok
 from bench.reload_bench import RulesDir
+from bench.targets import native_env, payswitch_binary
 from proxy.sim import Behaviour, FakeGateway, Ledger
 
 GATEWAYS = {"stripe-eu": "stripe", "stripe-us": "stripe", "adyen-eu": "adyen", "adyen-us": "adyen"}
@@ -220,12 +224,13 @@ async def soak(args: argparse.Namespace, workdir: Path) -> int:
             urls = {n: g.url for n, g in gws.items()}
             rules = RulesDir(workdir / "rules", configmap=True)
             rules.publish(rules_text(urls, weight=3))
-            argv = [sys.executable, "-m", "proxy", "run", "--rules", str(rules.root)]
+            argv = [str(payswitch_binary()), "run", "--rules", str(rules.root)]
             argv += ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"]
             argv += ["--events", str(events), "--access-log", "off", "--log-level", "warning"]
             argv += ["--idempotency-store", f"redis://127.0.0.1:{redis_port}/0"]
-            ps = procs.start("payswitch", argv, core=0)
+            ps = procs.start("payswitch", argv, core=0, env={} if args.python else native_env())
             await asyncio.to_thread(wait_ok, ps, f"http://127.0.0.1:{admin}/readyz", timeout=20)
+            print(f"soak: payswitch build: {await build_of(admin)}", flush=True)
             duration = args.minutes * 60
             until = time.monotonic() + duration
             rss: list[tuple[float, float]] = []
@@ -297,6 +302,19 @@ def report(
     return 1 if bad else 0
 
 
+async def build_of(admin: int) -> str:
+    """Which build serves, as payswitch_build_info says."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{admin}/metrics") as resp,
+    ):
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("payswitch_build_info{"):
+            return line.split('build="', 1)[1].split('"', 1)[0]
+    return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -305,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds before RSS counts")
     parser.add_argument("--settle", type=float, default=35.0, help="seconds to wait at the end")
     parser.add_argument("--max-growth", type=float, default=0.10)
+    parser.add_argument("--python", action="store_true", help="the sources, not the native build")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="payswitch-soak-") as tmp:
         return asyncio.run(soak(args, Path(tmp)))

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -117,11 +118,25 @@ def up_to_date(out: Path, want: str) -> bool:
         return False
 
 
+def toolchain_missing() -> str | None:
+    """What the compile needs and this machine lacks, said so it can be installed."""
+    include = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not include.is_file():
+        return f"Python's headers ({include}; Debian: python3-dev)"
+    compiler = os.environ.get("CC", "gcc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"a C compiler ({compiler}; Debian: gcc libc6-dev)"
+    return None
+
+
 def build(out: Path) -> None:
     want = digest()
     if up_to_date(out, want):
         print(f"native build up to date: {out}", file=sys.stderr)
         return
+    missing = toolchain_missing()
+    if missing is not None:
+        raise SystemExit(f"the native build needs {missing}; .ci/services installs it as root")
     problems = pitfalls([ROOT / m for m in MODULES])
     if problems:
         raise SystemExit("not compiled:\n" + "\n".join(problems))
