@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="payswitch", description="Declarative routing sidecar for payment traffic."
     )
-    p.add_argument("--version", action="version", version=f"payswitch {_version()}")
+    p.add_argument("--version", action="version", version=f"payswitch {version.version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve traffic with the rules in a directory")
     run.add_argument(
@@ -152,10 +152,6 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--rules", action="append", help="rules directory or file (default rules)")
     add_tail_parser(sub)
     return p
-
-
-def _version() -> str:
-    return version.version()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,10 +31,6 @@ class Flag(enum.IntFlag):
 BLOCKING = Flag.ACTIVE_FAILED | Flag.EJECTED | Flag.DRAINING | Flag.THROTTLED
 
 
-#: The values of the outcomes that count against a gateway's health.
-_FAILURE_VALUES = frozenset({"connect-failure", "timeout", "reset", "bad-response", "server-error"})
-
-
 class Outcome(enum.Enum):
     """What one attempt told us about the gateway's health."""
 
@@ -57,8 +53,18 @@ class Outcome(enum.Enum):
     is_failure: bool
 
 
+#: The outcomes that count against a gateway's health.
+_FAILURES = frozenset(
+    {
+        Outcome.CONNECT_FAILURE,
+        Outcome.TIMEOUT,
+        Outcome.RESET,
+        Outcome.BAD_RESPONSE,
+        Outcome.SERVER_ERROR,
+    }
+)
 for _outcome in Outcome:
-    _outcome.is_failure = _outcome.value in _FAILURE_VALUES
+    _outcome.is_failure = _outcome in _FAILURES
 del _outcome
 
 
