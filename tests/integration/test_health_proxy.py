@@ -35,6 +35,7 @@ def rules(
     gateway_extra: Mapping[str, str] | None = None,
     route_extra: str = "",
     retry: str = "{attempts: 3, on: [connect-failure, timeout, reset, 503], after_ambiguous: same-provider}",
+    timeouts: str = "{per_try: 300ms, total: 2s}",
 ) -> str:
     """Rules with one POST route over `gws`, all in region eu, one provider each."""
     lines = ["gateways:"]
@@ -50,7 +51,7 @@ def rules(
         "    match: {path_prefix: /v1/deposits, methods: [POST]}",
         "    region: {default: eu}",
         f"    gateways: [{', '.join(gws)}]",
-        "    timeouts: {per_try: 300ms, total: 2s}",
+        f"    timeouts: {timeouts}",
         f"    retry: {retry}",
     ]
     lines += [f"    {line}" for line in route_extra.strip().splitlines()]
@@ -166,7 +167,10 @@ async def test_429_backs_off_for_retry_after_and_is_not_a_failure(tmp_path: Path
     async with gateways("g1", "g2", "g3") as g:
         # One failure would eject: the 429s must not count as one.
         outlier = "outlier: {consecutive_failures: 1, base_ejection: 10s}"
-        text = rules(g, gateway_extra=dict.fromkeys(g, outlier))
+        # Generous timeouts: with one failure ejecting, a burst slowed by a busy machine
+        # past a short per-try timeout would eject a healthy gateway, which is not the point.
+        timeouts = "{per_try: 3s, total: 6s}"
+        text = rules(g, gateway_extra=dict.fromkeys(g, outlier), timeouts=timeouts)
         async with running_proxy(text, tmp_path) as p:
             g1 = p.rt.states["g1"]
             g["g1"].set(mode="throttle", retry_after=1)

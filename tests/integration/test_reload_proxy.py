@@ -407,23 +407,28 @@ async def payments_during(
     *,
     clients: int = 30,
     seconds: float = 3.0,
-    max_requests: int = 30_000,
+    max_seconds: float = 30.0,
+    max_requests: int = 200_000,
     change_every: float = 0.05,
+    enough: Callable[[], bool] = lambda: True,
 ) -> tuple[Tally, int]:
     """`clients` loops of payments while, every `change_every` seconds, `publish` puts the
     next of `load_rule_sets` in place.
 
-    Bounded by time and by count; returns the tally and how many changes were made.
+    Runs for `seconds`, then on until `enough()` holds (a loaded machine reloads less
+    often, so a fixed time can swap too few rules to tell), bounded by `max_seconds` and
+    `max_requests`; returns the tally and how many changes were made.
     """
     tally = Tally()
     loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
+    start = loop.time()
+    stopped = False
     url = p.url + "/v1/deposits"
     body = b'{"amount": 100, "currency": "EUR"}'
     timeout = aiohttp.ClientTimeout(total=10)
 
     async def client() -> None:
-        while loop.time() < end and tally.sent < max_requests:
+        while not stopped and tally.sent < max_requests:
             tally.sent += 1
             try:
                 async with p.session.post(url, data=body, timeout=timeout) as resp:
@@ -436,12 +441,18 @@ async def payments_during(
             except (aiohttp.ClientError, TimeoutError) as exc:
                 tally.failed.append(repr(exc))
 
+    def over() -> bool:
+        elapsed = loop.time() - start
+        return elapsed >= max_seconds or (elapsed >= seconds and enough())
+
     async def changer() -> int:
+        nonlocal stopped
         changes = 0
-        while loop.time() < end:
+        while not over() and tally.sent < max_requests:
             await publish(storm_step(changes))
             changes += 1
             await asyncio.sleep(change_every)
+        stopped = True
         return changes
 
     changes = spawn(changer(), name="test-rules-changer")
@@ -469,6 +480,19 @@ def storm_step(i: int) -> int:
     return (i + 1) % 4
 
 
+MIN_RELOADS = 4  # valid swaps a storm must publish before it tells anything
+
+
+def storm_enough(p: Proxy, loaded_before: int) -> Callable[[], bool]:
+    """True once the storm has published `MIN_RELOADS` swaps and refused invalid rules."""
+
+    def enough() -> bool:
+        loaded = len(p.events.of("config.loaded")) - loaded_before
+        return loaded >= MIN_RELOADS and bool(p.events.of("config.rejected"))
+
+    return enough
+
+
 async def check_lossless(
     p: Proxy,
     tally: Tally,
@@ -482,7 +506,7 @@ async def check_lossless(
     # The storm really swapped rules under load, and really offered invalid ones.
     assert set(tally.by_gateway) == {*LOAD_A, *LOAD_B}, tally.by_gateway
     loaded = len(p.events.of("config.loaded")) - loaded_before
-    assert loaded >= 4, f"only {loaded} reloads published during {changes} changes"
+    assert loaded >= MIN_RELOADS, f"only {loaded} reloads published during {changes} changes"
     assert p.events.of("config.rejected"), "no invalid rules were refused"
     # The last write wins, whatever the storm left serving: a change that landed while a
     # reload was running must not be lost.
@@ -500,7 +524,7 @@ async def test_atomic_rewrites_under_load_lose_no_payment(tmp_path: Path) -> Non
             async def publish(i: int) -> None:
                 write_atomic(p.rules_dir / "rules.yaml", variants[i])
 
-            tally, changes = await payments_during(p, publish)
+            tally, changes = await payments_during(p, publish, enough=storm_enough(p, before))
             await check_lossless(p, tally, changes, before, publish)
 
 
@@ -516,7 +540,7 @@ async def test_configmap_swaps_under_load_lose_no_payment(tmp_path: Path) -> Non
             async def publish(i: int) -> None:
                 cm.publish({"rules.yaml": variants[i]})
 
-            tally, changes = await payments_during(p, publish)
+            tally, changes = await payments_during(p, publish, enough=storm_enough(p, before))
             await check_lossless(p, tally, changes, before, publish)
 
 
@@ -531,7 +555,9 @@ async def test_admin_reloads_under_load_lose_no_payment(tmp_path: Path) -> None:
                 status, _ = await admin_json(p, "POST", "/admin/reload")
                 assert status == (200 if i in (0, 2) else 422)
 
-            tally, changes = await payments_during(p, publish, change_every=0.02)
+            tally, changes = await payments_during(
+                p, publish, change_every=0.02, enough=storm_enough(p, before)
+            )
             await check_lossless(p, tally, changes, before, publish)
 
 
