@@ -110,9 +110,11 @@ def test_bench_rules_point_every_gateway_at_the_running_upstream(tmp_path: Path)
     assert route.gateways == ("upstream",)
 
 
-@pytest.mark.skipif(nginx.binary() is None, reason="nginx not installed")
 @pytest.mark.parametrize("kind", ["upstream", "proxy"])
 def test_nginx_configs_pass_nginx_t(tmp_path: Path, kind: str) -> None:
+    if nginx.binary() is None:
+        tools.ensure()  # installs nginx as `make bench` would, or fails saying why
+    assert nginx.binary() is not None, "nginx is needed to check the bench's nginx configs"
     conf = (
         nginx.upstream_conf(tmp_path, 41000)
         if kind == "upstream"
