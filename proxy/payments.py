@@ -300,10 +300,18 @@ class Payments:
     async def record(
         self, dispatch: Dispatch, state: str, status: int | None, started_wall: float
     ) -> None:
+        guard = self.guard
+        if not guard.up:
+            # The store is down and being probed: a write would only wait for its timeout,
+            # delaying this answer, and fail. Counted, not logged per payment.
+            guard.skipped("record")
+            return
         try:
             await self.log.put(transaction_record(dispatch, state, status, started_wall))
-        except Exception:
+        except (ValueError, TypeError):
             logger.exception("could not record transaction %s", dispatch.req.transaction_id)
+        except Exception as exc:
+            guard.failed("record", exc)  # one log line and one store.down per outage
 
     def record_late(self, dispatch: Dispatch, kind: str, att: Attempt, status: int | None) -> None:
         """Add a late answer to the transaction's record, off the request path."""

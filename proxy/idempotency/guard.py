@@ -54,7 +54,7 @@ class StoreGuard:
         self._up.set(1)
         self._errors = Counter(
             "payswitch_idempotency_store_errors",
-            "Idempotency store calls that failed, by operation.",
+            "Idempotency store calls that failed, or were not tried while it was down, by operation.",
             ("op",),
             registry=registry,
         )
@@ -75,6 +75,10 @@ class StoreGuard:
             self._events.emit("store.down", Severity.CRITICAL, op=op, error=self.last_error)
         if self._probe is None or self._probe.done():
             self._probe = spawn(self._probe_until_up(), name="idempotency-store-probe")
+
+    def skipped(self, op: str) -> None:
+        """A store call not tried because the store is down: counted as failed."""
+        self._errors.labels(op).inc()
 
     def succeeded(self) -> None:
         if self.up:

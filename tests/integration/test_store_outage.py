@@ -181,3 +181,28 @@ async def test_a_full_memory_store_in_refuse_mode_answers_503_and_keeps_every_ke
                 again = await p.post(headers=k)
                 assert again[1].get("Idempotent-Replayed") == "true"
             assert len(g["g1"].requests()) == taken
+
+
+async def test_a_store_that_hangs_delays_no_answer_for_the_transaction_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with black_hole() as port, gateways("g1") as g:
+        store = f"redis://127.0.0.1:{port}/0"
+        text = rules(g["g1"].url, on_store_down="local")
+        async with running_proxy(text, tmp_path, idempotency_store=store) as p:
+            with caplog.at_level(logging.WARNING):
+                status, _, _ = await p.post(headers=key())  # the claim finds the store down
+                assert status == 200
+                assert not p.rt.payments.guard.up
+                started = time.monotonic()
+                answers = [await p.post() for _ in range(5)]  # no key: no claim
+                elapsed = time.monotonic() - started
+            assert [a[0] for a in answers] == [200] * 5
+            # Each would wait for the store's 1 s timeout writing its transaction record.
+            assert elapsed < 1.0, f"5 payments took {elapsed:.2f}s"
+            assert not [r for r in caplog.records if r.exc_info], "no traceback per payment"
+            assert p.events.kinds("store.") == ["store.down"]
+            errors = p.rt.registry.get_sample_value(
+                "payswitch_idempotency_store_errors_total", {"op": "record"}
+            )
+            assert errors == 6
