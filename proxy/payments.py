@@ -90,6 +90,9 @@ class Payments:
         #: Requests being dispatched, by transaction id: their PENDING record is built
         #: when someone asks rather than written to the log on every request.
         self.in_flight: dict[str, tuple[Dispatch, float]] = {}
+        #: (route, outage) pairs whose local fallback was logged: once per outage, not
+        #: once per payment.
+        self._fallback_said: set[tuple[str, int]] = set()
 
     async def claim(
         self,
@@ -183,32 +186,44 @@ class Payments:
         policy = plan.route.idempotency
         assert policy is not None
         lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
-        try:
-            result = await self.keys.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
-        except StoreFull as full:
-            self._count(plan, "store_full")
-            raise errors.StoreUnavailable(
-                f"{full}; the payment was not sent",
-                route=plan.name,
-                headers={"Retry-After": str(max(1, round(full.retry_after)))},
-            ) from None
-        except Exception as exc:
-            self.guard.failed("claim", exc)
-            if policy.on_store_down != "local":
-                self._count(plan, "store_down")
+        guard = self.guard
+        if guard.up:
+            try:
+                result = await self.keys.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
+            except StoreFull as full:
+                self._count(plan, "store_full")
                 raise errors.StoreUnavailable(
-                    "the idempotency store does not answer; the payment was not sent: retry"
-                    " with the same idempotency key",
+                    f"{full}; the payment was not sent",
                     route=plan.name,
-                    headers={"Retry-After": str(STORE_DOWN_RETRY_AFTER)},
+                    headers={"Retry-After": str(max(1, round(full.retry_after)))},
                 ) from None
-            self._count(plan, "local_fallback")
-            logger.warning(
-                "route %s: idempotency store down, key held in this process only", plan.name
+            except Exception as exc:
+                guard.failed("claim", exc)
+            else:
+                guard.succeeded()
+                return self.keys, result
+        else:
+            # Known down and probed every second: trying would only wait for the timeout.
+            guard.skipped("claim")
+        if policy.on_store_down != "local":
+            self._count(plan, "store_down")
+            raise errors.StoreUnavailable(
+                "the idempotency store does not answer; the payment was not sent: retry"
+                " with the same idempotency key",
+                route=plan.name,
+                headers={"Retry-After": str(STORE_DOWN_RETRY_AFTER)},
             )
-            return self.fallback, await self.fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
-        self.guard.succeeded()
-        return self.keys, result
+        self._count(plan, "local_fallback")
+        said = (plan.name, guard.outages)
+        if said not in self._fallback_said:
+            if len(self._fallback_said) > 1000:
+                self._fallback_said.clear()
+            self._fallback_said.add(said)
+            logger.warning(
+                "route %s: store down, each key held in this process only until it is back",
+                plan.name,
+            )
+        return self.fallback, await self.fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
 
     async def settle(
         self,

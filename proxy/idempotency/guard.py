@@ -44,6 +44,8 @@ class StoreGuard:
         self._probe_every = probe_every
         self._probe: asyncio.Task[None] | None = None
         self.up = True
+        #: Outages seen so far: lets callers say something once per outage.
+        self.outages = 0
         self.last_error: str | None = None
         self._down_since = 0.0
         self._up = Gauge(
@@ -66,9 +68,11 @@ class StoreGuard:
         if not self.up:
             return
         self.up = False
+        self.outages += 1
         self._down_since = time.monotonic()
         self._up.set(0)
-        logger.error("idempotency store down (%s failed: %s)", op, self.last_error)
+        # The traceback once per outage: what the store said, without one per request.
+        logger.error("idempotency store down (%s failed: %s)", op, self.last_error, exc_info=exc)
         if self._events is not None:
             from proxy.events import Severity
 

@@ -106,7 +106,9 @@ async def test_redis_down_refuses_keyed_payments_once_said_then_recovers(
             assert "not sent" in problem["detail"]
             assert not g["g1"].requests(), "nothing may be sent without its key claimed"
             assert sum("idempotency store down" in r.message for r in caplog.records) == 1
-            assert not [r for r in caplog.records if r.exc_info], "no traceback per request"
+            traced = [r.message for r in caplog.records if r.exc_info]
+            assert len(traced) == 1, "one traceback per outage, not one per request"
+            assert "idempotency store down" in traced[0]
             assert p.events.kinds("store.") == ["store.down"]
             async with p.session.get(p.admin_url + "/readyz") as resp:
                 assert resp.status == 200
@@ -183,7 +185,7 @@ async def test_a_full_memory_store_in_refuse_mode_answers_503_and_keeps_every_ke
             assert len(g["g1"].requests()) == taken
 
 
-async def test_a_store_that_hangs_delays_no_answer_for_the_transaction_log(
+async def test_a_store_that_hangs_delays_no_answer_once_known_down(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with black_hole() as port, gateways("g1") as g:
@@ -196,13 +198,16 @@ async def test_a_store_that_hangs_delays_no_answer_for_the_transaction_log(
                 assert not p.rt.payments.guard.up
                 started = time.monotonic()
                 answers = [await p.post() for _ in range(5)]  # no key: no claim
+                answers += [await p.post(headers=key()) for _ in range(5)]
                 elapsed = time.monotonic() - started
-            assert [a[0] for a in answers] == [200] * 5
-            # Each would wait for the store's 1 s timeout writing its transaction record.
-            assert elapsed < 1.0, f"5 payments took {elapsed:.2f}s"
-            assert not [r for r in caplog.records if r.exc_info], "no traceback per payment"
+            assert [a[0] for a in answers] == [200] * 10
+            # Each would wait for the store's 1 s timeout: claiming its key, writing its
+            # transaction record.
+            assert elapsed < 1.0, f"10 payments took {elapsed:.2f}s"
+            traced = [r.message for r in caplog.records if r.exc_info]
+            assert len(traced) == 1, "one traceback per outage, not one per payment"
+            assert sum("key held in this process only" in r.message for r in caplog.records) == 1
             assert p.events.kinds("store.") == ["store.down"]
-            errors = p.rt.registry.get_sample_value(
-                "payswitch_idempotency_store_errors_total", {"op": "record"}
-            )
-            assert errors == 6
+            errors = p.rt.registry.get_sample_value
+            assert errors("payswitch_idempotency_store_errors_total", {"op": "record"}) == 11
+            assert errors("payswitch_idempotency_store_errors_total", {"op": "claim"}) == 6
