@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two probes of a store that is down.
-PROBE_EVERY = 1.0
+#: Seconds between two probes of a store that is down. Requests do not try a store that
+#: is down, so this is also how long one transient failure keeps keyed payments off it.
+PROBE_EVERY = 0.25
 
 
 class StoreGuard:
