@@ -79,7 +79,7 @@ class Payments:
         metrics: Metrics,
         *,
         guard: StoreGuard | None = None,
-        fallback: IdempotencyStore | None = None,
+        fallback: MemoryIdempotencyStore | None = None,
     ) -> None:
         self.keys = keys
         self.log = log
@@ -187,6 +187,11 @@ class Payments:
         assert policy is not None
         lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
         guard = self.guard
+        fallback = self.fallback
+        if policy.on_store_down == "local" and len(fallback) and fallback.holds(key):
+            # Taken here during an outage: the shared store never saw it, so a retry of it
+            # stays here until it expires, or it would be sent a second time.
+            return fallback, await fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
         if guard.up:
             try:
                 result = await self.keys.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
@@ -203,7 +208,7 @@ class Payments:
                 guard.succeeded()
                 return self.keys, result
         else:
-            # Known down and probed every second: trying would only wait for the timeout.
+            # Known down and being probed: trying would only wait for the timeout.
             guard.skipped("claim")
         if policy.on_store_down != "local":
             self._count(plan, "store_down")
@@ -223,7 +228,7 @@ class Payments:
                 "route %s: store down, each key held in this process only until it is back",
                 plan.name,
             )
-        return self.fallback, await self.fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
+        return fallback, await fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
 
     async def settle(
         self,
@@ -321,8 +326,9 @@ class Payments:
             # delaying this answer, and fail. Counted, not logged per payment.
             guard.skipped("record")
             return
+        record = transaction_record(dispatch, state, status, started_wall)
         try:
-            await self.log.put(transaction_record(dispatch, state, status, started_wall))
+            await self.log.put(record)
         except (ValueError, TypeError):
             logger.exception("could not record transaction %s", dispatch.req.transaction_id)
         except Exception as exc:

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 #: Seconds between two probes of a store that is down. Requests do not try a store that
 #: is down, so this is also how long one transient failure keeps keyed payments off it.
 PROBE_EVERY = 0.25
+#: A store that fails again within `FLAP_WINDOW` seconds of coming back (it answers the
+#: probe's PING but not writes, say) is probed half as often each time, down to once per
+#: `PROBE_MAX` seconds, so it is said a few times rather than four times a second.
+FLAP_WINDOW = 2.0
+PROBE_MAX = 5.0
 
 
 class StoreGuard:
@@ -44,6 +49,9 @@ class StoreGuard:
         self._events = events
         self._probe_every = probe_every
         self._probe: asyncio.Task[None] | None = None
+        self._interval = probe_every
+        self._up_since = 0.0
+        self._closed = False
         self.up = True
         #: Outages seen so far: lets callers say something once per outage.
         self.outages = 0
@@ -67,10 +75,14 @@ class StoreGuard:
         self._errors.labels(op).inc()
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
         if not self.up:
+            self._ensure_probe()
             return
         self.up = False
         self.outages += 1
-        self._down_since = time.monotonic()
+        now = time.monotonic()
+        flapping = self.outages > 1 and now - self._up_since < FLAP_WINDOW
+        self._interval = min(self._interval * 2, PROBE_MAX) if flapping else self._probe_every
+        self._down_since = now
         self._up.set(0)
         # The traceback once per outage: what the store said, without one per request.
         logger.error("idempotency store down (%s failed: %s)", op, self.last_error, exc_info=exc)
@@ -78,17 +90,26 @@ class StoreGuard:
             from proxy.events import Severity
 
             self._events.emit("store.down", Severity.CRITICAL, op=op, error=self.last_error)
-        if self._probe is None or self._probe.done():
-            self._probe = spawn(self._probe_until_up(), name="idempotency-store-probe")
+        self._ensure_probe()
 
     def skipped(self, op: str) -> None:
         """A store call not tried because the store is down: counted as failed."""
         self._errors.labels(op).inc()
+        self._ensure_probe()
+
+    def _ensure_probe(self) -> None:
+        """Requests do not try a store that is down: the probe is the only way back up, so
+        one that ended (cancelled, or killed by what it did not expect) is started again."""
+        if self.up or self._closed:
+            return
+        if self._probe is None or self._probe.done():
+            self._probe = spawn(self._probe_until_up(), name="idempotency-store-probe")
 
     def succeeded(self) -> None:
         if self.up:
             return
         self.up = True
+        self._up_since = time.monotonic()
         self._up.set(1)
         logger.warning("idempotency store up again")
         if self._events is not None:
@@ -99,7 +120,7 @@ class StoreGuard:
 
     async def _probe_until_up(self) -> None:
         while not self.up:
-            await asyncio.sleep(self._probe_every)
+            await asyncio.sleep(self._interval)
             try:
                 await self._ping()
             except Exception as exc:
@@ -109,6 +130,7 @@ class StoreGuard:
             self.succeeded()
 
     async def close(self) -> None:
+        self._closed = True
         if self._probe is not None and not self._probe.done():
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

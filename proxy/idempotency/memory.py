@@ -156,6 +156,10 @@ class MemoryIdempotencyStore:
         oldest = next(iter(completed.values()))
         return max(0.0, self._clock.now() - oldest.completed_at)
 
+    def holds(self, key: str) -> bool:
+        """Whether `key` has an unexpired entry here, whatever its state."""
+        return self._get(key, self._clock.now()) is not None
+
     async def claim(
         self, key: str, fingerprint: str, ttl: float, *, lock_ttl: float | None = None
     ) -> ClaimResult:

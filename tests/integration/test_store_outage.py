@@ -211,3 +211,27 @@ async def test_a_store_that_hangs_delays_no_answer_once_known_down(
             errors = p.rt.registry.get_sample_value
             assert errors("payswitch_idempotency_store_errors_total", {"op": "record"}) == 11
             assert errors("payswitch_idempotency_store_errors_total", {"op": "claim"}) == 6
+
+
+async def test_a_key_taken_locally_during_an_outage_stays_local_after_it(tmp_path: Path) -> None:
+    # Redis never saw the key: a retry sent to Redis once it is back would charge twice.
+    port = free_port()
+    store = f"redis://127.0.0.1:{port}/0"
+    async with gateways("g1") as g:
+        text = rules(g["g1"].url, on_store_down="local")
+        async with running_proxy(text, tmp_path, idempotency_store=store) as p:
+            hdrs = key()
+            status, _, _ = await p.post(headers=hdrs)
+            assert status == 200
+            assert not p.rt.payments.guard.up
+            with redis_on(port):
+                await eventually(lambda: p.rt.payments.guard.up, within=5)
+                status, headers, _ = await p.post(headers=hdrs)
+                assert status == 200
+                assert headers["Idempotent-Replayed"] == "true"
+                assert len(g["g1"].requests()) == 1
+                status, headers, _ = await p.post(headers=key())  # a new key: Redis again
+                assert status == 200
+                assert "Idempotent-Replayed" not in headers
+                assert len(g["g1"].requests()) == 2
+                assert p.rt.payments.guard.up

@@ -60,3 +60,37 @@ async def test_a_request_that_succeeds_brings_it_up_at_once() -> None:
     guard.succeeded()
     assert guard.up
     await guard.close()
+
+
+async def test_a_probe_that_ended_while_down_is_started_again() -> None:
+    # Requests do not try a store that is down: without its probe it would stay down.
+    store = Flaky()
+    guard = StoreGuard(store.ping, registry=CollectorRegistry(), probe_every=0.01)
+    guard.failed("claim", ConnectionError("refused"))
+    probe = guard._probe
+    assert probe is not None
+    probe.cancel()
+    await eventually(probe.done)
+    guard.skipped("claim")
+    store.answers = True
+    await eventually(lambda: guard.up)
+    await guard.close()
+    guard.failed("claim", ConnectionError("refused"))
+    assert guard._probe is None or guard._probe.done(), "no probe after close"
+
+
+async def test_a_store_that_fails_again_just_after_coming_back_is_probed_less_often() -> None:
+    store = Flaky()
+    store.answers = True
+    guard = StoreGuard(store.ping, registry=CollectorRegistry(), probe_every=0.01)
+    intervals = []
+    for _ in range(6):  # answers the probe, fails every write at once
+        guard.failed("claim", ConnectionError("OOM"))
+        intervals.append(guard._interval)
+        await eventually(lambda: guard.up)
+    assert intervals == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16, 0.32])
+    guard._interval = 4.0
+    guard._up_since = 0.0  # long ago: the next outage is a new one
+    guard.failed("claim", ConnectionError("refused"))
+    assert guard._interval == 0.01
+    await guard.close()
