@@ -330,6 +330,12 @@ def setup(level: str, writer: LineWriter | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    # watchfiles says "N changes detected" at info on every batch: noise once per rules
+    # write, a flood when something writes into the rules directory. The reload it causes
+    # is logged; its own lines show with --log-level debug.
+    logging.getLogger("watchfiles").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    )
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_uncaught

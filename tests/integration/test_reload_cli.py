@@ -249,3 +249,29 @@ async def test_invalid_rules_at_start_exit_1_naming_file_and_line(tmp_path: Path
     with socket.socket() as s:
         s.settimeout(1)
         assert s.connect_ex(("127.0.0.1", listen)) != 0, "it must not have listened"
+
+
+async def test_a_watched_edit_reloads_without_watchfiles_chatter_and_sigterm_exits(
+    tmp_path: Path,
+) -> None:
+    async with gateways("g1", "g2") as g:
+        urls = {n: gw.url for n, gw in g.items()}
+        async with running_payswitch(rules_text(urls, "g1"), tmp_path) as ps:
+            # Something writing into the rules directory over and over (a log file, say).
+            noise = ps.rules / "notes.txt"
+            for i in range(20):
+                noise.write_text(f"{i}\n", encoding="utf-8")
+                await asyncio.sleep(0.02)
+            (ps.rules / "rules.yaml").write_text(rules_text(urls, "g2"), encoding="utf-8")
+
+            async def reloaded() -> bool:
+                return await ps.generation() == 2
+
+            await until("watched reload", reloaded, 5.0)
+            assert await ps.pay() == (200, "g2")
+            ps.proc.send_signal(signal.SIGTERM)
+            exited = await asyncio.to_thread(ps.proc.wait, GRACE + DEADLINE + 3)
+            assert exited == 0, ps.output()
+        out = ps.output()
+        assert "change detected" not in out and "changes detected" not in out, out[-2000:]
+        assert "rules generation 2 loaded (watch" in out, out[-2000:]
