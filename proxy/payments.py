@@ -90,9 +90,9 @@ class Payments:
         #: Requests being dispatched, by transaction id: their PENDING record is built
         #: when someone asks rather than written to the log on every request.
         self.in_flight: dict[str, tuple[Dispatch, float]] = {}
-        #: (route, outage) pairs whose local fallback was logged: once per outage, not
-        #: once per payment.
-        self._fallback_said: set[tuple[str, int]] = set()
+        #: The outage (`guard.outages`) each route's local fallback was last logged in:
+        #: once per outage, not once per payment.
+        self._fallback_said: dict[str, int] = {}
 
     async def claim(
         self,
@@ -188,7 +188,7 @@ class Payments:
         lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
         guard = self.guard
         fallback = self.fallback
-        if policy.on_store_down == "local" and len(fallback) and fallback.holds(key):
+        if policy.on_store_down == "local" and fallback.holds(key):
             # Taken here during an outage: the shared store never saw it, so a retry of it
             # stays here until it expires, or it would be sent a second time.
             return fallback, await fallback.claim(key, fp, policy.ttl, lock_ttl=lock_ttl)
@@ -219,11 +219,8 @@ class Payments:
                 headers={"Retry-After": str(STORE_DOWN_RETRY_AFTER)},
             )
         self._count(plan, "local_fallback")
-        said = (plan.name, guard.outages)
-        if said not in self._fallback_said:
-            if len(self._fallback_said) > 1000:
-                self._fallback_said.clear()
-            self._fallback_said.add(said)
+        if self._fallback_said.get(plan.name) != guard.outages:
+            self._fallback_said[plan.name] = guard.outages
             logger.warning(
                 "route %s: store down, each key held in this process only until it is back",
                 plan.name,
