@@ -2,7 +2,10 @@
 
 Owns: reading the (capped) body, matching a route on the snapshot the request started
 with, running the retry loop, writing the gateway's answer or a problem body back, and the
-per-request bookkeeping (metrics, access log, transaction events).
+per-request bookkeeping (metrics, access log, transaction events and record). A forwarded
+answer's bookkeeping is its `Answer.then`, run by the listener once the answer is written:
+the client never waits on it. The idempotency key is settled before: a retry must find
+what this request was told.
 Must not: choose gateways or judge attempts (retry, balancer) or parse rules (config).
 """
 
@@ -90,6 +93,8 @@ class ProxyHandler:
             ) as span:
                 resp = await self._dispatch(request, dispatch, ticket, started)
                 tracing.record_outcome(span, resp.status, dispatch.client_outcome or "unknown")
+                if resp.then is not None:
+                    resp.then = tracing.within_current(resp.then)
                 return resp
         except errors.ProxyError as err:
             if err.route is None and plan is not None:
@@ -175,30 +180,45 @@ class ProxyHandler:
                 error.tried,
             )
         if ticket is not None:
+            # Before the answer: a retry with the same key must find what this one was told.
             await rt.payments.settle(ticket, settled, status, headers, body)
         rt.ledger.settled(dispatch)
-        state = _state(settled, status)
-        self._transaction_event(_EVENT_OF_STATE[state], dispatch, settled, status, started)
-        await rt.payments.record(dispatch, state, status, started_wall)
-        att = settled.attempt
-        tried = error.tried if error is not None else settled.tried
-        self._account(
-            request,
-            dispatch.req.plan,
-            dispatch.req.region,
-            dispatch.req.transaction_id,
-            att.gateway.name if att and settled.reply else None,
-            status,
-            started,
-            tried,
-            error.slug if error is not None else None,
-        )
+        ended = time.monotonic()
+
+        async def then() -> None:
+            """The payment's record, event, metrics and access log: once it is answered."""
+            state = _state(settled, status)
+            self._transaction_event(
+                _EVENT_OF_STATE[state], dispatch, settled, status, started, ended
+            )
+            await rt.payments.record(dispatch, state, status, started_wall)
+            att = settled.attempt
+            self._account(
+                request,
+                dispatch.req.plan,
+                dispatch.req.region,
+                dispatch.req.transaction_id,
+                att.gateway.name if att and settled.reply else None,
+                status,
+                started,
+                error.tried if error is not None else settled.tried,
+                error.slug if error is not None else None,
+                ended,
+            )
+
         reply = settled.reply
         if reply is not None and reply.stream is not None:
             # A large answer goes on as it arrives; the server releases the upstream.
             stream, reply.stream = reply.stream, None
-            return Answer(status, headers, body or b"", stream=stream, length=stream.content_length)
-        return Answer(status, headers, body or b"")
+            return Answer(
+                status,
+                headers,
+                body or b"",
+                stream=stream,
+                length=stream.content_length,
+                then=then,
+            )
+        return Answer(status, headers, body or b"", then=then)
 
     def _count_retries(self, dispatch: Dispatch) -> None:
         """Each attempt after the first, by why the one before it was left."""
@@ -233,6 +253,7 @@ class ProxyHandler:
         settled: Settled | None,
         status: int | None,
         started: float,
+        ended: float | None = None,
     ) -> None:
         att = None
         if settled is not None:
@@ -247,7 +268,7 @@ class ProxyHandler:
             attempt_id=att.attempt_id if att else None,
             attempts=len(settled.attempts) if settled else 0,
             status=status,
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            duration_ms=round(((ended or time.monotonic()) - started) * 1000, 3),
         )
 
     def _account(
@@ -261,9 +282,10 @@ class ProxyHandler:
         started: float,
         tried: tuple[errors.Tried, ...] | list[errors.Tried],
         error: str | None,
+        ended: float | None = None,
     ) -> None:
         rt = self.rt
-        elapsed = time.monotonic() - started
+        elapsed = (ended or time.monotonic()) - started
         route = plan.name if plan is not None else "-"
         outcome = error or _STATUS_CLASS.get(status // 100) or f"{status // 100}xx"
         rt.metrics.request(route, gateway or "-", outcome, elapsed)

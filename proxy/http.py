@@ -71,10 +71,12 @@ class Answer:
     """What the handler sends back: status, end-to-end headers and the body.
 
     `stream`, when set, yields the body after `body`; `length` is then the whole body's
-    length if known (Content-Length framing), else the body is chunked.
+    length if known (Content-Length framing), else the body is chunked. `then`, when set,
+    is the request's bookkeeping: the server runs it once the answer is written (or could
+    not be), so accounting never delays what the client is waiting for.
     """
 
-    __slots__ = ("body", "headers", "length", "status", "stream")
+    __slots__ = ("body", "headers", "length", "status", "stream", "then")
 
     def __init__(
         self,
@@ -84,12 +86,14 @@ class Answer:
         *,
         stream: Stream | None = None,
         length: int | None = None,
+        then: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.stream = stream
         self.length = length
+        self.then = then
 
 
 Handler = Callable[["Request"], Awaitable[Answer]]

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -274,6 +274,23 @@ class Tracing:
         return self._tracer.start_as_current_span(
             f"attempt {gateway.name}", kind=SpanKind.CLIENT, attributes=attributes
         )
+
+    @staticmethod
+    def within_current(then: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """`then`, run later under the trace context current now (the request's span), so
+        what it emits carries the request's trace after its span has ended."""
+        from opentelemetry import context as otel_context
+
+        now = otel_context.get_current()
+
+        async def run() -> None:
+            token = otel_context.attach(now)
+            try:
+                await then()
+            finally:
+                otel_context.detach(token)
+
+        return run
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Point the upstream request's trace headers at the current span.

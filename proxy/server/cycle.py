@@ -11,8 +11,10 @@ handler whose client went away.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from proxy.aio import spawn
 from proxy.http import Answer, ClientClosed, Request, problem
 from proxy.server import wire
 
@@ -26,7 +28,9 @@ _BODILESS_STATUS = frozenset({204, 304})
 
 
 async def serve(conn: Connection, req: Request) -> None:
-    """Run the handler for `req` and write its answer; the connection then goes on."""
+    """Run the handler for `req` and write its answer; the connection then goes on, and
+    the answer's bookkeeping (`Answer.then`) runs after the answer has gone out."""
+    then: Callable[[], Awaitable[None]] | None = None
     try:
         try:
             answer = await conn.server.handler(req)
@@ -35,6 +39,7 @@ async def serve(conn: Connection, req: Request) -> None:
             answer = problem(
                 500, "Internal proxy error", "the proxy failed this request", "internal"
             )
+        then = answer.then
         try:
             await write(conn, req, answer)
         except Exception:
@@ -44,9 +49,23 @@ async def serve(conn: Connection, req: Request) -> None:
         # Cancelled with no answer written: the client must not read the next
         # request's answer as this one's.
         conn.abort()
+        if then is not None:
+            # Cancelled mid-answer: the payment is still recorded, in a task of its own.
+            spawn(_keep_books(then, req), name="bookkeeping")
         raise
     finally:
         conn.finished(req)
+    # Not in a `finally`: an await there leaks the handled exception into later ones
+    # in the compiled build.
+    if then is not None:
+        await _keep_books(then, req)
+
+
+async def _keep_books(then: Callable[[], Awaitable[None]], req: Request) -> None:
+    try:
+        await then()
+    except Exception:
+        logger.exception("bookkeeping failed for %s %s", req.method, req.raw_path)
 
 
 def keep(conn: Connection, req: Request) -> bool:

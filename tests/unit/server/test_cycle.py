@@ -111,3 +111,87 @@ async def test_an_http_1_0_stream_without_length_ends_with_the_connection() -> N
     out = transport.take()
     assert b"Connection: close\r\n" in out and out.endswith(b"\r\n\r\nxyz")
     assert stream.released and conn.last_answer
+
+
+async def test_the_bookkeeping_runs_once_the_answer_is_written() -> None:
+    seen: list[bytes] = []
+    answer = Answer(200, {}, b"paid")
+
+    async def then() -> None:
+        seen.append(bytes(transport.written))
+
+    answer.then = then
+    conn, transport = answering(answer)
+    conn.data_received(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await settle()
+    (written,) = seen
+    assert written.endswith(b"\r\n\r\npaid")
+
+
+async def test_a_failing_bookkeeping_leaves_the_connection_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answer = Answer(200, {}, b"ok")
+
+    async def then() -> None:
+        raise RuntimeError("the record store broke")
+
+    answer.then = then
+    conn, transport = answering(answer)
+    conn.data_received(b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\nGET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await settle()
+    assert transport.take().count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert not transport.aborted and not transport.closed
+    assert caplog.text.count("bookkeeping failed for GET /") == 2
+
+
+async def test_the_bookkeeping_runs_when_the_client_has_gone() -> None:
+    ran: list[bool] = []
+    answer = Answer(200, {}, b"late")
+
+    async def then() -> None:
+        ran.append(True)
+
+    answer.then = then
+    gate = asyncio.Event()
+
+    async def handler(req: Request) -> Answer:
+        await gate.wait()
+        return answer
+
+    server = ProxyServer(handler, lambda: 1024)
+    server.loop = asyncio.get_running_loop()
+    conn = Connection(server)
+    transport = MemoryTransport()
+    conn.connection_made(transport)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    await settle()
+    conn.connection_lost(None)
+    gate.set()
+    await settle()
+    assert ran == [True] and b"late" not in transport.written
+
+
+async def test_the_bookkeeping_runs_when_the_answer_is_cancelled_midway() -> None:
+    ran: list[bool] = []
+    stuck = asyncio.Event()
+
+    class Stuck(Pieces):
+        async def iter_any(self) -> AsyncIterator[bytes]:
+            yield b"a"
+            await stuck.wait()
+            yield b"b"
+
+    answer = Answer(200, {}, b"", stream=Stuck(), length=2)
+
+    async def then() -> None:
+        ran.append(True)
+
+    answer.then = then
+    conn, transport = answering(answer)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    await settle()
+    (task,) = conn.server.tasks
+    task.cancel()
+    await settle()
+    assert ran == [True] and transport.aborted
