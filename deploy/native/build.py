@@ -64,9 +64,16 @@ MODULES = (
     "proxy/upstream/degradation.py",
     "proxy/upstream/outlier.py",
     "proxy/upstream/limits.py",
+    "proxy/upstream/silence.py",
+    "proxy/windows.py",
+    "proxy/clock.py",
+    "proxy/routing.py",
+    "proxy/ledger.py",
+    "proxy/metrics.py",
     "proxy/payments.py",
     "proxy/events.py",
     "proxy/accesslog.py",
+    "proxy/idempotency/transactions.py",
 )
 
 STAMP = ".payswitch-native"
