@@ -211,7 +211,9 @@ async def test_keep_alive_clients_through_sigterm_lose_nothing(tmp_path: Path) -
     assert exited == 0, ps.output()
     assert {s for c in clients for s in c.statuses} == {200}
     assert sorted(served) == sorted(answered) and set(served.values()) == {1}, "lost or doubled"
-    assert len(answered) >= rate * (1.0 + GRACE * 0.6), "the grace kept serving"
+    # ~405 on a quiet machine (new connections stop 0.3 s before the grace ends, and each
+    # drained client reconnects); stopping at SIGTERM would give ~200.
+    assert len(answered) >= rate * (1.0 + GRACE * 0.4), "the grace kept serving"
     assert all(c.told_to_close >= 1 for c in clients), "each was told to close while draining"
 
 
