@@ -1,7 +1,8 @@
 """The steady-rate load: one hey worker at a fixed rate, and the latency it reports.
 
 Owns: the hey command line (one connection, `RATE` POSTs a second, no bursts), running it
-bounded in time, and parsing its latency distribution (p50, p99) and status counts.
+bounded in time, parsing its latency distribution (p50, p99) and status counts, and the
+median of several rounds.
 Must not: decide what the figures mean; the runner compares them with the direct upstream.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import subprocess
 from dataclasses import asdict, dataclass
 
@@ -29,9 +31,23 @@ class SteadyResult:
     p99_ms: float
     ok: int  # 2xx answers
     other: int  # any other status, and errors
+    rounds: int = 1  # runs these figures are the median of
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+def median_of(runs: list[SteadyResult]) -> SteadyResult:
+    """One target's rounds as one result: the median p50 and p99, every answer counted."""
+    if not runs:
+        raise ValueError("no steady run to take the median of")
+    return SteadyResult(
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        ok=sum(r.ok for r in runs),
+        other=sum(r.other for r in runs),
+        rounds=len(runs),
+    )
 
 
 def binary() -> str | None:

@@ -133,7 +133,11 @@ def steady_table(results: dict[str, TargetResult], rate: int) -> str:
         f"{'target':<20} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'added p99':>10} "
         f"{'non-2xx':>8}"
     )
-    lines = [f"steady rate: one client, {rate} POST/s, no bursts", head, "-" * len(head)]
+    rounds = max((r.steady.rounds for r in results.values() if r.steady is not None), default=1)
+    title = f"steady rate: one client, {rate} POST/s, no bursts"
+    if rounds > 1:
+        title += f"; median of {rounds} rounds, the targets taking turns"
+    lines = [title, head, "-" * len(head)]
     for result in results.values():
         st = result.steady
         if st is None:

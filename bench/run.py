@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 from bench import envoy, hey, nginx, report, targets, tools, wrk
 from bench.procs import BenchError, Processes, http, tree_rss_mib
 from bench.report import TargetResult
-from bench.targets import LOAD_CORE, Context, Target
+from bench.targets import LOAD_CORE, Context, Running, Target
 
 OUT_DIR = targets.BENCH_DIR / "out"
 SETTLE = 0.5  # seconds between runs, so one run's closing connections do not skew the next
@@ -61,7 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steady",
         type=float,
         default=None,
-        help="seconds at the steady rate (10; 5 --quick; 0 skips)",
+        help="seconds of each steady-rate round (5; 3 --quick; 0 skips)",
+    )
+    parser.add_argument(
+        "--steady-rounds",
+        type=int,
+        default=None,
+        help="steady-rate rounds, each measuring every target once; median kept (5; 1 --quick)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -69,9 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
     if args.steady is None:
-        args.steady = 5.0 if args.quick else 10.0
+        args.steady = 3.0 if args.quick else 5.0
+    if args.steady_rounds is None:
+        args.steady_rounds = 1 if args.quick else 5
     if args.duration < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--duration must be >= 1, --runs >= 1, --warmup >= 0")
+    if args.steady_rounds < 1 or 0 < args.steady < 1:
+        parser.error("--steady-rounds must be >= 1, --steady 0 or >= 1")
     args.only = args.only or names
     return args
 
@@ -93,15 +103,6 @@ def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes)
             if running.started is not None:
                 result.idle_rss_mib = tree_rss_mib(
                     running.started.pid, include_root=running.rss_root
-                )
-            if target.name in STEADY and args.steady > 0:
-                # Before the saturating runs, so nothing they leave behind colours it.
-                result.steady = hey.run(running.url, body, args.steady, core=LOAD_CORE)
-                print(
-                    f"bench: {target.title}: steady {hey.RATE}/s: p50 "
-                    f"{result.steady.p50_ms:.2f} ms p99 {result.steady.p99_ms:.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
                 )
             if args.warmup > 0:
                 wrk.run(running.url, args.warmup, core=LOAD_CORE)
@@ -133,6 +134,52 @@ def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes)
         result.error = str(err)
         print(f"bench: {target.title}: FAILED: {err}", file=sys.stderr, flush=True)
     return result
+
+
+def measure_steady(
+    chosen: list[Target], ctx: Context, args: argparse.Namespace, body: bytes
+) -> dict[str, hey.SteadyResult]:
+    """The steady-rate latency of `chosen`, all started at once and measured in turns.
+
+    A shared machine's speed drifts by tens of percent over minutes: measured one after
+    the other, minutes apart, targets would be compared across that drift. Here each
+    round measures every target once (the order turning each round), and each target's
+    figure is the median of its rounds. Runs before any saturating load.
+    """
+    running: dict[str, Running] = {}
+    rounds: dict[str, list[hey.SteadyResult]] = {}
+    try:
+        for target in chosen:
+            print(f"bench: {target.title}: starting for the steady rate", file=sys.stderr)
+            try:
+                started = running[target.name] = target.start(ctx)
+                smoke(started.url, body)
+            except (BenchError, OSError, subprocess.SubprocessError) as err:
+                running.pop(target.name, None)
+                print(f"bench: {target.title}: steady: FAILED: {err}", file=sys.stderr)
+        titles = {t.name: t.title for t in chosen}
+        names = list(running)
+        for i in range(args.steady_rounds):
+            turn = i % len(names) if names else 0
+            for name in names[turn:] + names[:turn]:
+                time.sleep(SETTLE)
+                try:
+                    one = hey.run(running[name].url, body, args.steady, core=LOAD_CORE)
+                except (hey.HeyOutputError, OSError, subprocess.SubprocessError) as err:
+                    print(f"bench: {titles[name]}: steady: FAILED: {err}", file=sys.stderr)
+                    continue
+                rounds.setdefault(name, []).append(one)
+                print(
+                    f"bench: {titles[name]}: steady {hey.RATE}/s, round {i + 1}/"
+                    f"{args.steady_rounds}: p50 {one.p50_ms:.2f} ms p99 {one.p99_ms:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        for started in running.values():
+            if started.started is not None:
+                ctx.procs.stop(started.started)
+    return {name: hey.median_of(runs) for name, runs in rounds.items()}
 
 
 def _version(argv: list[str]) -> str:
@@ -201,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        steady: dict[str, hey.SteadyResult] = {}
+        if args.steady > 0:
+            chosen = [t for t in targets.TARGETS if t.name in STEADY and t.name in args.only]
+            steady = measure_steady(chosen, ctx, args, body)
         for target in targets.TARGETS:
             if target.name in args.only:
                 results[target.name] = measure(target, ctx, args, body)
+                results[target.name].steady = steady.get(target.name)
     out = OUT_DIR / f"results-{stamp}.json"
     report.write_json(out, meta(args, started_at), results)
     print()

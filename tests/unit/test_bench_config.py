@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import nginx, report, tools, wrk
+from bench import hey, nginx, report, run, tools, wrk
 from bench.report import TargetResult
 from bench.targets import bench_rules, write_rules
 from proxy.config.load import load_rules
@@ -188,3 +188,63 @@ def test_payswitch_cores(args: list[str], cores: str | None) -> None:
 
     expected = cores or ",".join(str(i) for i in range(os.cpu_count() or 1))
     assert payswitch_cores(args) == expected
+
+
+HEY_OUT = """
+Summary:
+  Total:\t5.0021 secs
+  Requests/sec:\t399.8
+
+Latency distribution:
+  10%% in 0.0003 secs
+  50%% in %s secs
+  99%% in %s secs
+
+Status code distribution:
+  [200]\t1999 responses
+  [502]\t1 responses
+"""
+
+
+def test_steady_rounds_are_kept_as_their_median() -> None:
+    runs = [
+        hey.parse(HEY_OUT % (p50, p99))
+        for p50, p99 in [("0.0004", "0.0009"), ("0.0006", "0.0030"), ("0.0005", "0.0011")]
+    ]
+    assert (runs[0].p50_ms, runs[0].p99_ms, runs[0].ok, runs[0].other) == pytest.approx(
+        (0.4, 0.9, 1999, 1)
+    )
+    got = hey.median_of(runs)
+    assert (got.p50_ms, got.p99_ms) == pytest.approx((0.5, 1.1))  # one slow round moves neither
+    assert (got.ok, got.other, got.rounds) == (3 * 1999, 3, 3)
+    with pytest.raises(ValueError, match="no steady run"):
+        hey.median_of([])
+
+
+def test_steady_table_says_it_shows_medians_of_rounds() -> None:
+    results = {name: result(name, 1000.0) for name in ("direct", "payswitch")}
+    results["direct"].steady = hey.SteadyResult(p50_ms=0.2, p99_ms=0.5, ok=10, other=0, rounds=5)
+    results["payswitch"].steady = hey.SteadyResult(p50_ms=0.5, p99_ms=0.9, ok=10, other=0, rounds=5)
+    table = report.steady_table(results, 400)
+    assert "median of 5 rounds" in table
+    assert "0.30" in table and "0.40" in table  # what payswitch adds at p50 and p99
+
+
+@pytest.mark.parametrize(
+    ("argv", "seconds", "rounds"),
+    [
+        ([], 5.0, 5),
+        (["--quick"], 3.0, 1),
+        (["--steady", "0"], 0.0, 5),
+        (["--steady-rounds", "3"], 5.0, 3),
+    ],
+)
+def test_steady_rate_defaults(argv: list[str], seconds: float, rounds: int) -> None:
+    args = run.parse_args(argv)
+    assert (args.steady, args.steady_rounds) == (seconds, rounds)
+
+
+@pytest.mark.parametrize("argv", [["--steady-rounds", "0"], ["--steady", "0.5"]])
+def test_steady_rate_options_are_checked(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
