@@ -93,93 +93,109 @@ def smoke(url: str, body: bytes) -> None:
         raise BenchError(f"POST {url} answered {resp.status}: {resp.body[:200]!r}")
 
 
-def measure(target: Target, ctx: Context, args: argparse.Namespace, body: bytes) -> TargetResult:
-    result = TargetResult(name=target.name, title=target.title)
-    print(f"bench: {target.title}: starting", file=sys.stderr, flush=True)
-    try:
-        running = target.start(ctx)
-        try:
-            smoke(running.url, body)
-            if running.started is not None:
-                result.idle_rss_mib = tree_rss_mib(
-                    running.started.pid, include_root=running.rss_root
-                )
-            if args.warmup > 0:
-                wrk.run(running.url, args.warmup, core=LOAD_CORE)
-            for i in range(args.runs):
-                time.sleep(SETTLE)
-                run = wrk.run(running.url, args.duration, core=LOAD_CORE)
-                print(
-                    f"bench: {target.title}: run {i + 1}/{args.runs}: {run.rps:,.0f} req/s "
-                    f"p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                result.runs.append(run)
-            if running.started is not None:
-                result.rss_mib = tree_rss_mib(running.started.pid, include_root=running.rss_root)
-                result.peak_rss_mib = tree_rss_mib(
-                    running.started.pid, include_root=running.rss_root, peak=True
-                )
-        finally:
-            if running.started is not None:
-                ctx.procs.stop(running.started)
-    except (
-        BenchError,
-        wrk.WrkOutputError,
-        hey.HeyOutputError,
-        OSError,
-        subprocess.SubprocessError,
-    ) as err:
-        result.error = str(err)
-        print(f"bench: {target.title}: FAILED: {err}", file=sys.stderr, flush=True)
-    return result
+_FAILURES = (
+    BenchError,
+    wrk.WrkOutputError,
+    hey.HeyOutputError,
+    OSError,
+    subprocess.SubprocessError,
+)
 
 
-def measure_steady(
+def measure(
     chosen: list[Target], ctx: Context, args: argparse.Namespace, body: bytes
-) -> dict[str, hey.SteadyResult]:
-    """The steady-rate latency of `chosen`, all started at once and measured in turns.
+) -> dict[str, TargetResult]:
+    """Every chosen target, started together and measured in turns.
 
     A shared machine's speed drifts by tens of percent over minutes: measured one after
-    the other, minutes apart, targets would be compared across that drift. Here each
-    round measures every target once (the order turning each round), and each target's
-    figure is the median of its rounds. Runs before any saturating load.
+    the other, minutes apart, targets would be compared across that drift. So each target
+    is started (smoke-checked, idle RSS read), then the steady-rate rounds run, then the
+    saturation runs, and each round measures every target once, the order turning each
+    round; a target's figures are the median of its rounds. The steady rate comes first,
+    so nothing a saturating run leaves behind colours it.
     """
+    results = {t.name: TargetResult(name=t.name, title=t.title) for t in chosen}
     running: dict[str, Running] = {}
-    rounds: dict[str, list[hey.SteadyResult]] = {}
+
+    def failed(name: str, err: BaseException) -> None:
+        results[name].error = str(err)
+        print(f"bench: {results[name].title}: FAILED: {err}", file=sys.stderr, flush=True)
+        gone = running.pop(name, None)
+        if gone is not None and gone.started is not None:
+            ctx.procs.stop(gone.started)
+
+    def turns(names: list[str], i: int) -> list[str]:
+        turn = i % len(names) if names else 0
+        return names[turn:] + names[:turn]
+
     try:
         for target in chosen:
-            print(f"bench: {target.title}: starting for the steady rate", file=sys.stderr)
+            result = results[target.name]
+            print(f"bench: {target.title}: starting", file=sys.stderr, flush=True)
             try:
                 started = running[target.name] = target.start(ctx)
                 smoke(started.url, body)
-            except (BenchError, OSError, subprocess.SubprocessError) as err:
-                running.pop(target.name, None)
-                print(f"bench: {target.title}: steady: FAILED: {err}", file=sys.stderr)
-        titles = {t.name: t.title for t in chosen}
-        names = list(running)
-        for i in range(args.steady_rounds):
-            turn = i % len(names) if names else 0
-            for name in names[turn:] + names[:turn]:
+                if started.started is not None:
+                    result.idle_rss_mib = tree_rss_mib(
+                        started.started.pid, include_root=started.rss_root
+                    )
+            except _FAILURES as err:
+                failed(target.name, err)
+        steady = [n for n in running if n in STEADY] if args.steady > 0 else []
+        rounds: dict[str, list[hey.SteadyResult]] = {}
+        for i in range(args.steady_rounds if steady else 0):
+            for name in turns(steady, i):
+                if name not in running:
+                    continue
                 time.sleep(SETTLE)
                 try:
                     one = hey.run(running[name].url, body, args.steady, core=LOAD_CORE)
-                except (hey.HeyOutputError, OSError, subprocess.SubprocessError) as err:
-                    print(f"bench: {titles[name]}: steady: FAILED: {err}", file=sys.stderr)
+                except _FAILURES as err:
+                    failed(name, err)
                     continue
                 rounds.setdefault(name, []).append(one)
                 print(
-                    f"bench: {titles[name]}: steady {hey.RATE}/s, round {i + 1}/"
+                    f"bench: {results[name].title}: steady {hey.RATE}/s, round {i + 1}/"
                     f"{args.steady_rounds}: p50 {one.p50_ms:.2f} ms p99 {one.p99_ms:.2f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
+        for name, runs in rounds.items():
+            results[name].steady = hey.median_of(runs)
+        for name in list(running):
+            if args.warmup > 0:
+                try:
+                    wrk.run(running[name].url, args.warmup, core=LOAD_CORE)
+                except _FAILURES as err:
+                    failed(name, err)
+        names = list(running)
+        for i in range(args.runs):
+            for name in turns(names, i):
+                if name not in running:
+                    continue
+                time.sleep(SETTLE)
+                try:
+                    run = wrk.run(running[name].url, args.duration, core=LOAD_CORE)
+                except _FAILURES as err:
+                    failed(name, err)
+                    continue
+                print(
+                    f"bench: {results[name].title}: run {i + 1}/{args.runs}: {run.rps:,.0f} "
+                    f"req/s p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results[name].runs.append(run)
+        for name, started in running.items():
+            if started.started is not None:
+                pid, root = started.started.pid, started.rss_root
+                results[name].rss_mib = tree_rss_mib(pid, include_root=root)
+                results[name].peak_rss_mib = tree_rss_mib(pid, include_root=root, peak=True)
     finally:
         for started in running.values():
             if started.started is not None:
                 ctx.procs.stop(started.started)
-    return {name: hey.median_of(runs) for name, runs in rounds.items()}
+    return results
 
 
 def _version(argv: list[str]) -> str:
@@ -248,19 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        steady: dict[str, hey.SteadyResult] = {}
-        if args.steady > 0:
-            chosen = [t for t in targets.TARGETS if t.name in STEADY and t.name in args.only]
-            steady = measure_steady(chosen, ctx, args, body)
-        for target in targets.TARGETS:
-            if target.name in args.only:
-                results[target.name] = measure(target, ctx, args, body)
-                results[target.name].steady = steady.get(target.name)
+        chosen = [t for t in targets.TARGETS if t.name in args.only]
+        results = measure(chosen, ctx, args, body)
     out = OUT_DIR / f"results-{stamp}.json"
     report.write_json(out, meta(args, started_at), results)
     print()
     print(
-        f"{args.runs} run(s) x {args.duration:g} s per target, median; "
+        f"{args.runs} round(s) x {args.duration:g} s per target, the targets taking turns, median; "
         f"wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS}, {len(body)}-byte POST {targets.PATH}"
     )
     print(report.table(results))

@@ -170,15 +170,16 @@ def native_env() -> dict[str, str]:
 
 
 def _payswitch(ctx: Context) -> Running:
-    return _start_payswitch(ctx, native_env())
+    return _start_payswitch(ctx, native_env(), "payswitch")
 
 
 def _payswitch_py(ctx: Context) -> Running:
-    return _start_payswitch(ctx, {})
+    return _start_payswitch(ctx, {}, "payswitch-py")
 
 
-def _start_payswitch(ctx: Context, env: dict[str, str]) -> Running:
-    rules = write_rules(ctx.upstream_url, ctx.workdir / "rules")
+def _start_payswitch(ctx: Context, env: dict[str, str], name: str) -> Running:
+    # Its own rules directory and log: the targets run side by side.
+    rules = write_rules(ctx.upstream_url, ctx.workdir / f"rules-{name}")
     port, admin = free_port(), free_port()
     argv = [
         str(payswitch_binary()),
@@ -191,7 +192,7 @@ def _start_payswitch(ctx: Context, env: dict[str, str]) -> Running:
         f"127.0.0.1:{admin}",
         *ctx.payswitch_args,
     ]
-    started = ctx.procs.start("payswitch", argv, core=payswitch_cores(ctx.payswitch_args), env=env)
+    started = ctx.procs.start(name, argv, core=payswitch_cores(ctx.payswitch_args), env=env)
     # Worker 0's readiness fails until every worker serves.
     wait_ok(started, f"http://127.0.0.1:{admin}/readyz", timeout=READY_TIMEOUT)
     return Running(url=f"http://127.0.0.1:{port}{PATH}", started=started)
