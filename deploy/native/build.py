@@ -82,14 +82,25 @@ STAMP = ".payswitch-native"
 def pitfalls(paths: list[Path]) -> list[str]:
     """Source that mypy accepts and mypyc compiles differently, in the modules given.
 
-    One so far: `except A as e:` and `except B as e:` in one function. mypy checks each
-    clause alone; mypyc gives `e` the first clause's type, so catching B raises TypeError
-    instead of running the handler (a client leaving mid-body answered 500).
+    - `except A as e:` and `except B as e:` in one function. mypy checks each clause
+      alone; mypyc gives `e` the first clause's type, so catching B raises TypeError
+      instead of running the handler (a client leaving mid-body answered 500).
+    - A call (or await, or `:=`) in a slice bound: slicing anything but a list, str or
+      bytes typed as such evaluates each bound twice, so `view[os.write(fd, view):]`
+      wrote every batch twice. Give the bound a name first.
     """
     found = []
     for path in paths:
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice):
+                bounds = (node.slice.lower, node.slice.upper, node.slice.step)
+                if any(_acts(b) for b in bounds if b is not None):
+                    found.append(
+                        f"{where}:{node.lineno} `{ast.unparse(node)}`: a slice bound that"
+                        " calls is evaluated twice when compiled: name it first"
+                    )
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -105,6 +116,11 @@ def pitfalls(paths: list[Path]) -> list[str]:
                         f" `except {' / '.join(sorted(types))}`: give each clause its own name"
                     )
     return found
+
+
+def _acts(expr: ast.expr) -> bool:
+    """Does evaluating `expr` call, await or assign anything?"""
+    return any(isinstance(n, ast.Call | ast.Await | ast.NamedExpr) for n in ast.walk(expr))
 
 
 def digest() -> str:

@@ -45,8 +45,9 @@ class Silence:
             bisect.insort(starts, now)
         else:
             starts.append(now)
-        if len(starts) > MAX_TRACKED:
-            del starts[: len(starts) - MAX_TRACKED]
+        excess = len(starts) - MAX_TRACKED
+        if excess > 0:
+            del starts[:excess]
 
     def finished(self, start: float) -> None:
         """The request started at `start` (as its caller measured it) is over."""

@@ -58,6 +58,19 @@ def test_the_pitfall_check_finds_what_it_is_for(tmp_path: Path) -> None:
     assert f"{src}:1 f: `e` bound by `except KeyError / ValueError`" in found
 
 
+def test_the_pitfall_check_finds_a_slice_bound_that_calls(tmp_path: Path) -> None:
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "import os\n"
+        "def f(view: memoryview, n: int) -> memoryview:\n"
+        "    ok = view[n:-1]\n"
+        "    return view[os.write(1, view) :]\n",
+        encoding="utf-8",
+    )
+    [found] = build.pitfalls([src])
+    assert f"{src}:4 `view[os.write(1, view):]`: a slice bound that calls" in found
+
+
 def test_this_pass_runs_the_build_it_claims_to() -> None:
     for path in build.MODULES:
         name = module_name(path)
