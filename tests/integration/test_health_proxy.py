@@ -210,7 +210,7 @@ async def test_full_gateway_spills_to_the_next_without_queueing(
     tmp_path: Path, limits: str, allowed: int
 ) -> None:
     async with gateways("g1", "g2") as g:
-        g["g1"].set(delay=0.4)
+        g["g1"].set(delay=0.8)
         text = rules(g, gateway_extra={"g1": f"limits: {limits}\nweight: 5"})
         async with running_proxy(text, tmp_path) as p:
 
@@ -225,8 +225,9 @@ async def test_full_gateway_spills_to_the_next_without_queueing(
             spilled = [r for r in results if r[1] == "g2"]
             assert len(on_g1) == allowed
             assert len(spilled) == 12 - allowed
-            # Spilled requests went straight to g2, not after waiting for g1's slot.
-            assert max(r[2] for r in spilled) < 0.3
+            # Spilled requests went straight to g2, not after waiting for g1's slot (which
+            # takes g1's 0.8 s at least); 12 requests of one loop took 0.32 s on a busy day.
+            assert max(r[2] for r in spilled) < 0.6
             reason = "in-flight-cap" if "in_flight" in limits else "rate-limited"
             metrics = p.rt.registry.get_sample_value(
                 "payswitch_gateway_spillovers_total", {"gateway": "g1", "reason": reason}
