@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):
     # Run as a script: make `bench` importable as a package, and stop bench/ itself from
@@ -93,6 +94,7 @@ def smoke(url: str, body: bytes) -> None:
         raise BenchError(f"POST {url} answered {resp.status}: {resp.body[:200]!r}")
 
 
+T = TypeVar("T")
 _FAILURES = (
     BenchError,
     wrk.WrkOutputError,
@@ -124,9 +126,30 @@ def measure(
         if gone is not None and gone.started is not None:
             ctx.procs.stop(gone.started)
 
-    def turns(names: list[str], i: int) -> list[str]:
-        turn = i % len(names) if names else 0
-        return names[turn:] + names[:turn]
+    def in_turns(
+        names: list[str],
+        rounds: int,
+        run_one: Callable[[str], T],
+        said: Callable[[int, T], str],
+    ) -> dict[str, list[T]]:
+        """`rounds` rounds, each running every one of `names` still running once, the
+        order turning each round; what each gave, by name."""
+        got: dict[str, list[T]] = {}
+        for i in range(rounds):
+            turn = i % len(names) if names else 0
+            for name in names[turn:] + names[:turn]:
+                if name not in running:
+                    continue
+                time.sleep(SETTLE)
+                try:
+                    one = run_one(running[name].url)
+                except _FAILURES as err:
+                    failed(name, err)
+                    continue
+                got.setdefault(name, []).append(one)
+                line = f"bench: {results[name].title}: {said(i, one)}"
+                print(line, file=sys.stderr, flush=True)
+        return got
 
     try:
         for target in chosen:
@@ -142,50 +165,34 @@ def measure(
             except _FAILURES as err:
                 failed(target.name, err)
         steady = [n for n in running if n in STEADY] if args.steady > 0 else []
-        rounds: dict[str, list[hey.SteadyResult]] = {}
-        for i in range(args.steady_rounds if steady else 0):
-            for name in turns(steady, i):
-                if name not in running:
-                    continue
-                time.sleep(SETTLE)
-                try:
-                    one = hey.run(running[name].url, body, args.steady, core=LOAD_CORE)
-                except _FAILURES as err:
-                    failed(name, err)
-                    continue
-                rounds.setdefault(name, []).append(one)
-                print(
-                    f"bench: {results[name].title}: steady {hey.RATE}/s, round {i + 1}/"
-                    f"{args.steady_rounds}: p50 {one.p50_ms:.2f} ms p99 {one.p99_ms:.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        for name, runs in rounds.items():
-            results[name].steady = hey.median_of(runs)
+        rounds = in_turns(
+            steady,
+            args.steady_rounds,
+            lambda url: hey.run(url, body, args.steady, core=LOAD_CORE),
+            lambda i, one: (
+                f"steady {hey.RATE}/s, round {i + 1}/{args.steady_rounds}: "
+                f"p50 {one.p50_ms:.2f} ms p99 {one.p99_ms:.2f} ms"
+            ),
+        )
+        for name, steadies in rounds.items():
+            results[name].steady = hey.median_of(steadies)
         for name in list(running):
             if args.warmup > 0:
                 try:
                     wrk.run(running[name].url, args.warmup, core=LOAD_CORE)
                 except _FAILURES as err:
                     failed(name, err)
-        names = list(running)
-        for i in range(args.runs):
-            for name in turns(names, i):
-                if name not in running:
-                    continue
-                time.sleep(SETTLE)
-                try:
-                    run = wrk.run(running[name].url, args.duration, core=LOAD_CORE)
-                except _FAILURES as err:
-                    failed(name, err)
-                    continue
-                print(
-                    f"bench: {results[name].title}: run {i + 1}/{args.runs}: {run.rps:,.0f} "
-                    f"req/s p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                results[name].runs.append(run)
+        saturated = in_turns(
+            list(running),
+            args.runs,
+            lambda url: wrk.run(url, args.duration, core=LOAD_CORE),
+            lambda i, run: (
+                f"run {i + 1}/{args.runs}: {run.rps:,.0f} req/s "
+                f"p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms"
+            ),
+        )
+        for name, runs in saturated.items():
+            results[name].runs = runs
         for name, started in running.items():
             if started.started is not None:
                 pid, root = started.started.pid, started.rss_root
