@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -45,30 +47,31 @@ def test_no_compiled_module_binds_one_name_in_except_clauses_of_different_types(
     assert build.pitfalls([REPO / m for m in build.MODULES]) == []
 
 
-def test_the_pitfall_check_finds_what_it_is_for(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        (
+            "def f() -> None:\n"
+            "    try:\n        pass\n"
+            "    except ValueError as e:\n        print(e)\n"
+            "    except KeyError as e:\n        print(e)\n",
+            ":1 f: `e` bound by `except KeyError / ValueError`",
+        ),
+        (
+            "import os\n"
+            "def f(view: memoryview, n: int) -> memoryview:\n"
+            "    ok = view[n:-1]\n"
+            "    return view[os.write(1, view) :]\n",
+            ":4 `view[os.write(1, view):]`: a slice bound that calls",
+        ),
+    ],
+    ids=["except-names", "slice-bound-calls"],
+)
+def test_the_pitfall_check_finds_what_it_is_for(tmp_path: Path, source: str, said: str) -> None:
     src = tmp_path / "probe.py"
-    src.write_text(
-        "def f() -> None:\n"
-        "    try:\n        pass\n"
-        "    except ValueError as e:\n        print(e)\n"
-        "    except KeyError as e:\n        print(e)\n",
-        encoding="utf-8",
-    )
+    src.write_text(source, encoding="utf-8")
     [found] = build.pitfalls([src])
-    assert f"{src}:1 f: `e` bound by `except KeyError / ValueError`" in found
-
-
-def test_the_pitfall_check_finds_a_slice_bound_that_calls(tmp_path: Path) -> None:
-    src = tmp_path / "probe.py"
-    src.write_text(
-        "import os\n"
-        "def f(view: memoryview, n: int) -> memoryview:\n"
-        "    ok = view[n:-1]\n"
-        "    return view[os.write(1, view) :]\n",
-        encoding="utf-8",
-    )
-    [found] = build.pitfalls([src])
-    assert f"{src}:4 `view[os.write(1, view):]`: a slice bound that calls" in found
+    assert f"{src}{said}" in found
 
 
 def test_this_pass_runs_the_build_it_claims_to() -> None:

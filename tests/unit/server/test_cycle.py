@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.http import Answer, MalformedBody, Request
+from proxy.http import Answer, Handler, MalformedBody, Request
 from proxy.server import ProxyServer
 from proxy.server.connection import Connection
 from proxy.server.cycle import keep
@@ -31,6 +31,10 @@ def answering(answer: Answer) -> tuple[Connection, MemoryTransport]:
     async def handler(req: Request) -> Answer:
         return answer
 
+    return serving(handler)
+
+
+def serving(handler: Handler) -> tuple[Connection, MemoryTransport]:
     server = ProxyServer(handler, lambda: 1024)
     server.loop = asyncio.get_running_loop()
     conn = Connection(server)
@@ -159,11 +163,7 @@ async def test_the_bookkeeping_runs_when_the_client_has_gone() -> None:
         await gate.wait()
         return answer
 
-    server = ProxyServer(handler, lambda: 1024)
-    server.loop = asyncio.get_running_loop()
-    conn = Connection(server)
-    transport = MemoryTransport()
-    conn.connection_made(transport)
+    conn, transport = serving(handler)
     conn.data_received(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     await settle()
     conn.connection_lost(None)
