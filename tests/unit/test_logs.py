@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from proxy import logs
 from proxy.logs import LineWriter, WriterHandler, encode, formatter, iso_millis
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -94,7 +95,7 @@ def test_a_closed_reader_counts_as_drops(pipe: tuple[int, int]) -> None:
 
 
 def test_close_gives_up_on_a_stuck_reader_within_its_timeout(pipe: tuple[int, int]) -> None:
-    _, w = pipe
+    r, w = pipe
     writer = LineWriter(w, name="t", capacity=1 << 20)
     for _ in range(200):
         writer.offer(b"y" * 4095 + b"\n")
@@ -103,6 +104,64 @@ def test_close_gives_up_on_a_stuck_reader_within_its_timeout(pipe: tuple[int, in
     assert time.monotonic() - started < 1.0
     assert writer.dropped > 0
     assert not writer.offer(b"late\n")
+    # The reader comes back: the thread finishes the write it was in and stops. (Left
+    # stuck, it would write into whatever pipe reuses these descriptor numbers next.)
+    deadline = time.monotonic() + 10
+    while writer._thread.is_alive() and time.monotonic() < deadline:
+        _read_all(r)
+        time.sleep(0.005)
+    assert not writer._thread.is_alive()
+
+
+def _wait_for(r: int, count: int, within: float) -> bytes:
+    got, deadline = b"", time.monotonic() + within
+    while got.count(b"\n") < count and time.monotonic() < deadline:
+        got += _read_all(r)
+        time.sleep(0.002)
+    return got
+
+
+def test_a_busy_writer_is_never_woken_by_an_offer(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, w = pipe
+    writer = LineWriter(w, name="t")
+    rings = 0
+    ring = writer._ring
+
+    def counted() -> None:
+        nonlocal rings
+        rings += 1
+        ring()
+
+    assert writer.offer(b"first\n")  # a fresh writer is polling: no ring either
+    monkeypatch.setattr(writer, "_ring", counted)
+    for i in range(50):
+        assert writer.offer(b"%d\n" % i)
+        time.sleep(0.002)
+    got = _wait_for(r, 51, 5)
+    assert got.splitlines() == [b"first"] + [b"%d" % i for i in range(50)]
+    assert rings == 0
+
+
+def test_a_parked_writer_wakes_on_the_next_offer(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "PARK_AFTER", 2)
+    monkeypatch.setattr(logs, "POLL_INTERVAL", 0.005)
+    r, w = pipe
+    writer = LineWriter(w, name="t")
+    deadline = time.monotonic() + 5
+    while not writer._parked and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert writer._parked
+    monkeypatch.setattr(logs, "POLL_INTERVAL", 60.0)  # only the ring can get it out now
+    started = time.monotonic()
+    assert writer.offer(b"late\n")
+    assert _wait_for(r, 1, 5) == b"late\n"
+    assert time.monotonic() - started < 1.0
+    assert writer.flush(5)
+    assert (writer.written, writer.dropped) == (1, 0)
 
 
 @pytest.mark.parametrize(
