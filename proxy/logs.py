@@ -165,13 +165,12 @@ class LineWriter:
             ok = False
         with self._lock:
             lines, self._inflight = self._inflight, 0
-            self._done = offered
-            if self._given_up:
-                return
-            if ok:
-                self.written += lines
-            else:
-                self.dropped += lines
+            if not self._given_up:
+                if ok:
+                    self.written += lines
+                else:
+                    self.dropped += lines
+            self._done = offered  # last: `flush` reads it without the lock
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything offered so far is written or dropped; False on timeout."""
@@ -199,7 +198,9 @@ class LineWriter:
             self._closing = True
             if not done:
                 self._given_up = True
+                # Counted once: a second close (an uncaught exception, then atexit) adds none.
                 self.dropped += self._inflight + self._pending_lines
+                self._inflight = 0
                 self._pending, self._pending_bytes, self._pending_lines = [], 0, 0
             self._ring()
 
