@@ -1,0 +1,145 @@
+"""One client at a fixed rate on one keep-alive connection, timed in microseconds.
+
+    .venv/bin/python bench/fixed_rate.py URL [--rate 400] [--seconds 8]
+
+Prints one JSON object: p50/p90/p99/p99.9 in microseconds, the answers counted and the
+failures. hey prints latencies in tenths of a millisecond, which is the size of the
+differences between proxies at a steady rate; this client reads the clock around each
+exchange with `perf_counter_ns`. Its own cost (the same for every target) is in every
+figure, so compare targets measured by it, or subtract the direct upstream's.
+
+Owns: the client loop and the percentiles. Must not: send anywhere but the URL given
+(loopback in every bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import wrk
+
+WARMUP = 200  # exchanges before the clock starts
+
+
+class ExchangeError(Exception):
+    """The answer was not a complete 2xx HTTP/1.1 response with a Content-Length."""
+
+
+def request_bytes(url: str, body: bytes) -> bytes:
+    parts = urlsplit(url)
+    head = (
+        f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def answer_length(buf: bytes) -> int | None:
+    """Bytes the answer at the start of `buf` takes, once its head is in; None before.
+    Raises ExchangeError for a status other than 2xx or a body without Content-Length."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = buf[:end].split(b"\r\n")
+    status = lines[0].split(b" ", 2)
+    if len(status) < 2 or not status[1].startswith(b"2"):
+        raise ExchangeError(f"answer: {lines[0]!r}")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return end + 4 + int(value)
+    raise ExchangeError("answer without Content-Length")
+
+
+def percentiles(samples: list[int]) -> dict[str, float]:
+    """p50/p90/p99/p99.9 of nanosecond samples, in microseconds (nearest rank)."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
+
+    return {"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "p999_us": at(0.999)}
+
+
+class Client:
+    def __init__(self, url: str, body: bytes) -> None:
+        parts = urlsplit(url)
+        self._addr = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._req = request_bytes(url, body)
+        self._sock: socket.socket | None = None
+
+    def exchange(self) -> int:
+        """One POST and its whole answer; nanoseconds it took (connecting included)."""
+        started = time.perf_counter_ns()
+        if self._sock is None:
+            self._sock = socket.create_connection(self._addr, timeout=10)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self._sock
+        try:
+            sock.sendall(self._req)
+            buf = b""
+            need: int | None = None
+            while need is None or len(buf) < need:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ExchangeError("connection closed mid-answer")
+                buf += chunk
+                if need is None:
+                    need = answer_length(buf)
+        except (OSError, ExchangeError):
+            self.close()
+            raise
+        return time.perf_counter_ns() - started
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def run(url: str, rate: float, seconds: float, body: bytes) -> dict[str, float | int]:
+    client = Client(url, body)
+    for _ in range(WARMUP):
+        client.exchange()
+    samples: list[int] = []
+    failed = 0
+    interval = 1e9 / rate
+    start = time.perf_counter_ns()
+    end = start + seconds * 1e9
+    n = 0
+    while (due := start + n * interval) <= end:
+        wait = due - time.perf_counter_ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)
+        n += 1
+        try:
+            samples.append(client.exchange())
+        except (OSError, ExchangeError):
+            failed += 1
+    client.close()
+    return {**percentiles(samples), "answers": len(samples), "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("--rate", type=float, default=400.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.url, args.rate, args.seconds, wrk.post_body())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

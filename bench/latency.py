@@ -1,0 +1,109 @@
+"""Latency added at a steady rate, in microseconds: payswitch builds beside direct and Envoy.
+
+    .venv/bin/python bench/latency.py NAME=TREE[:ARG,ARG...] ... [--rounds 8] [--seconds 8]
+        [--rate 400] [--no-envoy]
+
+TREE and ARGs as in bench/cpu.py (e.g. `new=.build/native old=/tmp/old-native
+off=.build/native:--access-log=off,--events=off`). Every target runs side by side; each
+round measures every target once with bench/fixed_rate.py (one connection, a fixed rate,
+microsecond clock), in an order that turns each round, and the table shows each target's
+median round and what it adds over the direct upstream. `make bench` keeps hey for its
+steady-rate table; this is the finer look for comparing two builds.
+
+Owns: the rounds and the printed table. Must not: leave a process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import cpu, targets
+from bench.procs import Processes
+from bench.targets import LOAD_CORE, Context
+
+FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us")
+CLIENT = Path(__file__).resolve().parent / "fixed_rate.py"
+
+
+def turned(names: list[str], round_no: int) -> list[str]:
+    """`names` starting at a different one each round."""
+    k = round_no % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {f: statistics.median(r[f] for r in rounds) for f in FIGURES}
+
+
+def table(per: dict[str, list[dict[str, float]]], base: str = "direct") -> list[str]:
+    """One line per target: the median round's figures and what they add over `base`."""
+    med = {name: medians(rounds) for name, rounds in per.items()}
+    ref = med.get(base)
+    head = f"{'target':14s}" + "".join(f"{f.removesuffix('_us'):>8s}" for f in FIGURES)
+    lines = [head + "   added p50/p90/p99/p99.9 (us)"]
+    for name, m in med.items():
+        row = f"{name:14s}" + "".join(f"{m[f]:8.0f}" for f in FIGURES)
+        if ref is not None and name != base:
+            row += "   " + " / ".join(f"{m[f] - ref[f]:.0f}" for f in FIGURES)
+        lines.append(row)
+    return lines
+
+
+def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
+    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), url]
+    argv += ["--rate", str(rate), "--seconds", str(seconds)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    result: dict[str, float] = json.loads(done.stdout)
+    if result["failed"]:
+        print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("builds", nargs="+", metavar="NAME=TREE[:ARGS]")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=400.0)
+    parser.add_argument("--no-envoy", action="store_true", help="leave Envoy out")
+    args = parser.parse_args(argv)
+    builds = dict(spec.split("=", 1) for spec in args.builds)
+    with (
+        tempfile.TemporaryDirectory(prefix="payswitch-latency-") as tmp,
+        Processes(Path(tmp)) as procs,
+    ):
+        _, upstream = targets.start_upstream(procs, Path(tmp))
+        ctx = Context(procs=procs, workdir=Path(tmp), upstream_url=upstream)
+        anchors = {t.name: t for t in targets.TARGETS}
+        urls = {"direct": anchors["direct"].start(ctx).url}
+        if not args.no_envoy:
+            urls["envoy"] = anchors["envoy"].start(ctx).url
+        rules = targets.write_rules(upstream, Path(tmp) / "rules")
+        for name, spec in builds.items():
+            urls[name], _ = cpu._start(procs, name, spec, rules, [])
+        per: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+        for i in range(args.rounds):
+            for name in turned(list(urls), i):
+                per[name].append(measure(urls[name], args.rate, args.seconds))
+            shown = ", ".join(
+                f"{n} {r[-1]['p50_us']:.0f}/{r[-1]['p99_us']:.0f}" for n, r in per.items()
+            )
+            print(f"round {i + 1} (p50/p99 us): {shown}", flush=True)
+    print(
+        f"\n{args.rate:g} POST/s, one connection; median of {args.rounds} rounds of {args.seconds:g} s"
+    )
+    print("\n".join(table(per)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The microsecond latency bench: its client's parsing and figures, and the table."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import fixed_rate, latency
+
+
+def test_the_answer_length_is_known_once_the_head_is_in() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\n"
+    assert fixed_rate.answer_length(head[:20]) is None
+    assert fixed_rate.answer_length(head) == len(head) + 5
+    assert fixed_rate.answer_length(head + b"hel") == len(head) + 5
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"],
+    ids=["not-2xx", "no-length"],
+)
+def test_an_answer_the_client_cannot_time_is_an_error(head: bytes) -> None:
+    with pytest.raises(fixed_rate.ExchangeError):
+        fixed_rate.answer_length(head)
+
+
+def test_percentiles_are_nearest_rank_in_microseconds() -> None:
+    got = fixed_rate.percentiles([i * 1000 for i in range(1, 1001)])
+    assert got == {"p50_us": 501, "p90_us": 901, "p99_us": 991, "p999_us": 1000}
+    with pytest.raises(ValueError, match="no samples"):
+        fixed_rate.percentiles([])
+
+
+def test_each_round_starts_with_another_target() -> None:
+    names = ["direct", "envoy", "new"]
+    assert [latency.turned(names, i)[0] for i in range(4)] == ["direct", "envoy", "new", "direct"]
+    assert sorted(latency.turned(names, 2)) == sorted(names)
+
+
+def test_the_table_shows_each_median_and_what_it_adds_over_direct() -> None:
+    def r(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_us": p50, "p90_us": p50, "p99_us": p99, "p999_us": p99}
+
+    lines = latency.table(
+        {"direct": [r(90, 300), r(100, 250), r(80, 900)], "new": [r(500, 1100), r(520, 1300)]}
+    )
+    assert lines[1].split()[:2] == ["direct", "90"]
+    assert lines[2].split()[:2] == ["new", "510"]
+    assert lines[2].endswith("420 / 420 / 900 / 900")
+
+
+class _Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the head and the body are two writes
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/deposits"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_client_times_every_exchange_at_its_rate(upstream: str) -> None:
+    got = fixed_rate.run(upstream, rate=100, seconds=0.3, body=b'{"a":1}')
+    assert got["failed"] == 0
+    assert 25 <= got["answers"] <= 32  # one every 10 ms, the first at 0 and the last at 0.3 s
+    assert 0 < got["p50_us"] <= got["p90_us"] <= got["p99_us"] <= got["p999_us"]
