@@ -25,6 +25,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml import events as ev
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.parser import RoundTripParser
 
@@ -139,12 +140,23 @@ class _CheckedParser(RoundTripParser):
         return event
 
 
+class _Composer(Composer):
+    """ruamel's composer without its warning for an anchor defined twice: YAML allows it
+    (an alias means the latest node of that anchor, which is also the one the checker
+    sizes it by), and the warning alone would be a log line on every reload."""
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader)
+        self.warn_double_anchors = False
+
+
 class _Reader(YAML):
     """ruamel.yaml's round-trip reader (YAML 1.2, positions kept) with our checks."""
 
     def __init__(self, checker: _Checker) -> None:
         super().__init__(typ="rt", pure=True)
         self.Parser = _CheckedParser
+        self.Composer = _Composer
         self.allow_duplicate_keys = True  # the checker reports them, with both lines
         self.checker = checker
 

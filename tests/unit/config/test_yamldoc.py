@@ -57,9 +57,18 @@ def test_refusals_name_the_line_and_come_fast(text: str, line: int, message: str
         ("x: [true, false, null, ~]\n", {"x": [True, False, None, None]}),
         ("x: [1, 1.5, 0o17, '1']\n", {"x": [1, 1.5, 15, "1"]}),
         ("a: &d {k: 1}\nb: {<<: *d, j: 2}\n", {"a": {"k": 1}, "b": {"j": 2, "k": 1}}),
+        # YAML allows an anchor to be defined again: an alias means the latest, no warning.
+        ("a: &x 1\nb: &x [2, 3]\nc: *x\n", {"a": 1, "b": [2, 3], "c": [2, 3]}),
         ("", None),
     ],
-    ids=["yaml-1.1-booleans-are-text", "booleans-and-null", "numbers", "merge-key", "empty"],
+    ids=[
+        "yaml-1.1-booleans-are-text",
+        "booleans-and-null",
+        "numbers",
+        "merge-key",
+        "anchor-defined-again",
+        "empty",
+    ],
 )
 def test_values_are_plain_yaml_12(text: str, value: object) -> None:
     issues: list[ConfigIssue] = []
