@@ -28,16 +28,11 @@ if __package__ in (None, ""):
 
 from bench import cpu, targets
 from bench.procs import Processes
+from bench.run import turned
 from bench.targets import LOAD_CORE, Context
 
 FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us")
 CLIENT = Path(__file__).resolve().parent / "fixed_rate.py"
-
-
-def turned(names: list[str], round_no: int) -> list[str]:
-    """`names` starting at a different one each round."""
-    k = round_no % len(names) if names else 0
-    return names[k:] + names[:k]
 
 
 def medians(rounds: list[dict[str, float]]) -> dict[str, float]:

@@ -95,6 +95,14 @@ def smoke(url: str, body: bytes) -> None:
 
 
 T = TypeVar("T")
+
+
+def turned(names: list[str], round_no: int) -> list[str]:
+    """`names` starting at a different one each round, so no target always goes first."""
+    k = round_no % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 _FAILURES = (
     BenchError,
     wrk.WrkOutputError,
@@ -136,8 +144,7 @@ def measure(
         order turning each round; what each gave, by name."""
         got: dict[str, list[T]] = {}
         for i in range(rounds):
-            turn = i % len(names) if names else 0
-            for name in names[turn:] + names[:turn]:
+            for name in turned(names, i):
                 if name not in running:
                     continue
                 time.sleep(SETTLE)

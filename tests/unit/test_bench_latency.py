@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import fixed_rate, latency
+from bench import fixed_rate, latency, run
 
 
 def test_the_answer_length_is_known_once_the_head_is_in() -> None:
@@ -41,8 +41,8 @@ def test_percentiles_are_nearest_rank_in_microseconds() -> None:
 
 def test_each_round_starts_with_another_target() -> None:
     names = ["direct", "envoy", "new"]
-    assert [latency.turned(names, i)[0] for i in range(4)] == ["direct", "envoy", "new", "direct"]
-    assert sorted(latency.turned(names, 2)) == sorted(names)
+    assert [run.turned(names, i)[0] for i in range(4)] == ["direct", "envoy", "new", "direct"]
+    assert sorted(run.turned(names, 2)) == sorted(names)
 
 
 def test_the_table_shows_each_median_and_what_it_adds_over_direct() -> None:

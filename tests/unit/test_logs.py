@@ -41,6 +41,14 @@ def _read_all(fd: int) -> bytes:
         out += chunk
 
 
+def _wait_for(r: int, count: int, within: float) -> bytes:
+    got, deadline = b"", time.monotonic() + within
+    while got.count(b"\n") < count and time.monotonic() < deadline:
+        got += _read_all(r)
+        time.sleep(0.002)
+    return got
+
+
 def test_lines_reach_the_descriptor_in_order(pipe: tuple[int, int]) -> None:
     r, w = pipe
     writer = LineWriter(w, name="t")
@@ -63,11 +71,7 @@ def test_a_reader_that_stopped_never_blocks_the_writer_and_drops_are_counted(
     assert 0 < accepted < 2000
     assert writer.dropped == 2000 - accepted
     # Once the reader catches up, every accepted line arrives whole.
-    got = b""
-    deadline = time.monotonic() + 10
-    while got.count(b"\n") < accepted and time.monotonic() < deadline:
-        got += _read_all(r)
-        time.sleep(0.01)
+    got = _wait_for(r, accepted, 10)
     assert got.count(b"\n") == accepted
     assert set(got.splitlines()) == {line[:-1]}
 
@@ -114,14 +118,6 @@ def test_close_gives_up_on_a_stuck_reader_within_its_timeout(pipe: tuple[int, in
         _read_all(r)
         time.sleep(0.005)
     assert not writer._thread.is_alive()
-
-
-def _wait_for(r: int, count: int, within: float) -> bytes:
-    got, deadline = b"", time.monotonic() + within
-    while got.count(b"\n") < count and time.monotonic() < deadline:
-        got += _read_all(r)
-        time.sleep(0.002)
-    return got
 
 
 def test_a_busy_writer_is_never_woken_by_an_offer(
