@@ -13,7 +13,6 @@ import asyncio
 import email.utils
 import enum
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 from proxy import errors
@@ -39,15 +38,30 @@ class End(enum.Enum):
     ABANDONED = "abandoned"  # left running past its per-try timer or after another won
 
 
-@dataclass(slots=True, eq=False)
 class Attempt:
-    attempt_id: str
-    state: GatewayState
-    started: float
-    progress: Progress
-    task: asyncio.Future[Result] | None = None  # a Task only when one is needed
-    end: End | None = None  # None while the request still waits for it
-    reported: bool = False  # health and accounting saw its outcome
+    """One try of a request at one gateway (a plain class: built per try, see `Dispatch`)."""
+
+    __slots__ = ("attempt_id", "end", "progress", "reported", "started", "state", "task")
+
+    def __init__(
+        self,
+        attempt_id: str,
+        state: GatewayState,
+        started: float,
+        progress: Progress,
+        task: asyncio.Future[Result] | None = None,
+        end: End | None = None,
+    ) -> None:
+        self.attempt_id = attempt_id
+        self.state = state
+        self.started = started
+        self.progress = progress
+        self.task = task  # a Task only when one is needed
+        self.end = end  # None while the request still waits for it
+        self.reported = False  # health and accounting saw its outcome
+
+    def __repr__(self) -> str:
+        return f"Attempt({self.attempt_id!r}, {self.state.name!r}, end={self.end})"
 
     @property
     def gateway(self) -> Gateway:
@@ -68,16 +82,30 @@ class Attempt:
         return self.end is End.AMBIGUOUS or self.end is End.ABANDONED
 
 
-@dataclass(slots=True)
 class Settled:
-    """How a request ended towards the gateways."""
+    """How a request ended towards the gateways (a plain class: built per request)."""
 
-    reply: Reply | None
-    attempt: Attempt | None
-    attempts: list[Attempt]
-    tried: list[errors.Tried]
-    error: errors.ProxyError | None = None
-    unknown: bool = False  # a payment may have been taken and we do not know
+    __slots__ = ("attempt", "attempts", "error", "reply", "tried", "unknown")
+
+    def __init__(
+        self,
+        reply: Reply | None,
+        attempt: Attempt | None,
+        attempts: list[Attempt],
+        tried: list[errors.Tried],
+        error: errors.ProxyError | None = None,
+        unknown: bool = False,
+    ) -> None:
+        self.reply = reply
+        self.attempt = attempt
+        self.attempts = attempts
+        self.tried = tried
+        self.error = error
+        self.unknown = unknown  # a payment may have been taken and we do not know
+
+    def __repr__(self) -> str:
+        status = self.reply.status if self.reply is not None else None
+        return f"Settled(status={status}, error={self.error!r}, unknown={self.unknown})"
 
 
 class AbandonedBudget:

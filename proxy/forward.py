@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -60,14 +59,27 @@ class AttemptFailed(Exception):
         self.sent = sent  # False only when the gateway provably received nothing
 
 
-@dataclass(slots=True)
 class Reply:
-    """A gateway's HTTP answer: whole (`body`) or still streaming (`stream`)."""
+    """A gateway's HTTP answer: whole (`body`) or still streaming (`stream`).
 
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes | None  # the whole body, or what was read before switching to streaming
-    stream: Response | None = None
+    A plain class (built per answer): a dataclass's `__init__` runs interpreted."""
+
+    __slots__ = ("body", "headers", "status", "stream")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        body: bytes | None,  # the whole body, or what was read before switching to streaming
+        stream: Response | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.stream = stream
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {len(self.body or b'')} bytes, streaming={self.stream is not None})"
 
     def release(self) -> None:
         if self.stream is not None:

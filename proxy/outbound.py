@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
@@ -35,23 +35,72 @@ AttemptEnded = Callable[["Dispatch", "Attempt", Outcome, float], None]
 LateResult = Callable[["Dispatch", "Attempt", "Result"], None]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Outbound:
-    """One request on its way to the gateways; never changed once built."""
+    """One request on its way to the gateways; never changed once built.
 
-    plan: RoutePlan
-    region: str
-    method: str
-    path_qs: str
-    headers: CIMultiDict[str]  # as forwarded; each attempt sends a copy with its id added
-    body: bytes
-    transaction_id: str
-    attempt_header: str
-    transaction_header: str
-    has_key: bool = False  # carries an idempotency key the provider can dedupe by
-    forced_gateway: str | None = None  # an unresolved key goes back to the gateway that saw it
-    states: Mapping[str, GatewayState] | None = None  # the gateways of the request's rules
-    note_attempt: NoteAttempt | None = None  # recorded before each send of a keyed payment
+    A plain class, not a dataclass: a dataclass's generated `__init__` runs as interpreted
+    Python even in the native build, and one of these is built per request."""
+
+    __slots__ = (
+        "attempt_header",
+        "body",
+        "forced_gateway",
+        "has_key",
+        "headers",
+        "method",
+        "note_attempt",
+        "path_qs",
+        "plan",
+        "region",
+        "states",
+        "transaction_header",
+        "transaction_id",
+    )
+
+    plan: Final[RoutePlan]
+    region: Final[str]
+    method: Final[str]
+    path_qs: Final[str]
+    headers: Final[CIMultiDict[str]]  # as forwarded; each attempt sends a copy with its id
+    body: Final[bytes]
+    transaction_id: Final[str]
+    attempt_header: Final[str]
+    transaction_header: Final[str]
+    has_key: Final[bool]  # carries an idempotency key the provider can dedupe by
+    forced_gateway: Final[str | None]  # an unresolved key goes back to the gateway that saw it
+    states: Final[Mapping[str, GatewayState] | None]  # the gateways of the request's rules
+    note_attempt: Final[NoteAttempt | None]  # recorded before each send of a keyed payment
+
+    def __init__(
+        self,
+        *,
+        plan: RoutePlan,
+        region: str,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        transaction_id: str,
+        attempt_header: str,
+        transaction_header: str,
+        has_key: bool = False,
+        forced_gateway: str | None = None,
+        states: Mapping[str, GatewayState] | None = None,
+        note_attempt: NoteAttempt | None = None,
+    ) -> None:
+        self.plan = plan
+        self.region = region
+        self.method = method
+        self.path_qs = path_qs
+        self.headers = headers
+        self.body = body
+        self.transaction_id = transaction_id
+        self.attempt_header = attempt_header
+        self.transaction_header = transaction_header
+        self.has_key = has_key
+        self.forced_gateway = forced_gateway
+        self.states = states
+        self.note_attempt = note_attempt
 
     @property
     def idempotent(self) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass, field
 
 from proxy import errors
 from proxy.aio import first_done, keep
@@ -41,31 +40,50 @@ EPSILON = 1e-4
 _NONE_TRIED: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True, eq=False)
 class Dispatch:
-    """One request's journey through the gateways."""
+    """One request's journey through the gateways.
 
-    req: Outbound
-    parts: Parts
-    attempts: list[Attempt] = field(default_factory=list)
-    tried: list[errors.Tried] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    winner: Attempt | None = None
-    client_outcome: ClientOutcome | None = None
-    history: list[Past] = field(default_factory=list)
-    live: dict[asyncio.Future[Result], Attempt] = field(default_factory=dict)
-    kept: tuple[Reply, Attempt] | None = None  # best non-definitive answer so far
-    lock: str | None = None  # the only provider allowed from now on
-    next_at: float | None = None  # when to start the next attempt; None: no more
-    deadline: float = 0.0
-    give_up_at: float = 0.0
-    last: Outcome | None = None
-    refusal: errors.ProxyError | None = None
+    A plain class with its own `__init__`: a dataclass's generated one runs as interpreted
+    Python even in the native build, and one of these is built per request."""
 
-    def __post_init__(self) -> None:
-        req = self.req
+    __slots__ = (
+        "attempts",
+        "client_outcome",
+        "deadline",
+        "give_up_at",
+        "history",
+        "kept",
+        "last",
+        "live",
+        "lock",
+        "next_at",
+        "parts",
+        "refusal",
+        "req",
+        "skipped",
+        "tried",
+        "winner",
+    )
+
+    def __init__(self, req: Outbound, parts: Parts) -> None:
+        self.req = req
+        self.parts = parts
+        self.attempts: list[Attempt] = []
+        self.tried: list[errors.Tried] = []
+        self.skipped: list[Skip] = []
+        self.winner: Attempt | None = None
+        self.client_outcome: ClientOutcome | None = None
+        self.history: list[Past] = []
+        self.live: dict[asyncio.Future[Result], Attempt] = {}
+        self.kept: tuple[Reply, Attempt] | None = None  # best non-definitive answer so far
+        self.lock: str | None = None  # the only provider allowed from now on
+        self.next_at: float | None = None  # when to start the next attempt; None: no more
+        self.deadline = 0.0
+        self.give_up_at = 0.0
+        self.last: Outcome | None = None
+        self.refusal: errors.ProxyError | None = None
         if req.forced_gateway is not None and not req.idempotent:
-            st = (req.states or self.parts.balancer.states).get(req.forced_gateway)
+            st = (req.states or parts.balancer.states).get(req.forced_gateway)
             if st is not None:
                 # An earlier holder of the key sent it there: only that provider can dedupe it.
                 self.history.append(Past(st.gateway.provider, counted=False, ambiguous=True))
