@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from proxy.config.model import Gateway
 from proxy.routing import RoutePlan
-from proxy.upstream.state import Flag, GatewayState, StateRegistry
+from proxy.upstream.state import DRAINING_BIT, GatewayState, StateRegistry
 
 Admit = Callable[[GatewayState], str | None]
 
@@ -133,7 +133,7 @@ class Balancer:
                 if gw.name not in exclude
                 and (allow is None or allow(gw))
                 and (st := lookup.get(gw.name)) is not None
-                and not st.flags & Flag.DRAINING
+                and not st.bits & DRAINING_BIT
             ]
             if pool:
                 return self._rng.choice(pool)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from proxy.config.model import Degradation
 from proxy.events import Emitter, Severity
-from proxy.upstream.state import Flag, GatewayState, Outcome
+from proxy.upstream.state import DEGRADED_BIT, Flag, GatewayState, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class DegradationTracker:
         self._raw = raw
         applied = 1.0 if raw >= 1.0 else max(raw, policy.min_score, min(floor, 1.0))
         st.score = applied
-        degraded = bool(st.flags) and bool(st.flags & Flag.DEGRADED)
+        degraded = bool(st.bits & DEGRADED_BIT)
         if not degraded and raw < DEGRADE_BELOW:
             assert short_lat is not None and long_lat is not None  # raw < 1: both were set
             why = score(policy, short_lat, long_lat, short_err)[1]

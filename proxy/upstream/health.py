@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -30,7 +31,14 @@ from proxy.upstream.degradation import DegradationTracker, exploration_floor
 from proxy.upstream.limits import GatewayLimiter
 from proxy.upstream.outlier import OutlierDetector
 from proxy.upstream.silence import Silence
-from proxy.upstream.state import Flag, FlagChange, GatewayState, Outcome, StateRegistry
+from proxy.upstream.state import (
+    DRAINING_BIT,
+    Flag,
+    FlagChange,
+    GatewayState,
+    Outcome,
+    StateRegistry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +81,7 @@ class _Metrics:
                 gauge.remove(name)
 
 
-_OUT = Flag.DRAINING | Flag.ACTIVE_FAILED
+_OUT_BITS: Final = int(Flag.DRAINING | Flag.ACTIVE_FAILED)
 #: A peer under any of these carries no traffic, so it proves nothing about a fault.
 _OUT_OF_SERVICE = Flag.DRAINING | Flag.ACTIVE_FAILED | Flag.EJECTED
 
@@ -143,7 +151,7 @@ class Health:
         """None when `st` may take a request now, else the reason it may not. Takes nothing."""
         src = self._live(st)
         if src is None:
-            return "draining" if st.flags & Flag.DRAINING else None
+            return "draining" if st.bits & DRAINING_BIT else None
         reason = self._refusal(src, now)
         if reason is None:
             st.silent = src.silence.silent(
@@ -154,9 +162,9 @@ class Health:
         return reason
 
     def _refusal(self, src: _Sources, now: float) -> str | None:
-        flags = src.st.flags
-        if flags and flags & _OUT:  # enum flag arithmetic is slow: one test, most have none
-            return "draining" if flags & Flag.DRAINING else "active-failed"
+        bits = src.st.bits
+        if bits & _OUT_BITS:
+            return "draining" if bits & DRAINING_BIT else "active-failed"
         return (
             src.outlier.admit(now)
             or src.limiter.check_throttle(now)

@@ -12,6 +12,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.config.model import Gateway
 
@@ -29,6 +30,9 @@ class Flag(enum.IntFlag):
 
 #: Flags that make a gateway ineligible for new requests. DEGRADED only lowers its score.
 BLOCKING = Flag.ACTIVE_FAILED | Flag.EJECTED | Flag.DRAINING | Flag.THROTTLED
+#: Single flags as plain ints, to test `GatewayState.bits` with.
+DRAINING_BIT: Final = int(Flag.DRAINING)
+DEGRADED_BIT: Final = int(Flag.DEGRADED)
 
 
 class Outcome(enum.Enum):
@@ -81,6 +85,7 @@ class GatewayState:
 
     __slots__ = (
         "_listeners",
+        "bits",
         "ewma_latency",
         "failures",
         "flags",
@@ -103,6 +108,9 @@ class GatewayState:
         #: the same name. An attribute, as it is read several times per request.
         self.name: str = gateway.name
         self.flags = Flag.NONE
+        #: `flags` as a plain int, for the tests made per request: `&` on an enum flag runs
+        #: enum's interpreted `__and__` and builds a member; on two ints it is one operation.
+        self.bits = 0
         self.score = 1.0  # predictive health score in (0, 1]
         self.weight_factor = 1.0  # slow-start ramp in (0, 1]
         #: Half-open with its probe slot free: the balancer picks it first, so the probe
@@ -137,12 +145,14 @@ class GatewayState:
         if self.flags & flag:
             return
         self.flags |= flag
+        self.bits = int(self.flags)
         self._notify(FlagChange(self.name, flag, True, reason))
 
     def clear_flag(self, flag: Flag, reason: str) -> None:
         if not self.flags & flag:
             return
         self.flags &= ~flag
+        self.bits = int(self.flags)
         self._notify(FlagChange(self.name, flag, False, reason))
 
     def _notify(self, change: FlagChange) -> None:

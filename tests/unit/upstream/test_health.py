@@ -604,3 +604,16 @@ def test_the_cached_exploration_floor_follows_a_reload(
     again = s.health._floor(s["g1"])
     assert again == s.health._exploration_floor(s["g1"])
     assert again != first, "the reload changed what the floor depends on"
+
+
+def test_flag_bits_follow_every_set_and_clear() -> None:
+    # Per-request tests read `bits`, a plain-int copy of `flags`: it must never lag behind.
+    st = GatewayState(gateway("a"))
+    assert st.bits == 0
+    for flag in (Flag.DEGRADED, Flag.DRAINING, Flag.ACTIVE_FAILED, Flag.DRAINING):
+        st.set_flag(flag, "test")
+        assert st.bits == int(st.flags)
+    for flag in (Flag.DRAINING, Flag.THROTTLED, Flag.DEGRADED, Flag.ACTIVE_FAILED):
+        st.clear_flag(flag, "test")
+        assert st.bits == int(st.flags)
+    assert st.bits == 0 and st.flags == Flag.NONE
