@@ -95,7 +95,9 @@ class Event(NamedTuple):
 
 
 def make_event(kind: str, severity: Severity, wall: float, fields: Mapping[str, object]) -> Event:
-    return Event(kind, severity, wall, new_id(), fields)
+    # `tuple.__new__`, not `Event(...)`: a named tuple's `__new__` is a generated lambda
+    # that runs interpreted even in the native build, twice per payment.
+    return tuple.__new__(Event, (kind, severity, wall, new_id(), fields))
 
 
 def _fallback(value: object) -> object:
@@ -394,7 +396,7 @@ class EventBus:
             counts[kind] = counts.get(kind, 0) + 1
             if severity < self._min:
                 return
-            event = Event(kind, severity, self._wall(), new_id(), fields)
+            event = tuple.__new__(Event, (kind, severity, self._wall(), new_id(), fields))
             for offer, min_severity in self._offers:
                 if severity >= min_severity:
                     offer(event)

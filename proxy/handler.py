@@ -291,19 +291,24 @@ class ProxyHandler:
         rt.metrics.request(route, gateway or "-", outcome, elapsed)
         if rt.access_log is not None:
             rt.access_log.request(
-                AccessRecord(
-                    round(time.time(), 3),
-                    request.method,
-                    request.path,
-                    status,
-                    route,
-                    region,
-                    gateway,
-                    txn_id,
-                    tuple(tried),
-                    error,
-                    round(elapsed * 1000, 3),
-                    request.remote,
+                # `tuple.__new__`: a named tuple's own `__new__` runs interpreted.
+                tuple.__new__(
+                    AccessRecord,
+                    (
+                        round(time.time(), 3),
+                        request.method,
+                        request.path,
+                        status,
+                        route,
+                        region,
+                        gateway,
+                        txn_id,
+                        tuple(tried),
+                        error,
+                        round(elapsed * 1000, 3),
+                        request.remote,
+                        None,
+                    ),
                 )
             )
 
@@ -336,7 +341,8 @@ def attempt_metric(metrics: Metrics) -> AttemptEnded:
     """Counts every attempt's end by route, gateway and outcome."""
 
     def record(dispatch: Dispatch, att: Attempt, outcome: Outcome, seconds: float) -> None:
-        metrics.attempt(dispatch.req.plan.name, att.gateway.name, outcome.value, seconds)
+        # `_value_`, not `.value`: the enum's property runs interpreted, once per attempt.
+        metrics.attempt(dispatch.req.plan.name, att.gateway.name, outcome._value_, seconds)
 
     return record
 

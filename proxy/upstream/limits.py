@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from proxy.config.model import Limits
 from proxy.events import Emitter, Severity
-from proxy.upstream.state import Flag, GatewayState
+from proxy.upstream.state import THROTTLED_BIT, Flag, GatewayState
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class GatewayLimiter:
 
     def _sync(self, now: float) -> TokenBucket | None:
         limits = self.st.gateway.limits
-        if limits != self._limits:
+        # Identity first: a frozen dataclass's `!=` runs interpreted, and a reload that
+        # leaves the limits alone still builds a new (equal) value.
+        if limits is not self._limits and limits != self._limits:
             burst = _burst(limits)
             if limits.rate is None or burst is None:
                 self._bucket = None
@@ -125,7 +127,7 @@ class GatewayLimiter:
     def check_throttle(self, now: float) -> str | None:
         """ "throttled" while a 429's back-off lasts; clears the flag once it has passed."""
         st = self.st
-        if not st.flags or not st.flags & Flag.THROTTLED:
+        if not st.bits & THROTTLED_BIT:
             return None
         if now < st.throttled_until:
             return "throttled"

@@ -33,6 +33,7 @@ BLOCKING = Flag.ACTIVE_FAILED | Flag.EJECTED | Flag.DRAINING | Flag.THROTTLED
 #: Single flags as plain ints, to test `GatewayState.bits` with.
 DRAINING_BIT: Final = int(Flag.DRAINING)
 DEGRADED_BIT: Final = int(Flag.DEGRADED)
+THROTTLED_BIT: Final = int(Flag.THROTTLED)
 
 
 class Outcome(enum.Enum):
