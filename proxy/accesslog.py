@@ -18,8 +18,9 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from proxy.clock import iso_millis
 from proxy.errors import Tried
-from proxy.logs import LineWriter, encode, iso_millis, json_default, stdout_writer
+from proxy.logs import LineWriter, encode, json_default, stdout_writer
 from proxy.spans import current_context
 
 #: Seconds a record may wait for others before its batch is written. Short: a batch

@@ -1,13 +1,15 @@
 """The clock every piece of timing logic takes, so tests move time instead of sleeping.
 
-Owns: the `Clock` protocol, the real monotonic clock and a manual clock for tests.
+Owns: the `Clock` protocol, the real monotonic clock and a manual clock for tests, and
+`iso_millis`, the one form a time takes in log lines and events.
 Must not: sleep or schedule anything; callers decide what to do with the time.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Final, Protocol
 
 
 class Clock(Protocol):
@@ -52,3 +54,32 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = MonotonicClock()
+
+
+class _Second:
+    """The last whole second formatted, and its text (one per process)."""
+
+    __slots__ = ("cached",)
+
+    def __init__(self) -> None:
+        self.cached: tuple[int, str] = (-1, "")
+
+
+_SECOND: Final = _Second()
+#: ".000Z" to ".999Z": a list index instead of a number format, three times per request.
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
+def iso_millis(ts: float) -> str:
+    """`ts` as RFC 3339 UTC with milliseconds (`2026-11-30T21:08:04.123Z`).
+
+    The seconds part is formatted once per second (lines come in bursts within one); one
+    tuple assignment keeps it consistent across threads.
+    """
+    whole = int(ts)
+    cached = _SECOND.cached
+    if cached[0] != whole:
+        cached = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        _SECOND.cached = cached
+    ms = int((ts - whole) * 1000)
+    return cached[1] + (_MILLIS[ms] if 0 <= ms < 1000 else f".{ms:03d}Z")

@@ -24,10 +24,10 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.aio import cancel_and_wait, spawn
-from proxy.clock import SYSTEM_CLOCK, Clock, MonotonicClock
+from proxy.clock import SYSTEM_CLOCK, Clock, MonotonicClock, iso_millis
 from proxy.event_kinds import KINDS, KindSpec, Severity, problems
 from proxy.ids import new_id
-from proxy.logs import LineWriter, iso_millis, stdout_writer
+from proxy.logs import LineWriter, stdout_writer
 
 __all__ = [
     "KINDS",

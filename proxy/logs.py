@@ -24,7 +24,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, MutableMapping
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
 
@@ -33,6 +32,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy import clock
 from proxy.spans import current_context
 
 logger = logging.getLogger(__name__)
@@ -46,26 +46,8 @@ PARK_AFTER: Final = 25
 #: Seconds between `flush`'s looks at what the writer has done.
 FLUSH_POLL: Final = 0.001
 
-_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
-
-
-def iso_millis(ts: float) -> str:
-    """`ts` as RFC 3339 UTC with milliseconds (`2026-11-30T21:08:04.123Z`).
-
-    The seconds part is formatted once per second (lines come in bursts within one); one
-    tuple assignment keeps it consistent across threads.
-    """
-    whole = int(ts)
-    cached = _second
-    if cached[0] != whole:
-        cached = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-        globals()["_second"] = cached
-    ms = int((ts - whole) * 1000)
-    return cached[1] + (_MILLIS[ms] if 0 <= ms < 1000 else f".{ms:03d}Z")
-
-
-#: ".000Z" to ".999Z": a list index instead of a number format, three times per request.
-_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+#: In proxy.clock, which the native build compiles: it formats every log and event time.
+iso_millis = clock.iso_millis
 
 
 class LineWriter:
