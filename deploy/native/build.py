@@ -57,6 +57,7 @@ MODULES = (
     "proxy/ids.py",
     "proxy/upstream/client.py",
     "proxy/upstream/connection.py",
+    "proxy/upstream/response.py",
     "proxy/upstream/phase.py",
     "proxy/upstream/state.py",
     "proxy/upstream/balancer.py",

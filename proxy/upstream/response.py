@@ -78,14 +78,10 @@ class Response:
             size += sum(map(len, chunks))
         return b"".join(parts)
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    def iter_any(self) -> AsyncIterator[bytes]:
         conn = self._conn
         assert conn is not None
-        while True:
-            await conn.until(bool(conn.chunks) or conn.done)
-            if not conn.chunks:
-                return
-            yield b"".join(conn.take())
+        return _Chunks(conn)
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
@@ -96,3 +92,23 @@ class Response:
         # Never released (an abandoned attempt's answer): the connection cannot be reused.
         if self._conn is not None and not self._conn.loop.is_closed():
             self._conn.abort()
+
+
+class _Chunks:
+    """The body's chunks as they arrive, joined per wake-up. A class rather than an async
+    generator, which the native build cannot compile."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        await conn.until(bool(conn.chunks) or conn.done)
+        if not conn.chunks:
+            raise StopAsyncIteration
+        return b"".join(conn.take())
