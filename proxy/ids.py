@@ -12,7 +12,11 @@ import itertools
 import os
 
 _PREFIX = os.urandom(8).hex()
-_counter = itertools.count(1)
+#: The counter runs from 2**48 + 1, so `hex(n)[3:]` is n's last 12 hex digits: the same
+#: zero-padded id as `{n:012x}` for the first 2**48 ids, without formatting an int to a
+#: width (about three times slower, and four ids are drawn per request).
+_BASE = 1 << 48
+_counter = itertools.count(_BASE + 1)
 
 
 def _fresh_prefix() -> None:
@@ -20,11 +24,11 @@ def _fresh_prefix() -> None:
     its siblings': it draws its own prefix and counts from 1."""
     global _PREFIX, _counter
     _PREFIX = os.urandom(8).hex()
-    _counter = itertools.count(1)
+    _counter = itertools.count(_BASE + 1)
 
 
 os.register_at_fork(after_in_child=_fresh_prefix)
 
 
 def new_id() -> str:
-    return f"{_PREFIX}{next(_counter):012x}"
+    return _PREFIX + hex(next(_counter))[3:]

@@ -13,6 +13,10 @@ def test_ids_within_a_process_are_unique_and_share_a_prefix() -> None:
     ids = [new_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert len({i[:16] for i in ids}) == 1
+    # 16 hex digits of prefix, then the counter as 12 zero-padded hex digits.
+    assert all(len(i) == 28 and int(i, 16) >= 0 for i in ids)
+    counters = [int(i[16:], 16) for i in ids]
+    assert counters == list(range(counters[0], counters[0] + 1000)) and counters[0] < 1 << 40
 
 
 # Forking from a test process that may run threads (Python 3.12 warns); the child
