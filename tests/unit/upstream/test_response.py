@@ -4,12 +4,14 @@ streamed, and the connection handed back only after a complete answer."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from proxy.aio import spawn
 from proxy.upstream.connection import Connection
 from proxy.upstream.phase import Progress
 from proxy.upstream.response import Response, UpstreamError
@@ -89,3 +91,41 @@ async def test_read_up_to_stops_past_the_limit(conn: Connection) -> None:
     assert await resp.read_up_to(1000) == b"y" * 150
     resp.release()
     assert list(conn.pool.idle) == [conn]
+
+
+async def test_iter_any_gives_each_arrival_then_ends(conn: Connection) -> None:
+    fut = begin(conn, limit=4)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    resp = await fut
+    assert isinstance(resp, Response) and resp.streaming
+    chunks = resp.content.iter_any()
+    conn.data_received(b"6\r\n world\r\n")
+    got = [await anext(chunks)]
+
+    async def next_chunk() -> bytes:
+        return await anext(chunks)
+
+    waiting = spawn(next_chunk(), name="next-chunk")
+    await asyncio.sleep(0)
+    assert not waiting.done()  # nothing new arrived: it waits
+    conn.data_received(b"1\r\n!\r\n0\r\n\r\n")
+    got.append(await waiting)
+    got += [chunk async for chunk in chunks]
+    assert got == [b" world", b"!"]
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+    resp.release()  # the whole body was read: the connection goes back
+    assert list(conn.pool.idle) == [conn]
+
+
+async def test_an_answer_dropped_unreleased_closes_its_connection(conn: Connection) -> None:
+    fut = begin(conn, limit=4)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n")
+    assert isinstance(await fut, Response)
+    # An abandoned attempt's answer, which nobody will release: collected, it closes its
+    # connection (a second Response of the same exchange, so no future holds it).
+    abandoned = Response(conn)
+    del abandoned
+    gc.collect()
+    assert not conn.pool.idle
+    assert conn.transport is not None and conn.transport.is_closing()
