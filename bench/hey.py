@@ -12,7 +12,9 @@ import re
 import shutil
 import statistics
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from bench import host
 
 RATE = 400  # requests a second, from one worker on one keep-alive connection
 
@@ -32,6 +34,7 @@ class SteadyResult:
     ok: int  # 2xx answers
     other: int  # any other status, and errors
     rounds: int = 1  # runs these figures are the median of
+    steal_ms: float | None = None  # CPU the host took while measured (summed); None: unknown
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -41,12 +44,14 @@ def median_of(runs: list[SteadyResult]) -> SteadyResult:
     """One target's rounds as one result: the median p50 and p99, every answer counted."""
     if not runs:
         raise ValueError("no steady run to take the median of")
+    steals = [r.steal_ms for r in runs]
     return SteadyResult(
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=statistics.median(r.p99_ms for r in runs),
         ok=sum(r.ok for r in runs),
         other=sum(r.other for r in runs),
         rounds=len(runs),
+        steal_ms=None if None in steals else sum(s for s in steals if s is not None),
     )
 
 
@@ -74,9 +79,11 @@ def run(url: str, body: bytes, seconds: float, *, core: int, rate: int = RATE) -
     argv = ["taskset", "-c", str(core), binary() or "hey", "-z", f"{max(1, round(seconds))}s"]
     argv += ["-c", "1", "-q", str(rate), "-m", "POST", "-T", "application/json"]
     argv += ["-d", body.decode(), url]
+    before = host.steal_seconds()
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=seconds + 30, start_new_session=True
     )
+    stolen = host.steal_between(before, host.steal_seconds())
     if done.returncode != 0:
         raise HeyOutputError(f"hey exited {done.returncode}: {done.stderr.strip()}")
-    return parse(done.stdout)
+    return replace(parse(done.stdout), steal_ms=None if stolen is None else stolen * 1000)

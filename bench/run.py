@@ -179,6 +179,7 @@ def measure(
             lambda i, one: (
                 f"steady {hey.RATE}/s, round {i + 1}/{args.steady_rounds}: "
                 f"p50 {one.p50_ms:.2f} ms p99 {one.p99_ms:.2f} ms"
+                + ("" if one.steal_ms is None else f", host steal {one.steal_ms:.0f} ms")
             ),
         )
         for name, steadies in rounds.items():

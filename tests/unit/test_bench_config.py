@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import hey, nginx, report, run, tools, wrk
+from bench import hey, host, nginx, report, run, tools, wrk
 from bench.report import TargetResult
 from bench.targets import bench_rules, write_rules
 from proxy.config.load import load_rules
@@ -228,6 +229,43 @@ def test_steady_table_says_it_shows_medians_of_rounds() -> None:
     table = report.steady_table(results, 400)
     assert "median of 5 rounds" in table
     assert "0.30" in table and "0.40" in table  # what payswitch adds at p50 and p99
+
+
+def test_steal_is_read_from_the_cpu_line(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    stat.write_text(
+        f"cpu  2128603 3282 332738 5572321 14431 0 89443 {3 * hz} 0 0\n"
+        "cpu0 1 2 3 4 5 6 7 999 0 0\nintr 1 2 3\n",
+        encoding="ascii",
+    )
+    assert host.steal_seconds(stat) == pytest.approx(3.0)
+    stat.write_text("cpu  1 2 3 4\n", encoding="ascii")  # a kernel without the field
+    assert host.steal_seconds(stat) is None
+    assert host.steal_seconds(tmp_path / "absent") is None
+    assert host.steal_between(1.0, 1.25) == pytest.approx(0.25)
+    assert host.steal_between(None, 1.0) is None
+    assert host.steal_seconds() is not None  # this machine's own counter: Linux says it
+
+
+def test_steady_table_shows_the_steal_during_each_targets_rounds() -> None:
+    rounds = [
+        hey.SteadyResult(p50_ms=0.5, p99_ms=0.9, ok=10, other=0, steal_ms=steal)
+        for steal in (20.0, 0.0, 30.0)
+    ]
+    assert hey.median_of(rounds).steal_ms == pytest.approx(50.0)  # summed, not a median
+    unknown = [*rounds, hey.SteadyResult(p50_ms=0.5, p99_ms=0.9, ok=10, other=0)]
+    assert hey.median_of(unknown).steal_ms is None  # one round unknown: the sum is too
+    results = {name: result(name, 1000.0) for name in ("direct", "payswitch")}
+    results["direct"].steady = hey.SteadyResult(
+        p50_ms=0.2, p99_ms=0.5, ok=10, other=0, rounds=5, steal_ms=None
+    )
+    results["payswitch"].steady = hey.median_of(rounds)
+    lines = report.steady_table(results, 400).splitlines()
+    assert lines[1].split()[-2:] == ["steal", "ms"]
+    assert lines[3].split()[-1] == "-"  # direct: unknown
+    assert lines[4].split()[-1] == "50"
+    assert lines[-1].startswith("steal ms: CPU time the hypervisor took")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,41 @@
+"""What the machine itself did while a target was measured: CPU time the hypervisor took.
+
+On a virtual machine, "steal" is time a vCPU was ready to run but the host ran something
+else. A request in flight then waits for the host, whatever the proxy: at a steady 400
+requests a second, p99 is the 20 slowest answers out of 2,000, and a few tens of
+milliseconds of steal decide them. The steady-rate table shows the steal during each
+target's rounds, so a p99 difference can be told apart from the host's.
+
+Owns: reading the steal counter. Must not: judge a round by it; the table shows it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROC_STAT = Path("/proc/stat")
+STEAL_FIELD = 8  # on the "cpu" line: user nice system idle iowait irq softirq steal ...
+
+
+def steal_seconds(stat: Path = PROC_STAT) -> float | None:
+    """CPU time stolen from this machine since boot, all CPUs summed; None where the
+    kernel does not say (not Linux, or a kernel without the field)."""
+    try:
+        text = stat.read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            if len(fields) <= STEAL_FIELD:
+                return None
+            return int(fields[STEAL_FIELD]) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def steal_between(before: float | None, after: float | None) -> float | None:
+    """Seconds stolen between two readings; None when either is unknown."""
+    if before is None or after is None:
+        return None
+    return max(0.0, after - before)
