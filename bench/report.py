@@ -152,7 +152,7 @@ def steady_table(results: dict[str, TargetResult], rate: int) -> str:
         )
     lines.append(
         "steal ms: CPU time the hypervisor took from this machine during the target's rounds"
-        " (summed); p99 at this rate is the slowest 1%, and moves with it"
+        " (summed);\np99 at this rate is the slowest 1% of answers, and moves with it"
     )
     return "\n".join(lines)
 
