@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import cpu, targets
+from bench import cpu, host, targets
 from bench.procs import Processes
 from bench.run import turned
 from bench.targets import LOAD_CORE, Context
@@ -53,11 +53,24 @@ def table(per: dict[str, list[dict[str, float]]], base: str = "direct") -> list[
     return lines
 
 
+def steal_line(per: dict[str, list[dict[str, float]]]) -> str | None:
+    """The host's steal during each target's rounds, summed (bench/host.py says why it
+    matters); None when it could not be read for every round."""
+    if any("steal_ms" not in r for rounds in per.values() for r in rounds):
+        return None
+    each = ", ".join(f"{n} {sum(r['steal_ms'] for r in rounds):.0f}" for n, rounds in per.items())
+    return f"host steal during each target's rounds, ms: {each}"
+
+
 def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), url]
     argv += ["--rate", str(rate), "--seconds", str(seconds)]
+    before = host.steal_seconds()
     done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    stolen = host.steal_between(before, host.steal_seconds())
     result: dict[str, float] = json.loads(done.stdout)
+    if stolen is not None:
+        result["steal_ms"] = stolen * 1000
     if result["failed"]:
         print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
     return result
@@ -97,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.rate:g} POST/s, one connection; median of {args.rounds} rounds of {args.seconds:g} s"
     )
     print("\n".join(table(per)))
+    stolen = steal_line(per)
+    if stolen is not None:
+        print(stolen)
     return 0
 
 

@@ -57,6 +57,18 @@ def test_the_table_shows_each_median_and_what_it_adds_over_direct() -> None:
     assert lines[2].endswith("420 / 420 / 900 / 900")
 
 
+def test_the_steal_line_sums_each_targets_rounds() -> None:
+    def r(steal: float) -> dict[str, float]:
+        return {"p50_us": 1, "p90_us": 1, "p99_us": 1, "p999_us": 1, "steal_ms": steal}
+
+    per = {"direct": [r(10), r(0)], "new": [r(20), r(30)]}
+    assert (
+        latency.steal_line(per) == "host steal during each target's rounds, ms: direct 10, new 50"
+    )
+    per["new"].append({"p50_us": 1, "p90_us": 1, "p99_us": 1, "p999_us": 1})
+    assert latency.steal_line(per) is None  # one round unread: no sum to show
+
+
 class _Ok(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # the head and the body are two writes
