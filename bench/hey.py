@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 import statistics
-import subprocess
 from dataclasses import asdict, dataclass, replace
 
 from bench import host
@@ -44,14 +43,13 @@ def median_of(runs: list[SteadyResult]) -> SteadyResult:
     """One target's rounds as one result: the median p50 and p99, every answer counted."""
     if not runs:
         raise ValueError("no steady run to take the median of")
-    steals = [r.steal_ms for r in runs]
     return SteadyResult(
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=statistics.median(r.p99_ms for r in runs),
         ok=sum(r.ok for r in runs),
         other=sum(r.other for r in runs),
         rounds=len(runs),
-        steal_ms=None if None in steals else sum(s for s in steals if s is not None),
+        steal_ms=host.summed(r.steal_ms for r in runs),
     )
 
 
@@ -79,11 +77,9 @@ def run(url: str, body: bytes, seconds: float, *, core: int, rate: int = RATE) -
     argv = ["taskset", "-c", str(core), binary() or "hey", "-z", f"{max(1, round(seconds))}s"]
     argv += ["-c", "1", "-q", str(rate), "-m", "POST", "-T", "application/json"]
     argv += ["-d", body.decode(), url]
-    before = host.steal_seconds()
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=seconds + 30, start_new_session=True
+    done, stolen = host.run_counting_steal(
+        argv, capture_output=True, timeout=seconds + 30, start_new_session=True
     )
-    stolen = host.steal_between(before, host.steal_seconds())
     if done.returncode != 0:
         raise HeyOutputError(f"hey exited {done.returncode}: {done.stderr.strip()}")
-    return replace(parse(done.stdout), steal_ms=None if stolen is None else stolen * 1000)
+    return replace(parse(done.stdout), steal_ms=stolen)

@@ -6,13 +6,16 @@ requests a second, p99 is the 20 slowest answers out of 2,000, and a few tens of
 milliseconds of steal decide them. The steady-rate table shows the steal during each
 target's rounds, so a p99 difference can be told apart from the host's.
 
-Owns: reading the steal counter. Must not: judge a round by it; the table shows it.
+Owns: reading the steal counter, and the steal during one measuring run. Must not: judge a round by it; the table shows it.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 PROC_STAT = Path("/proc/stat")
 STEAL_FIELD = 8  # on the "cpu" line: user nice system idle iowait irq softirq steal ...
@@ -39,3 +42,24 @@ def steal_between(before: float | None, after: float | None) -> float | None:
     if before is None or after is None:
         return None
     return max(0.0, after - before)
+
+
+def run_counting_steal(
+    argv: Sequence[str], **kwargs: Any
+) -> tuple[subprocess.CompletedProcess[str], float | None]:
+    """`subprocess.run(argv, **kwargs)` (text mode), and the milliseconds stolen while it
+    ran; None when the counter cannot be read."""
+    before = steal_seconds()
+    done: subprocess.CompletedProcess[str] = subprocess.run(argv, text=True, **kwargs)
+    stolen = steal_between(before, steal_seconds())
+    return done, None if stolen is None else stolen * 1000
+
+
+def summed(steals: Iterable[float | None]) -> float | None:
+    """Several runs' steal as one figure; unknown when any run's is."""
+    total = 0.0
+    for steal in steals:
+        if steal is None:
+            return None
+        total += steal
+    return total

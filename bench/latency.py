@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,21 +55,22 @@ def table(per: dict[str, list[dict[str, float]]], base: str = "direct") -> list[
 def steal_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     """The host's steal during each target's rounds, summed (bench/host.py says why it
     matters); None when it could not be read for every round."""
-    if any("steal_ms" not in r for rounds in per.values() for r in rounds):
+    totals = {n: host.summed(r.get("steal_ms") for r in rounds) for n, rounds in per.items()}
+    if None in totals.values():
         return None
-    each = ", ".join(f"{n} {sum(r['steal_ms'] for r in rounds):.0f}" for n, rounds in per.items())
+    each = ", ".join(f"{n} {total:.0f}" for n, total in totals.items())
     return f"host steal during each target's rounds, ms: {each}"
 
 
 def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), url]
     argv += ["--rate", str(rate), "--seconds", str(seconds)]
-    before = host.steal_seconds()
-    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60)
-    stolen = host.steal_between(before, host.steal_seconds())
+    done, stolen = host.run_counting_steal(
+        argv, capture_output=True, check=True, timeout=seconds + 60
+    )
     result: dict[str, float] = json.loads(done.stdout)
     if stolen is not None:
-        result["steal_ms"] = stolen * 1000
+        result["steal_ms"] = stolen
     if result["failed"]:
         print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
     return result

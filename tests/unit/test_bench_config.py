@@ -246,6 +246,11 @@ def test_steal_is_read_from_the_cpu_line(tmp_path: Path) -> None:
     assert host.steal_between(1.0, 1.25) == pytest.approx(0.25)
     assert host.steal_between(None, 1.0) is None
     assert host.steal_seconds() is not None  # this machine's own counter: Linux says it
+    done, stolen = host.run_counting_steal(
+        [sys.executable, "-c", "print('ok')"], capture_output=True
+    )
+    assert (done.returncode, done.stdout, stolen is not None) == (0, "ok\n", True)
+    assert stolen is not None and stolen >= 0
 
 
 def test_steady_table_shows_the_steal_during_each_targets_rounds() -> None:
