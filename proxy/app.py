@@ -310,7 +310,7 @@ def proxy_server(rt: Runtime) -> ProxyServer:
 GC_YOUNG_THRESHOLD = 20_000
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Move everything built at start-up (modules, rules, runtime) out of the collector's
     sight, and collect the young generation less often: fewer, cheaper collections, and no
     full-heap pauses through objects that live as long as the process."""
@@ -328,7 +328,7 @@ async def serve(settings: Settings, on_ready: Callable[[Runtime], None] | None =
     raise_open_files_limit()  # before the connection cap is derived from it
     rt = Runtime(settings)
     await rt.start()
-    _tune_gc()
+    tune_gc()
     loop = asyncio.get_running_loop()
     traffic = proxy_server(rt)
     await traffic.start(*settings.listen, backlog=1024, reuse_port=settings.workers > 1)

@@ -4,20 +4,26 @@ real simulated gateways, and a sink that records events."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import gc
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from bench.host import steal_seconds
 from proxy import adminhttp
 from proxy.admin import start_admin
 from proxy.adminhttp import Router
-from proxy.app import Runtime, proxy_server
+from proxy.app import Runtime, proxy_server, tune_gc
 from proxy.events import Event, Severity
 from proxy.server import ProxyServer
 from proxy.settings import Settings
@@ -73,6 +79,78 @@ class Proxy:
         kw.setdefault("data", b'{"amount": 100, "currency": "EUR"}')
         async with self.session.request(method, URL(self.url + path, encoded=True), **kw) as resp:
             return resp.status, dict(resp.headers), await resp.read()
+
+
+@contextlib.contextmanager
+def production_gc() -> Iterator[None]:
+    """The collector as `payswitch run` leaves it once started: the heap so far frozen, the
+    young generation collected less often. For tests that compare a proxy's latencies in
+    this process: without it, a full collection of the test runner's own heap (pytest and
+    every earlier test's leftovers, 100k objects and more) stalls the shared loop for tens
+    of milliseconds and is measured as the proxy's."""
+    threshold = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+class HostSteal:
+    """When the hypervisor took CPU from this machine, read every `every` seconds by a
+    thread of its own while the block runs. On a shared virtual machine a steal of tens of
+    milliseconds delays whatever is in flight, whatever the proxy does; a latency test that
+    compares two windows drops, from both, the requests that steal touched, so it compares
+    the proxy and not the host. Where the kernel does not count steal, nothing is dropped.
+    """
+
+    def __init__(
+        self,
+        every: float = 0.005,
+        settle: float = 0.010,
+        read: Callable[[], float | None] = steal_seconds,
+    ) -> None:
+        self.every = every
+        self.read = read
+        self.settle = settle  # after a steal, the loop still works off what queued meanwhile
+        self._spans: list[tuple[float, float]] = []  # (from, until), monotonic, in order
+        self._starts: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="host-steal", daemon=True)
+
+    def __enter__(self) -> HostSteal:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._starts = [start for start, _ in self._spans]
+
+    def _run(self) -> None:
+        then, before = time.monotonic(), self.read()
+        while not self._stop.wait(self.every):
+            now, after = time.monotonic(), self.read()
+            if before is not None and after is not None and after > before:
+                self._spans.append((then, now + self.settle))
+            then, before = now, after
+
+    @property
+    def stolen_spans(self) -> int:
+        return len(self._spans)
+
+    def touched(self, start: float, end: float) -> bool:
+        """Whether steal was counted at any time between `start` and `end` (monotonic).
+        Spans are appended in time order with the same settle, so the last one to start
+        before `end` is also the last to end."""
+        i = bisect.bisect_left(self._starts, end)
+        return i > 0 and self._spans[i - 1][1] > start
 
 
 @contextlib.asynccontextmanager

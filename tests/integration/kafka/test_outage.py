@@ -1,6 +1,11 @@
 """The broker goes away for 20 s under a steady 200 payments/s: payments do not notice,
 critical records survive it, dropped ones are counted. A broker of its own on other ports,
-so stopping it disturbs no other test."""
+so stopping it disturbs no other test.
+
+The proxy shares this process with the clients and the gateways. So the p99s are taken
+with the collector as `payswitch run` sets it (`production_gc`), and over the payments
+that no host steal touched (`HostSteal`): a full collection of the test runner's heap, or
+the hypervisor taking a core for a second, is neither the proxy's nor the broker's."""
 
 from __future__ import annotations
 
@@ -14,7 +19,14 @@ import pytest
 from proxy.events import Severity
 from proxy.kafka.sink import KafkaSink
 from tests.kafka_support import RULES, kafka_settings, read_topic, start_broker, stop_broker
-from tests.support import Proxy, eventually, gateways, running_proxy
+from tests.support import (
+    HostSteal,
+    Proxy,
+    eventually,
+    gateways,
+    production_gc,
+    running_proxy,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -69,9 +81,12 @@ class Load:
             await asyncio.sleep(max(0.0, t0 + n / RATE - loop.time()))
         await asyncio.gather(*self._pending)
 
-    def p99(self, start: float, end: float) -> tuple[float, int]:
-        lat = sorted(s for t, s, _ in self.results if start <= t < end)
-        return lat[int(len(lat) * 0.99) - 1], len(lat)
+    def sent_between(self, start: float, end: float) -> list[tuple[float, float]]:
+        return [(t, s) for t, s, _ in self.results if start <= t < end]
+
+    @staticmethod
+    def p99(latencies: list[float]) -> float:
+        return sorted(latencies)[int(len(latencies) * 0.99) - 1]
 
 
 @pytest.mark.timeout(150)
@@ -88,33 +103,44 @@ async def test_broker_down_for_20s_costs_no_payment_and_no_critical_record(
                 sink: KafkaSink = p.rt.kafka.sink
                 await eventually(lambda: sink.connected, within=15)
                 load = Load(p)
-                runner = asyncio.ensure_future(load.run())  # noqa: TID251
-                up_from = time.monotonic()
-                await asyncio.sleep(UP_FOR)
-                up_until = time.monotonic()
-                await asyncio.to_thread(stop_broker, PORT)
-                down_from = time.monotonic()
-                await asyncio.sleep(DOWN_FOR)
-                down_until = time.monotonic()
-                await asyncio.to_thread(start_broker, PORT, keep=True)
-                await asyncio.sleep(2.0)
-                load.stop.set()
-                await runner
-                await eventually(
-                    lambda: sink.queued == 0 and sink.spill.pending_bytes == 0, within=30
-                )
-                drops, spilled, sent = dict(sink.drops), sink.spilled, dict(sink.sent)
+                with production_gc(), HostSteal() as steal:
+                    runner = asyncio.ensure_future(load.run())  # noqa: TID251
+                    up_from = time.monotonic()
+                    await asyncio.sleep(UP_FOR)
+                    up_until = time.monotonic()
+                    await asyncio.to_thread(stop_broker, PORT)
+                    down_from = time.monotonic()
+                    await asyncio.sleep(DOWN_FOR)
+                    down_until = time.monotonic()
+                    await asyncio.to_thread(start_broker, PORT, keep=True)
+                    await asyncio.sleep(2.0)
+                    load.stop.set()
+                    await runner
+                    await eventually(
+                        lambda: sink.queued == 0 and sink.spill.pending_bytes == 0, within=30
+                    )
+                    drops, spilled, sent = dict(sink.drops), sink.spilled, dict(sink.sent)
         failures = [r for r in load.results if r[2] != 200]
-        p99_up, n_up = load.p99(up_from + 1.0, up_until)
-        p99_down, n_down = load.p99(down_from, down_until)
+        up = load.sent_between(up_from + 1.0, up_until)
+        down = load.sent_between(down_from, down_until)
+        clean_up = [s for t, s in up if not steal.touched(t, t + s)]
+        clean_down = [s for t, s in down if not steal.touched(t, t + s)]
+        p99_up, p99_down = load.p99(clean_up), load.p99(clean_down)
         print(
-            f"\nbroker up: {n_up} payments, p99 {p99_up * 1000:.2f} ms; "
-            f"broker down: {n_down} payments, p99 {p99_down * 1000:.2f} ms; "
+            f"\nbroker up: {len(up)} payments, p99 {load.p99([s for _, s in up]) * 1000:.2f} ms,"
+            f" {p99_up * 1000:.2f} ms over the {len(clean_up)} no steal touched; "
+            f"broker down: {len(down)} payments, p99 {load.p99([s for _, s in down]) * 1000:.2f}"
+            f" ms, {p99_down * 1000:.2f} ms over the {len(clean_down)} no steal touched; "
             f"critical emitted {len(load.critical)}, spilled {spilled}; "
-            f"dropped {drops}; sent {sent}"
+            f"dropped {drops}; sent {sent}; host steal seen {steal.stolen_spans} times"
         )
         assert failures == []
-        assert n_down >= DOWN_FOR * RATE * 0.9
+        assert len(down) >= DOWN_FOR * RATE * 0.9
+        for name, window, clean in (("up", up, clean_up), ("down", down, clean_down)):
+            assert len(clean) >= len(window) / 2, (
+                f"broker {name}: the host stole CPU while {len(window) - len(clean)} of "
+                f"{len(window)} payments were in flight; too few left to judge the proxy by"
+            )
         # Within 10%, with 2 ms of slack for a shared 2-core machine's scheduling noise.
         assert p99_down <= p99_up * 1.10 + 0.002
         records = await read_topic(kafka, kafka.events_topic, expect=len(load.critical), within=20)
