@@ -115,7 +115,6 @@ class HostSteal:
         self.read = read
         self.settle = settle  # after a steal, the loop still works off what queued meanwhile
         self._spans: list[tuple[float, float]] = []  # (from, until), monotonic, in order
-        self._starts: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="host-steal", daemon=True)
 
@@ -131,7 +130,6 @@ class HostSteal:
     ) -> None:
         self._stop.set()
         self._thread.join()
-        self._starts = [start for start, _ in self._spans]
 
     def _run(self) -> None:
         then, before = time.monotonic(), self.read()
@@ -146,11 +144,12 @@ class HostSteal:
         return len(self._spans)
 
     def touched(self, start: float, end: float) -> bool:
-        """Whether steal was counted at any time between `start` and `end` (monotonic).
-        Spans are appended in time order with the same settle, so the last one to start
-        before `end` is also the last to end."""
-        i = bisect.bisect_left(self._starts, end)
-        return i > 0 and self._spans[i - 1][1] > start
+        """Whether steal was counted at any time between `start` and `end` (monotonic);
+        answers while the watch runs too. Spans are appended in time order with the same
+        settle, so the last one to start before `end` is also the last to end."""
+        spans = self._spans
+        i = bisect.bisect_left(spans, end, key=lambda span: span[0])
+        return i > 0 and spans[i - 1][1] > start
 
 
 @contextlib.asynccontextmanager
