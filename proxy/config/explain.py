@@ -9,7 +9,6 @@ Must not: read files, build the validator or judge meaning across files.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -115,12 +114,12 @@ class Explainer:
             if key in allowed:
                 continue
             message = f"unknown key {show(key)}"
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            close = _closest(str(key), allowed)
             home = self._home_of(str(key), schema)
             if home:
                 message += f": it belongs inside `{home}` (check its indentation)"
             elif close:
-                message += f"; did you mean `{close[0]}`?"
+                message += f"; did you mean `{close}`?"
             elif allowed:
                 message += "; known keys here: " + ", ".join(allowed)
             yield doc.issue([*path, key], message)
@@ -191,10 +190,19 @@ def _not_one_of(value: object, options: Sequence[object]) -> str:
     texts = [show(o) for o in options]
     message = f"{show(value)} is not one of " + ", ".join(texts)
     if isinstance(value, str):
-        close = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
+        close = _closest(value, [str(o) for o in options])
         if close:
-            message += f"; did you mean `{close[0]}`?"
+            message += f"; did you mean `{close}`?"
     return message
+
+
+def _closest(word: str, options: Sequence[str]) -> str | None:
+    """The option nearest `word`, if one is near. difflib is imported here, when rules
+    are refused: a sidecar that loaded good rules would carry it (0.2 MiB) for nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _cut(text: str, limit: int = 300) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -91,3 +94,30 @@ def test_explained(instance: dict[str, Any], expected: list[tuple[str, str]]) ->
 )
 def test_show(value: object, shown: str) -> None:
     assert show(value) == shown
+
+
+_PROBE = """
+import sys
+from pathlib import Path
+from proxy.config.load import ConfigError, build_rules, read_sources
+build_rules(read_sources(sorted(Path("rules").glob("*.yaml"))))
+good = "difflib" in sys.modules
+try:
+    build_rules([("bad.yaml", b"routes:\\n  - nmae: x\\n")])
+except ConfigError:
+    pass
+print(good, "difflib" in sys.modules)
+"""
+
+
+def test_good_rules_leave_difflib_unloaded_and_refused_ones_load_it() -> None:
+    # A sidecar that loaded good rules does not carry difflib (0.2 MiB of its idle RSS).
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "False True", out.stdout + out.stderr
