@@ -11,6 +11,7 @@ Must not: choose gateways or judge attempts (retry, balancer) or parse rules (co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -154,7 +155,10 @@ class ProxyHandler:
     ) -> Answer:
         rt = self.rt
         started_wall = time.time()
-        self._transaction_event("transaction.pending", dispatch, None, None, started)
+        # On the loop's next turn: by then the request is on its way to the gateway (the
+        # first attempt is written in this step), so building the event does not delay it.
+        pending = _Pending(self, dispatch, started)
+        asyncio.get_running_loop().call_soon(pending)
         inflight = rt.payments.in_flight
         inflight[dispatch.req.transaction_id] = (dispatch, started_wall)
         try:
@@ -187,6 +191,7 @@ class ProxyHandler:
 
         async def then() -> None:
             """The payment's record, event, metrics and access log: once it is answered."""
+            pending()  # an answer that needed no wait: the pending event still comes first
             state = _state(settled, status)
             self._transaction_event(
                 _EVENT_OF_STATE[state], dispatch, settled, status, started, ended
@@ -310,6 +315,26 @@ class ProxyHandler:
                         None,
                     ),
                 )
+            )
+
+
+class _Pending:
+    """A dispatch's `transaction.pending` event, emitted once: whichever comes first of the
+    loop's next turn and the event of its outcome."""
+
+    __slots__ = ("dispatch", "handler", "started")
+
+    def __init__(self, handler: ProxyHandler, dispatch: Dispatch, started: float) -> None:
+        self.handler: ProxyHandler | None = handler
+        self.dispatch = dispatch
+        self.started = started
+
+    def __call__(self) -> None:
+        handler = self.handler
+        if handler is not None:
+            self.handler = None
+            handler._transaction_event(
+                "transaction.pending", self.dispatch, None, None, self.started
             )
 
 

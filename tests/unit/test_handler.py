@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.events import Event
 from proxy.upstream.state import Flag
 from tests.support import Proxy, gateways, running_proxy
 
@@ -88,6 +89,60 @@ async def test_dispatched_answer_names_gateway_and_transaction(tmp_path: Path) -
                 "transaction.pending",
                 "transaction.succeeded",
             ]
+
+
+class _PendingWatch(list[Event]):
+    """The recorded events, noting what each pending one found in flight when it came."""
+
+    def __init__(self, p: Proxy) -> None:
+        super().__init__()
+        self.p = p
+        self.found: list[list[bool] | None] = []
+
+    def append(self, event: Event) -> None:
+        if event.kind == "transaction.pending":
+            live = self.p.rt.payments.in_flight.get(str(event.fields["transaction_id"]))
+            sent = None if live is None else [a.progress.reached_gateway for a in live[0].attempts]
+            self.found.append(sent)
+        super().append(event)
+
+
+async def test_pending_event_is_built_once_the_request_is_on_its_way(tmp_path: Path) -> None:
+    # Building and queueing the event costs the request nothing: on a kept-alive
+    # connection the first attempt is written before it (a new one is still connecting).
+    async with gateways("g1") as g:
+        async with running_proxy(rules({"g1": g["g1"].url}), tmp_path) as p:
+            assert (await p.request("GET", "/v1/status"))[0] == 200
+            p.events.events = watch = _PendingWatch(p)
+            for _ in range(3):
+                assert (await p.request("GET", "/v1/status"))[0] == 200
+            assert watch.found == [[True]] * 3
+            assert (
+                p.events.kinds("transaction.")
+                == [
+                    "transaction.pending",
+                    "transaction.succeeded",
+                ]
+                * 3
+            )
+
+
+async def test_pending_event_comes_first_when_the_answer_needs_no_wait(tmp_path: Path) -> None:
+    async with gateways("g1") as g:
+        async with running_proxy(rules({"g1": g["g1"].url}), tmp_path) as p:
+            p.rt.states["g1"].set_flag(Flag.DRAINING, "maintenance")
+            for _ in range(2):
+                assert (await p.request("GET", "/v1/status"))[0] == 503
+            pending = p.events.of("transaction.pending")
+            assert (
+                p.events.kinds("transaction.")
+                == [
+                    "transaction.pending",
+                    "transaction.failed",
+                ]
+                * 2
+            )
+            assert len({e.fields["transaction_id"] for e in pending}) == 2
 
 
 async def test_replay_is_answered_without_dispatch(tmp_path: Path) -> None:
