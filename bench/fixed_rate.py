@@ -1,9 +1,12 @@
 """One client at a fixed rate on one keep-alive connection, timed in microseconds.
 
-    .venv/bin/python bench/fixed_rate.py URL [--rate 400] [--seconds 8]
+    .venv/bin/python bench/fixed_rate.py URL [URL...] [--rate 400] [--seconds 8]
 
 Prints one JSON object: p50/p90/p99/p99.9 in microseconds, the answers counted and the
-failures. hey prints latencies in tenths of a millisecond, which is the size of the
+failures. Given several URLs, it sends to them in turn, each at `--rate` on its own
+connection, and prints one such object per URL: every target is then timed through the
+same seconds of the host, whose stalls (steal on a virtual machine) would otherwise land
+on whichever target happened to be measured when they came. hey prints latencies in tenths of a millisecond, which is the size of the
 differences between proxies at a steady rate; this client reads the clock around each
 exchange with `perf_counter_ns`. Its own cost (the same for every target) is in every
 figure, so compare targets measured by it, or subtract the direct upstream's.
@@ -109,12 +112,26 @@ class Client:
 
 
 def run(url: str, rate: float, seconds: float, body: bytes) -> dict[str, float | int]:
-    client = Client(url, body)
-    for _ in range(WARMUP):
-        client.exchange()
-    samples: list[int] = []
-    failed = 0
-    interval = 1e9 / rate
+    return run_turns([url], rate, seconds, body)[url]
+
+
+def turn(n: int, count: int) -> int:
+    """Which of `count` targets the `n`th exchange goes to: each in turn, and the order
+    shifted by one every cycle, so no target always follows the same one."""
+    return (n + n // count) % count
+
+
+def run_turns(
+    urls: list[str], rate: float, seconds: float, body: bytes
+) -> dict[str, dict[str, float | int]]:
+    """Every URL at `rate`, their exchanges interleaved on one clock; figures per URL."""
+    clients = [Client(url, body) for url in urls]
+    for client in clients:
+        for _ in range(WARMUP):
+            client.exchange()
+    samples: list[list[int]] = [[] for _ in urls]
+    failed = [0] * len(urls)
+    interval = 1e9 / (rate * len(urls))
     start = time.perf_counter_ns()
     end = start + seconds * 1e9
     n = 0
@@ -122,22 +139,31 @@ def run(url: str, rate: float, seconds: float, body: bytes) -> dict[str, float |
         wait = due - time.perf_counter_ns()
         if wait > 0:
             time.sleep(wait / 1e9)
+        i = turn(n, len(urls))
         n += 1
         try:
-            samples.append(client.exchange())
+            samples[i].append(clients[i].exchange())
         except (OSError, ExchangeError):
-            failed += 1
-    client.close()
-    return {**percentiles(samples), "answers": len(samples), "failed": failed}
+            failed[i] += 1
+    for client in clients:
+        client.close()
+    return {
+        url: {**percentiles(samples[i]), "answers": len(samples[i]), "failed": failed[i]}
+        for i, url in enumerate(urls)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url")
+    parser.add_argument("urls", nargs="+", metavar="url")
     parser.add_argument("--rate", type=float, default=400.0)
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.url, args.rate, args.seconds, wrk.post_body())))
+    body = wrk.post_body()
+    if len(args.urls) == 1:
+        print(json.dumps(run(args.urls[0], args.rate, args.seconds, body)))
+    else:
+        print(json.dumps(run_turns(args.urls, args.rate, args.seconds, body)))
     return 0
 
 

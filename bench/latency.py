@@ -1,7 +1,7 @@
 """Latency added at a steady rate, in microseconds: payswitch builds beside direct and Envoy.
 
     .venv/bin/python bench/latency.py NAME=TREE[:ARG,ARG...] ... [--rounds 8] [--seconds 8]
-        [--rate 400] [--no-envoy]
+        [--rate 400] [--no-envoy] [--paired]
 
 TREE and ARGs as in bench/cpu.py (e.g. `new=.build/native old=/tmp/old-native
 off=.build/native:--access-log=off,--events=off`). Every target runs side by side; each
@@ -9,6 +9,12 @@ round measures every target once with bench/fixed_rate.py (one connection, a fix
 microsecond clock), in an order that turns each round, and the table shows each target's
 median round and what it adds over the direct upstream. `make bench` keeps hey for its
 steady-rate table; this is the finer look for comparing two builds.
+
+`--paired` times every target in the same seconds: one client sends to each in turn, each
+at the rate on its own connection (bench/fixed_rate.py, several URLs). A stall of the host
+then lands on all of them alike instead of on whichever was measured when it came, which
+on a virtual machine decides p99 more than either proxy does. Each target still sees the
+rate, and the proxy core serves them all: compare within one table, not across modes.
 
 Owns: the rounds and the printed table. Must not: leave a process behind.
 """
@@ -62,6 +68,15 @@ def steal_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     return f"host steal during each target's rounds, ms: {each}"
 
 
+def host_line(per: dict[str, list[dict[str, float]]]) -> str | None:
+    """Paired rounds: the host's steal during them, which every target shared."""
+    first = next(iter(per.values()), [])
+    total = host.summed(r.get("steal_ms") for r in first)
+    return (
+        None if total is None else f"host steal during the rounds, ms (every target's): {total:.0f}"
+    )
+
+
 def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), url]
     argv += ["--rate", str(rate), "--seconds", str(seconds)]
@@ -76,6 +91,28 @@ def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     return result
 
 
+def measure_paired(
+    urls: dict[str, str], rate: float, seconds: float
+) -> dict[str, dict[str, float]]:
+    """Every target in the same seconds, their exchanges interleaved; figures by name. The
+    host's steal during the round is each target's."""
+    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), *urls.values()]
+    argv += ["--rate", str(rate), "--seconds", str(seconds)]
+    done, stolen = host.run_counting_steal(
+        argv, capture_output=True, check=True, timeout=len(urls) * seconds + 60
+    )
+    by_url: dict[str, dict[str, float]] = json.loads(done.stdout)
+    out = {}
+    for name, url in urls.items():
+        result = by_url[url]
+        if stolen is not None:
+            result["steal_ms"] = stolen
+        if result["failed"]:
+            print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
+        out[name] = result
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("builds", nargs="+", metavar="NAME=TREE[:ARGS]")
@@ -83,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=400.0)
     parser.add_argument("--no-envoy", action="store_true", help="leave Envoy out")
+    parser.add_argument(
+        "--paired", action="store_true", help="time every target in the same seconds, in turn"
+    )
     args = parser.parse_args(argv)
     builds = dict(spec.split("=", 1) for spec in args.builds)
     with (
@@ -100,17 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             urls[name], _ = cpu._start(procs, name, spec, rules, [])
         per: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for i in range(args.rounds):
-            for name in turned(list(urls), i):
-                per[name].append(measure(urls[name], args.rate, args.seconds))
+            if args.paired:
+                order = turned(list(urls), i)
+                got = measure_paired({n: urls[n] for n in order}, args.rate, args.seconds)
+                for name in order:
+                    per[name].append(got[name])
+            else:
+                for name in turned(list(urls), i):
+                    per[name].append(measure(urls[name], args.rate, args.seconds))
             shown = ", ".join(
                 f"{n} {r[-1]['p50_us']:.0f}/{r[-1]['p99_us']:.0f}" for n, r in per.items()
             )
             print(f"round {i + 1} (p50/p99 us): {shown}", flush=True)
-    print(
-        f"\n{args.rate:g} POST/s, one connection; median of {args.rounds} rounds of {args.seconds:g} s"
-    )
+    how = "each target, all in turn" if args.paired else "one connection"
+    print(f"\n{args.rate:g} POST/s, {how}; median of {args.rounds} rounds of {args.seconds:g} s")
     print("\n".join(table(per)))
-    stolen = steal_line(per)
+    stolen = steal_line(per) if not args.paired else host_line(per)
     if stolen is not None:
         print(stolen)
     return 0

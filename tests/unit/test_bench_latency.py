@@ -99,3 +99,33 @@ def test_the_client_times_every_exchange_at_its_rate(upstream: str) -> None:
     assert got["failed"] == 0
     assert 25 <= got["answers"] <= 32  # one every 10 ms, the first at 0 and the last at 0.3 s
     assert 0 < got["p50_us"] <= got["p90_us"] <= got["p99_us"] <= got["p999_us"]
+
+
+def test_targets_take_turns_equally_and_the_order_shifts_each_cycle() -> None:
+    assert [fixed_rate.turn(n, 3) for n in range(6)] == [0, 1, 2, 1, 2, 0]
+    counts = [0, 0, 0]
+    for n in range(300):
+        counts[fixed_rate.turn(n, 3)] += 1
+    assert counts == [100, 100, 100]
+    assert [fixed_rate.turn(n, 1) for n in range(3)] == [0, 0, 0]
+
+
+def test_the_client_times_several_targets_in_the_same_seconds(upstream: str) -> None:
+    other = upstream + "?second"
+    got = fixed_rate.run_turns([upstream, other], rate=100, seconds=0.3, body=b"{}")
+    assert list(got) == [upstream, other]
+    for figures in got.values():
+        assert figures["failed"] == 0
+        # each at its own 100/s (200 a second between them, in turn), as alone
+        assert 25 <= figures["answers"] <= 32
+        assert 0 < figures["p50_us"] <= figures["p99_us"]
+
+
+def test_paired_rounds_show_the_steal_every_target_shared() -> None:
+    def r(steal: float | None) -> dict[str, float]:
+        got = {"p50_us": 1.0, "p90_us": 1.0, "p99_us": 1.0, "p999_us": 1.0}
+        return got if steal is None else {**got, "steal_ms": steal}
+
+    per = {"direct": [r(10), r(5)], "new": [r(10), r(5)]}
+    assert latency.host_line(per) == "host steal during the rounds, ms (every target's): 15"
+    assert latency.host_line({"direct": [r(None)]}) is None
