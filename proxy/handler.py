@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 class ProxyHandler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        # Built on the loop that serves it. Kept: on Python 3.11 each
+        # `asyncio.get_running_loop()` is a getpid system call.
+        self.loop = asyncio.get_running_loop()
 
     def body_cap(self) -> int:
         """The largest request body any route of the current rules accepts."""
@@ -158,7 +161,7 @@ class ProxyHandler:
         # On the loop's next turn: by then the request is on its way to the gateway (the
         # first attempt is written in this step), so building the event does not delay it.
         pending = _Pending(self, dispatch, started)
-        asyncio.get_running_loop().call_soon(pending)
+        self.loop.call_soon(pending)
         inflight = rt.payments.in_flight
         inflight[dispatch.req.transaction_id] = (dispatch, started_wall)
         try:
