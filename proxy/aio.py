@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,26 @@ def spawn_owned(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(coro, name=name)
 
 
-async def first_done(pending: Collection[asyncio.Future[Any]], within: float) -> None:
+class Wakeable(Protocol):
+    """Whatever produces one of the awaited results and can say so the moment it is set:
+    it calls `waker` right after, if one is set."""
+
+    waker: Callable[[], None] | None
+
+
+async def first_done(
+    pending: Collection[asyncio.Future[Any]], within: float, waking: Wakeable | None = None
+) -> None:
     """Return when any of `pending` is done or `within` seconds have passed.
 
     `asyncio.wait` with FIRST_COMPLETED does the same with set bookkeeping the request
     path does not need; the caller looks at `task.done()` itself. `pending` is not copied:
     it must not change while this waits (the retry loop alone changes its `live`).
+
+    A future's done-callbacks run on the loop's next turn, and the waiter they set wakes
+    the caller one turn after that. `waking`, when given, is told to wake the caller as it
+    sets its result instead: one turn sooner. The callbacks stay, for every other way a
+    result can come (and for a producer that does not call it).
     """
     for t in pending:
         if t.done():
@@ -81,9 +95,13 @@ async def first_done(pending: Collection[asyncio.Future[Any]], within: float) ->
     for t in pending:
         t.add_done_callback(wake)
     handle = loop.call_later(within, wake)
+    if waking is not None:
+        waking.waker = wake
     try:
         await waiter
     finally:
         handle.cancel()
+        if waking is not None:
+            waking.waker = None
         for t in pending:
             t.remove_done_callback(wake)

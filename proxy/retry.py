@@ -107,6 +107,7 @@ class Dispatch:
         self.deadline = self.give_up_at = now + timeouts.total
         self.next_at = now
         live = self.live
+        traced = self.parts.tracing
         current: Attempt | None = None
         per_try_end = self.deadline
         try:
@@ -129,7 +130,13 @@ class Dispatch:
                 wake = min(self.give_up_at, per_try_end) if waiting else self.give_up_at
                 if self.next_at is not None:
                     wake = min(wake, self.next_at)
-                await first_done(live, max(0.0, wake - clock.now()))
+                # The current attempt's connection wakes this loop as it settles, when the
+                # attempt's future is the exchange's own (a traced attempt is a task that
+                # ends later: its callbacks wake this loop).
+                waking = None
+                if current is not None and current.end is None and traced is None:
+                    waking = current.progress
+                await first_done(live, max(0.0, wake - clock.now()), waking)
                 now = clock.now()
                 done = [t for t in live if t.done()]
                 for task in done:

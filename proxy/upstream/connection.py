@@ -201,6 +201,7 @@ class Connection(asyncio.Protocol):
         if fut.done():  # cancelled by the caller
             self.result = None
             return
+        progress = self.progress
         if self.error is not None:
             if (
                 self.resend is not None
@@ -226,6 +227,8 @@ class Connection(asyncio.Protocol):
         if isinstance(outcome, Response) and not outcome.streaming:
             outcome.release()
         fut.set_result(value)
+        if progress is not None and progress.waker is not None:
+            progress.waker()
 
     def _hand_over(self, fut: asyncio.Future[Any]) -> bool:
         """A reused connection closed with no byte of an answer: RFC 9112 §9.3.1 lets an

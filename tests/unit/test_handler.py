@@ -10,9 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.aio import spawn
 from proxy.events import Event
 from proxy.upstream.state import Flag
-from tests.support import Proxy, gateways, running_proxy
+from tests.support import Proxy, eventually, gateways, running_proxy
 
 
 def rules(urls: dict[str, str]) -> str:
@@ -143,6 +144,24 @@ async def test_pending_event_comes_first_when_the_answer_needs_no_wait(tmp_path:
                 * 2
             )
             assert len({e.fields["transaction_id"] for e in pending}) == 2
+
+
+async def test_the_gateway_connection_wakes_the_retry_loop_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    # The answer's connection tells the waiting retry loop directly (proxy.aio.first_done):
+    # the waker is set on the current attempt for the wait, and gone after it.
+    async with gateways("g1") as g:
+        g["g1"].set(delay=0.2)
+        async with running_proxy(rules({"g1": g["g1"].url}), tmp_path) as p:
+            answer = spawn(p.request("GET", "/v1/status"), name="status")
+            await eventually(lambda: bool(p.rt.payments.in_flight))
+            [(dispatch, _)] = p.rt.payments.in_flight.values()
+            await eventually(lambda: bool(dispatch.attempts))
+            [attempt] = dispatch.attempts
+            await eventually(lambda: attempt.progress.waker is not None)
+            assert (await answer)[0] == 200
+            assert attempt.progress.waker is None
 
 
 async def test_replay_is_answered_without_dispatch(tmp_path: Path) -> None:

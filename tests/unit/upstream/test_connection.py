@@ -108,6 +108,30 @@ async def test_progress(
     assert isinstance(await fut, Response)
 
 
+async def test_the_waker_is_told_once_the_outcome_is_set(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    conn = connection(pair[0], Transport())
+    progress = Progress()
+    seen: list[bool] = []
+    fut = begin(conn, progress)
+    progress.waker = lambda: seen.append(fut.done())
+    conn.data_received(OK[:20])
+    assert seen == []  # part of the head: nothing to wake for yet
+    conn.data_received(OK[20:])
+    assert seen == [True]  # after the result, in the same call
+    assert isinstance(await fut, Response)
+
+
+async def test_an_outcome_without_a_waker_is_only_the_future(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    conn = connection(pair[0], Transport())
+    fut = begin(conn, Progress())
+    conn.data_received(OK)
+    assert isinstance(await fut, Response)
+
+
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
