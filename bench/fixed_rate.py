@@ -11,8 +11,9 @@ differences between proxies at a steady rate; this client reads the clock around
 exchange with `perf_counter_ns`. Its own cost (the same for every target) is in every
 figure, so compare targets measured by it, or subtract the direct upstream's.
 
-Owns: the client loop and the percentiles. Must not: send anywhere but the URL given
-(loopback in every bench).
+Owns: the client loop, the percentiles, and running itself pinned to a core for several
+targets at once (`measure_turns`). Must not: send anywhere but the URLs given (loopback in
+every bench).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import wrk
+from bench import host, wrk
 
 WARMUP = 200  # exchanges before the clock starts
 
@@ -151,6 +152,30 @@ def run_turns(
         url: {**percentiles(samples[i]), "answers": len(samples[i]), "failed": failed[i]}
         for i, url in enumerate(urls)
     }
+
+
+def measure_turns(
+    urls: dict[str, str], rate: float, seconds: float, *, core: int
+) -> dict[str, dict[str, float]]:
+    """This client pinned to `core`, timing every one of `urls` in turn (`run_turns`);
+    figures by name, each with the host's steal during the round (which all shared).
+    Raises subprocess.CalledProcessError when the client fails."""
+    argv = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
+    argv += [*urls.values(), "--rate", str(rate), "--seconds", str(seconds)]
+    done, stolen = host.run_counting_steal(
+        argv, capture_output=True, check=True, timeout=len(urls) * seconds + 60
+    )
+    got = json.loads(done.stdout)
+    by_url: dict[str, dict[str, float]] = got if len(urls) > 1 else {next(iter(urls.values())): got}
+    out: dict[str, dict[str, float]] = {}
+    for name, url in urls.items():
+        result = by_url[url]
+        if stolen is not None:
+            result["steal_ms"] = stolen
+        if result["failed"]:
+            print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
+        out[name] = result
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

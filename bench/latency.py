@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import cpu, host, targets
+from bench import cpu, fixed_rate, host, targets
 from bench.procs import Processes
 from bench.run import turned
 from bench.targets import LOAD_CORE, Context
@@ -91,28 +91,6 @@ def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     return result
 
 
-def measure_paired(
-    urls: dict[str, str], rate: float, seconds: float
-) -> dict[str, dict[str, float]]:
-    """Every target in the same seconds, their exchanges interleaved; figures by name. The
-    host's steal during the round is each target's."""
-    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), *urls.values()]
-    argv += ["--rate", str(rate), "--seconds", str(seconds)]
-    done, stolen = host.run_counting_steal(
-        argv, capture_output=True, check=True, timeout=len(urls) * seconds + 60
-    )
-    by_url: dict[str, dict[str, float]] = json.loads(done.stdout)
-    out = {}
-    for name, url in urls.items():
-        result = by_url[url]
-        if stolen is not None:
-            result["steal_ms"] = stolen
-        if result["failed"]:
-            print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
-        out[name] = result
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("builds", nargs="+", metavar="NAME=TREE[:ARGS]")
@@ -142,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             if args.paired:
                 order = turned(list(urls), i)
-                got = measure_paired({n: urls[n] for n in order}, args.rate, args.seconds)
+                got = fixed_rate.measure_turns(
+                    {n: urls[n] for n in order}, args.rate, args.seconds, core=LOAD_CORE
+                )
                 for name in order:
                     per[name].append(got[name])
             else:

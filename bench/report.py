@@ -39,6 +39,9 @@ class TargetResult:
     idle_rss_mib: float | None = None  # started and smoke-checked, before any load
     peak_rss_mib: float | None = None  # high-water mark over the whole target's life
     steady: SteadyResult | None = None  # one client at a fixed rate
+    # The same rate, every steady target timed in turn by one client, in microseconds:
+    # median p50/p90/p99/p99.9 of the rounds, with the rounds and the failed exchanges.
+    paired: dict[str, float] | None = None
     error: str | None = None
 
     def failure(self) -> str | None:
@@ -78,6 +81,7 @@ class TargetResult:
             "rss_mib": self.rss_mib,
             "idle_rss_mib": self.idle_rss_mib,
             "peak_rss_mib": self.peak_rss_mib,
+            "paired": self.paired,
             "steady": self.steady.as_dict() if self.steady is not None else None,
             "runs": [run.as_dict() for run in self.runs],
         }
@@ -153,6 +157,58 @@ def steady_table(results: dict[str, TargetResult], rate: int) -> str:
     lines.append(
         "steal ms: CPU time the hypervisor took from this machine during the target's rounds"
         " (summed);\np99 at this rate is the slowest 1% of answers, and moves with it"
+    )
+    return "\n".join(lines)
+
+
+PAIRED_FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us")
+
+
+def paired_median(rounds: list[dict[str, float]], steal_ms: float | None) -> dict[str, float]:
+    """One target's paired rounds as one result: each figure's median, failures summed,
+    and the host's steal during the rounds (every target's; absent when unknown)."""
+    if not rounds:
+        raise ValueError("no paired round to take the median of")
+    out = {f: float(statistics.median(r[f] for r in rounds)) for f in PAIRED_FIGURES}
+    out["rounds"] = len(rounds)
+    out["failed"] = sum(r.get("failed", 0) for r in rounds)
+    if steal_ms is not None:
+        out["steal_ms"] = steal_ms
+    return out
+
+
+def paired_table(results: dict[str, TargetResult], rate: int) -> str:
+    """The steady rate timed in turns: every target through the same seconds of the host."""
+    direct = results.get("direct")
+    base = direct.paired if direct is not None else None
+    rows = [r for r in results.values() if r.paired is not None]
+    rounds = max((int(r.paired["rounds"]) for r in rows if r.paired), default=1)
+    steal_ms = next((r.paired.get("steal_ms") for r in rows if r.paired), None)
+    head = (
+        f"{'target':<20} {'p50 us':>7} {'p90 us':>7} {'p99 us':>7} {'p99.9 us':>9}"
+        f" {'added p50':>10} {'added p99':>10} {'failed':>7}"
+    )
+    lines = [
+        f"steady rate, in turns: one client, {rate} POST/s to each target in turn;"
+        f" median of {rounds} round(s)",
+        head,
+        "-" * len(head),
+    ]
+    for result in rows:
+        pr = result.paired
+        assert pr is not None
+        added50 = added99 = None
+        if base is not None and result.name != "direct":
+            added50, added99 = pr["p50_us"] - base["p50_us"], pr["p99_us"] - base["p99_us"]
+        lines.append(
+            f"{result.title:<20} {pr['p50_us']:>7.0f} {pr['p90_us']:>7.0f} {pr['p99_us']:>7.0f}"
+            f" {pr['p999_us']:>9.0f} {_fmt(added50, '.0f'):>10} {_fmt(added99, '.0f'):>10}"
+            f" {pr['failed']:>7.0f}"
+        )
+    lines.append(
+        "a stall of the host lands on every target alike here"
+        + ("" if steal_ms is None else f" (host steal during these rounds: {steal_ms:.0f} ms)")
+        + ";\nthe proxy core serves all of them, so compare within this table only"
     )
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     # shadowing top-level modules.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import envoy, hey, nginx, report, targets, tools, wrk
+from bench import envoy, fixed_rate, hey, host, nginx, report, targets, tools, wrk
 from bench.procs import BenchError, Processes, http, tree_rss_mib
 from bench.report import TargetResult
 from bench.targets import LOAD_CORE, Context, Running, Target
@@ -70,7 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="steady-rate rounds, each measuring every target once; median kept (5; 1 --quick)",
     )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=None,
+        help="rounds timing the steady targets in turn, --steady s each (5; 1 --quick; 0 skips)",
+    )
     args = parser.parse_args(argv)
+    if args.paired_rounds is None:
+        args.paired_rounds = 1 if args.quick else 5
+    if args.paired_rounds < 0:
+        parser.error("--paired-rounds must be >= 0")
     if args.quick:
         args.duration, args.runs = 5.0, 1
     if args.warmup is None:
@@ -158,6 +168,36 @@ def measure(
                 print(line, file=sys.stderr, flush=True)
         return got
 
+    def paired(names: list[str], seconds: float, rounds: int) -> None:
+        """The steady targets again, timed in turn by one client: a stall of the host
+        lands on all of them alike. A failed round is reported and leaves the table out."""
+        got: dict[str, list[dict[str, float]]] = {}
+        steal: list[float | None] = []
+        for i in range(rounds):
+            order = [n for n in turned(names, i) if n in running]
+            if len(order) < 2:
+                return
+            time.sleep(SETTLE)
+            try:
+                one = fixed_rate.measure_turns(
+                    {n: running[n].url for n in order}, hey.RATE, seconds, core=LOAD_CORE
+                )
+            except _FAILURES as err:
+                print(f"bench: steady rate in turns: FAILED: {err}", file=sys.stderr, flush=True)
+                return
+            steal.append(one[order[0]].get("steal_ms"))
+            for name in order:
+                got.setdefault(name, []).append(one[name])
+            shown = ", ".join(f"{n} {one[n]['p50_us']:.0f}/{one[n]['p99_us']:.0f}" for n in order)
+            print(
+                f"bench: steady rate in turns, round {i + 1}/{rounds} (p50/p99 us): {shown}",
+                file=sys.stderr,
+                flush=True,
+            )
+        stolen = host.summed(steal)
+        for name, figures in got.items():
+            results[name].paired = report.paired_median(figures, stolen)
+
     try:
         for target in chosen:
             result = results[target.name]
@@ -184,6 +224,7 @@ def measure(
         )
         for name, steadies in rounds.items():
             results[name].steady = hey.median_of(steadies)
+        paired(steady, args.steady, args.paired_rounds)
         for name in list(running):
             if args.warmup > 0:
                 try:
@@ -292,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.steady is not None for r in results.values()):
         print()
         print(report.steady_table(results, hey.RATE))
+    if any(r.paired is not None for r in results.values()):
+        print()
+        print(report.paired_table(results, hey.RATE))
     print(f"\nresults: {out}")
     failed = [name for name, result in results.items() if result.failure() is not None]
     if failed:

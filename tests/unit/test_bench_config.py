@@ -292,3 +292,43 @@ def test_steady_rate_defaults(argv: list[str], seconds: float, rounds: int) -> N
 def test_steady_rate_options_are_checked(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         run.parse_args(argv)
+
+
+def paired_round(p50: float, p99: float, failed: int = 0) -> dict[str, float]:
+    return {"p50_us": p50, "p90_us": p50, "p99_us": p99, "p999_us": p99, "failed": failed}
+
+
+def test_paired_rounds_are_kept_as_their_median_with_the_shared_steal() -> None:
+    got = report.paired_median(
+        [paired_round(500, 1200), paired_round(520, 9000, failed=1), paired_round(510, 1300)],
+        steal_ms=40.0,
+    )
+    assert (got["p50_us"], got["p99_us"]) == (510, 1300)  # one stalled round moves neither
+    assert (got["rounds"], got["failed"], got["steal_ms"]) == (3, 1, 40.0)
+    assert "steal_ms" not in report.paired_median([paired_round(1, 1)], steal_ms=None)
+    with pytest.raises(ValueError, match="no paired round"):
+        report.paired_median([], None)
+
+
+def test_paired_table_shows_what_each_adds_through_the_same_seconds() -> None:
+    results = {name: result(name, 1000.0) for name in ("direct", "envoy", "payswitch")}
+    results["direct"].paired = report.paired_median([paired_round(60, 150)], 25.0)
+    results["envoy"].paired = report.paired_median([paired_round(470, 1400)], 25.0)
+    results["payswitch"].paired = report.paired_median([paired_round(480, 1500)], 25.0)
+    lines = report.paired_table(results, 400).splitlines()
+    assert "400 POST/s to each target in turn; median of 1 round(s)" in lines[0]
+    assert lines[3].split()[-3:] == ["-", "-", "0"]  # direct adds nothing to itself
+    assert lines[4].split()[-3:] == ["410", "1250", "0"]
+    assert lines[5].split()[-3:] == ["420", "1350", "0"]
+    assert "host steal during these rounds: 25 ms" in lines[-2]
+    assert max(len(line) for line in lines) <= 100
+    assert results["payswitch"].as_dict()["paired"]["p99_us"] == 1500
+
+
+@pytest.mark.parametrize(
+    ("argv", "rounds"), [([], 5), (["--quick"], 1), (["--paired-rounds", "0"], 0)]
+)
+def test_paired_rounds_default_and_can_be_skipped(argv: list[str], rounds: int) -> None:
+    assert run.parse_args(argv).paired_rounds == rounds
+    with pytest.raises(SystemExit):
+        run.parse_args(["--paired-rounds", "-1"])

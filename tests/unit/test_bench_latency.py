@@ -129,3 +129,13 @@ def test_paired_rounds_show_the_steal_every_target_shared() -> None:
     per = {"direct": [r(10), r(5)], "new": [r(10), r(5)]}
     assert latency.host_line(per) == "host steal during the rounds, ms (every target's): 15"
     assert latency.host_line({"direct": [r(None)]}) is None
+
+
+def test_the_client_runs_pinned_for_several_targets(upstream: str) -> None:
+    urls = {"a": upstream, "b": upstream + "?b"}
+    got = fixed_rate.measure_turns(urls, rate=100, seconds=0.3, core=0)
+    assert list(got) == ["a", "b"]
+    assert got["a"]["steal_ms"] == got["b"]["steal_ms"] >= 0  # one round, shared
+    assert all(g["failed"] == 0 and g["answers"] >= 25 for g in got.values())
+    alone = fixed_rate.measure_turns({"a": upstream}, rate=100, seconds=0.3, core=0)
+    assert list(alone) == ["a"] and alone["a"]["failed"] == 0
