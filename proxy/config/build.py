@@ -111,7 +111,11 @@ class Builder:
     def _gateway(self, doc: Doc, name: str, spec: Mapping[str, Any]) -> model.Gateway | None:
         where: list[object] = ["gateways", name]
         url = spec["url"].rstrip("/")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an unclosed "[" of an IPv6 host, among others
+            self.issues.append(doc.issue([*where, "url"], f"not a URL ({exc}): {url!r}"))
+            return None
         credentials = url_credentials(parts)
         if credentials is not None:
             # Reported, but the gateway is still built: its routes need not fail with it.

@@ -466,3 +466,15 @@ def test_a_status_written_as_a_float_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_rules([write(tmp_path, **{"a.yaml": GOOD_GATEWAYS, "b.yaml": routes})])
     assert [i.pointer for i in caught.value.issues] == ["/routes/0/retry/on/2"]
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[127.0.0.1:9101", "http://127.0.0.1]:9101", "http://[::1:9101/x"]
+)
+def test_a_gateway_url_that_does_not_parse_is_refused_at_its_line(tmp_path: Path, url: str) -> None:
+    gateways = GOOD_GATEWAYS.replace("http://127.0.0.1:9101", url)
+    with pytest.raises(ConfigError) as caught:
+        load_rules([write(tmp_path, **{"a.yaml": gateways, "b.yaml": GOOD_ROUTES})])
+    issue = next(i for i in caught.value.issues if i.pointer == "/gateways/stripe-eu/url")
+    assert issue.line == 2
+    assert "not a URL" in issue.message
