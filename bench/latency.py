@@ -22,8 +22,6 @@ Owns: the rounds and the printed table. Must not: leave a process behind.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -31,22 +29,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench import cpu, fixed_rate, host, targets
+from bench import cpu, fixed_rate, host, report, targets
 from bench.procs import Processes
 from bench.run import turned
 from bench.targets import LOAD_CORE, Context
 
-FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us")
-CLIENT = Path(__file__).resolve().parent / "fixed_rate.py"
-
-
-def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {f: statistics.median(r[f] for r in rounds) for f in FIGURES}
+FIGURES = report.PAIRED_FIGURES
 
 
 def table(per: dict[str, list[dict[str, float]]], base: str = "direct") -> list[str]:
     """One line per target: the median round's figures and what they add over `base`."""
-    med = {name: medians(rounds) for name, rounds in per.items()}
+    med = {name: report.paired_median(rounds, None) for name, rounds in per.items()}
     ref = med.get(base)
     head = f"{'target':14s}" + "".join(f"{f.removesuffix('_us'):>8s}" for f in FIGURES)
     lines = [head + "   added p50/p90/p99/p99.9 (us)"]
@@ -77,20 +70,6 @@ def host_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     )
 
 
-def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
-    argv = ["taskset", "-c", str(LOAD_CORE), sys.executable, str(CLIENT), url]
-    argv += ["--rate", str(rate), "--seconds", str(seconds)]
-    done, stolen = host.run_counting_steal(
-        argv, capture_output=True, check=True, timeout=seconds + 60
-    )
-    result: dict[str, float] = json.loads(done.stdout)
-    if stolen is not None:
-        result["steal_ms"] = stolen
-    if result["failed"]:
-        print(f"  {url}: {result['failed']:.0f} exchange(s) failed", file=sys.stderr)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("builds", nargs="+", metavar="NAME=TREE[:ARGS]")
@@ -118,16 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             urls[name], _ = cpu._start(procs, name, spec, rules, [])
         per: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
         for i in range(args.rounds):
-            if args.paired:
-                order = turned(list(urls), i)
+            order = turned(list(urls), i)
+            for group in [order] if args.paired else [[name] for name in order]:
                 got = fixed_rate.measure_turns(
-                    {n: urls[n] for n in order}, args.rate, args.seconds, core=LOAD_CORE
+                    {n: urls[n] for n in group}, args.rate, args.seconds, core=LOAD_CORE
                 )
-                for name in order:
+                for name in group:
                     per[name].append(got[name])
-            else:
-                for name in turned(list(urls), i):
-                    per[name].append(measure(urls[name], args.rate, args.seconds))
             shown = ", ".join(
                 f"{n} {r[-1]['p50_us']:.0f}/{r[-1]['p99_us']:.0f}" for n, r in per.items()
             )
