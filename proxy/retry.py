@@ -234,9 +234,15 @@ class Dispatch:
             return None
         status = result.status
         outcome = _health_outcome(status)
-        self._report(att, outcome, latency, retry_after_of(result) if status == 429 else None)
+        retry_after = retry_after_of(result) if status == 429 else None
         if definitive(self.req.plan.route.retry, status):
+            # The answer is written in this step of the loop: what the gateway's health
+            # learns from it waits for the next turn, after the answer has gone out.
+            if not att.reported:
+                att.reported = True
+                task.get_loop().call_soon(self._learn, att, outcome, latency, now, retry_after)
             return self._win(att, result, final=True)
+        self._report(att, outcome, latency, retry_after)
         self._keep(result, att)
         if not current:
             return None
@@ -287,8 +293,19 @@ class Dispatch:
         if att.reported:
             return
         att.reported = True
+        self._learn(att, outcome, latency, self.parts.clock.now(), retry_after)
+
+    def _learn(
+        self,
+        att: Attempt,
+        outcome: Outcome,
+        latency: float,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None:
+        """Health and the attempt metrics take in one attempt's outcome (once: `_report`)."""
         parts = self.parts
-        parts.health.finished(att.state, outcome, latency, parts.clock.now(), retry_after)
+        parts.health.finished(att.state, outcome, latency, now, retry_after)
         if parts.attempt_ended is not None:
             parts.attempt_ended(self, att, outcome, latency)
 

@@ -19,6 +19,7 @@ from proxy.attempt import End
 from proxy.outbound import Outbound
 from proxy.retry import Dispatch
 from proxy.sim import FakeGateway
+from proxy.upstream.state import Outcome
 from tests.support import Proxy, gateways, running_proxy
 
 
@@ -183,3 +184,24 @@ async def test_client_leaving_keeps_sent_attempts_running_and_unknown(tmp_path: 
             assert att.task is not None
             await asyncio.wait_for(asyncio.shield(att.task), 2.0)
             assert g["s1"].requests()
+
+
+async def test_a_winning_answer_reaches_health_on_the_loop_s_next_turn(tmp_path: Path) -> None:
+    """The answer is written in the step that settles the dispatch; the gateway's health
+    and the attempt metrics learn of it on the next turn, not before it goes out."""
+    async with gateways("s1", providers={"s1": "stripe"}) as g:
+        async with running_proxy(rules({"s1": g["s1"].url}, {"s1": "stripe"}), tmp_path) as p:
+            dispatch = Dispatch(outbound(p), p.rt.parts)
+            st = p.rt.store.current.compiled.states["s1"]
+            assert st.in_flight == 0 and st.requests == 0
+            settled = await dispatch.run()
+            assert settled.reply is not None and settled.reply.status == 200
+            [att] = dispatch.attempts
+            assert att.reported, "a second report must not count it again"
+            assert st.in_flight == 1, "not learnt yet in the step that answers"
+            await asyncio.sleep(0)
+            assert (st.in_flight, st.requests, st.failures) == (0, 1, 0)
+            assert st.ewma_latency > 0
+            dispatch._report(att, Outcome.SUCCESS, 0.0)
+            await asyncio.sleep(0)
+            assert st.in_flight == 0
