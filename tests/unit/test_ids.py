@@ -38,3 +38,12 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     after = [new_id() for _ in range(3)]
     assert not set(child) & {before, *after}
     assert child[0][:16] != before[:16]
+
+
+def test_the_counter_carries_into_its_upper_digits() -> None:
+    """The last byte comes from a table, the digits before it once per 256 ids: the ids
+    still count up by one across every carry."""
+    ids = [new_id() for _ in range(3 * 256 + 5)]
+    counters = [int(i[16:], 16) for i in ids]
+    assert counters == list(range(counters[0], counters[0] + len(ids)))
+    assert all(len(i) == 28 for i in ids)
