@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,9 @@ def callgrind(ctx: Context, builds: dict[str, str], args: argparse.Namespace) ->
             default=0,
         )
         answered = int(ok.group(1)) if ok else 0
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, args.keep / out.name)
         print(
             f"{name:12s} {total / args.requests / 1000:8.1f} k instructions/request "
             f"({answered} of {args.requests} answered 200)",
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true", help="also measure the forwarder")
     parser.add_argument("--callgrind", action="store_true", help="instructions, not CPU time")
     parser.add_argument("--requests", type=int, default=3000, help="POSTs counted (callgrind)")
+    parser.add_argument(
+        "--keep", type=Path, help="copy the callgrind files here (for callgrind_annotate)"
+    )
     args = parser.parse_args(argv)
     builds = dict(spec.split("=", 1) for spec in args.builds)
     with tempfile.TemporaryDirectory(prefix="payswitch-cpu-") as tmp, Processes(Path(tmp)) as procs:
