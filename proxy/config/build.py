@@ -28,6 +28,9 @@ class Builder:
         self.docs = docs
         self.read_secrets = read_secrets
         self.issues: list[ConfigIssue] = []
+        #: Gateways defined but refused (a bad url), by name, with their region: a route
+        #: naming one is left out without a second message saying it is not defined.
+        self.refused: dict[str, str] = {}
 
     def build(self) -> model.Rules:
         gateways: dict[str, model.Gateway] = {}
@@ -50,6 +53,8 @@ class Builder:
                 gw = self._gateway(doc, name, spec)
                 if gw is not None:
                     gateways[name] = gw
+                else:
+                    self.refused[name] = spec["region"]
             if "transaction_headers" in doc.data:
                 if header_doc is not None:
                     self.issues.append(
@@ -247,7 +252,7 @@ class Builder:
         before = len(self.issues)
         names = tuple(spec["gateways"])
         for j, gname in enumerate(names):
-            if gname not in gateways:
+            if gname not in gateways and gname not in self.refused:
                 known = ", ".join(sorted(gateways)) or "none"
                 self.issues.append(
                     doc.issue(
@@ -255,6 +260,7 @@ class Builder:
                     )
                 )
         route_regions = {gateways[g].region for g in names if g in gateways}
+        route_regions.update(self.refused[g] for g in names if g in self.refused)
         match = self._match(spec["match"])
         region = self._region(doc, where, spec, route_regions)
         t_spec = spec.get("timeouts", {})
@@ -306,7 +312,7 @@ class Builder:
                         "request bodies are held in memory so that a retry can replay them",
                     )
                 )
-        if len(self.issues) > before:
+        if len(self.issues) > before or any(g in self.refused for g in names):
             return None
         return model.Route(
             name=spec["name"],

@@ -478,3 +478,24 @@ def test_a_gateway_url_that_does_not_parse_is_refused_at_its_line(tmp_path: Path
     issue = next(i for i in caught.value.issues if i.pointer == "/gateways/stripe-eu/url")
     assert issue.line == 2
     assert "not a URL" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://[127.0.0.1:9101", "not a URL"),
+        ("http://127.0.0.1:99999", "invalid port"),
+        ("http://:9101", "no host"),
+    ],
+)
+def test_a_refused_gateway_is_reported_once_not_again_by_its_routes(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    """The routes naming it are left out too, without saying the gateway is not defined:
+    the file defines it, and its own line says what is wrong with it."""
+    gateways = GOOD_GATEWAYS.replace("http://127.0.0.1:9101", url)
+    with pytest.raises(ConfigError) as caught:
+        load_rules([write(tmp_path, **{"a.yaml": gateways, "b.yaml": GOOD_ROUTES})])
+    [issue] = caught.value.issues
+    assert issue.pointer == "/gateways/stripe-eu/url"
+    assert says in issue.message
