@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 #: Responses up to this size are read whole inside the attempt; larger ones are streamed.
-BUFFER_LIMIT = 1024 * 1024
+BUFFER_LIMIT: Final = 1024 * 1024
 
 
 class AttemptFailed(Exception):

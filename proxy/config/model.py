@@ -12,14 +12,14 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Final, Literal
 
 AfterAmbiguous = Literal["never", "same-provider", "any-gateway"]
 Balancing = Literal["weighted-round-robin", "least-latency"]
 
 #: Methods whose repetition has no extra effect (RFC 9110 §9.2.2). Everything else (POST,
 #: PATCH, custom verbs) is treated as a payment that a resend could charge twice.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 #: Retry conditions besides plain status codes.
 RETRY_CONDITIONS = ("connect-failure", "timeout", "reset")

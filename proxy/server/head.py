@@ -9,7 +9,7 @@ Must not: queue, serve or answer requests (the connection does); a broken limit 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpRequestParser
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -20,7 +20,7 @@ from proxy.server.limits import MAX_FIELD, MAX_HEAD_BYTES, MAX_HEADERS, MAX_TARG
 if TYPE_CHECKING:
     from proxy.server.connection import Connection
 
-_OWS = frozenset(b" \t")
+_OWS: Final = frozenset(b" \t")
 
 
 class HeadReader:

@@ -38,7 +38,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from multidict import CIMultiDict
 from mypy_extensions import mypyc_attr
@@ -77,7 +77,7 @@ T = TypeVar("T")
 
 #: Connections open to one origin when its gateway sets no `limits.max_connections`
 #: (Envoy's default circuit-breaker threshold).
-DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS: Final = 1024
 #: Methods whose request carries a Content-Length even when the body is empty.
 _LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 _DEFAULT_PORT = {"http": 80, "https": 443}

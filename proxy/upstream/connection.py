@@ -17,7 +17,7 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -36,11 +36,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_STATUS_LINE = 8190
-MAX_HEADERS = 128
-MAX_HEAD_BYTES = 64 * 1024
+MAX_STATUS_LINE: Final = 8190
+MAX_HEADERS: Final = 128
+MAX_HEAD_BYTES: Final = 64 * 1024
 #: A streamed body stops being read from the gateway while this much waits for the client.
-HIGH_WATER = 256 * 1024
+HIGH_WATER: Final = 256 * 1024
 #: Readable (a FIN reads as end of file, stray bytes as data), peer closed, or an error.
 _STALE = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000)
 #: TLS alerts a gateway's TLS layer sends when it refuses the handshake. In TLS 1.3 the
