@@ -13,6 +13,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
+from proxy.headers import splits_a_line
+
 _STATUS_LINES: dict[int, str] = {}
 
 
@@ -63,9 +65,7 @@ def head(
         lines.append("Connection: close")
     elif keep10:
         lines.append("Connection: keep-alive")
-    lines.append("\r\n")
-    raw = "\r\n".join(lines).encode("utf-8", "surrogateescape")
-    # One CR LF per line plus the blank line: any other CR or LF would split a header.
-    if raw.count(b"\n") != len(lines) or raw.count(b"\r") != len(lines):
+    if splits_a_line(lines):
         raise ValueError("CR or LF inside a response header")
-    return raw
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")

@@ -11,6 +11,7 @@ from proxy.headers import (
     hop_by_hop,
     parse_networks,
     response_headers,
+    splits_a_line,
     upstream_headers,
 )
 
@@ -249,3 +250,19 @@ def test_name_verdicts_stay_bounded_whatever_names_and_connection_values_arrive(
         host=None,
     )
     assert "X-C299" not in out and out["X-N1-1x"] == "v"
+
+
+@pytest.mark.parametrize(
+    ("lines", "splits"),
+    [
+        (["POST /pay HTTP/1.1", "Host: gw", "X-A: 1"], False),
+        (["POST /pay HTTP/1.1", "Host: gw", "X-A: 1\r\nX-B: 2"], True),
+        (["POST /pay HTTP/1.1", "Host: gw", "X-A: 1\n"], True),
+        (["POST /pay HTTP/1.1", "Host: gw", "X-A: \r1"], True),
+        (["POST /pay\r\nHTTP/1.1", "Host: gw"], True),
+        (["HTTP/1.1 200 OK", "X-\u00e9: caf\u00e9"], False),
+        ([], False),
+    ],
+)
+def test_a_cr_or_lf_anywhere_in_a_line_splits_it(lines: list[str], splits: bool) -> None:
+    assert splits_a_line(lines) is splits
