@@ -238,9 +238,7 @@ class Dispatch:
         if definitive(self.req.plan.route.retry, status):
             # The answer is written in this step of the loop: what the gateway's health
             # learns from it waits for the next turn, after the answer has gone out.
-            if not att.reported:
-                att.reported = True
-                task.get_loop().call_soon(self._learn, att, outcome, latency, now, retry_after)
+            self._report(att, outcome, latency, retry_after, soon=task.get_loop())
             return self._win(att, result, final=True)
         self._report(att, outcome, latency, retry_after)
         self._keep(result, att)
@@ -288,12 +286,24 @@ class Dispatch:
             self.give_up_at = min(self.give_up_at, now + after)
 
     def _report(
-        self, att: Attempt, outcome: Outcome, latency: float, retry_after: float | None = None
+        self,
+        att: Attempt,
+        outcome: Outcome,
+        latency: float,
+        retry_after: float | None = None,
+        *,
+        soon: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """Tell health and the metrics how `att` ended, once; on `soon`'s next turn when
+        given."""
         if att.reported:
             return
         att.reported = True
-        self._learn(att, outcome, latency, self.parts.clock.now(), retry_after)
+        now = self.parts.clock.now()
+        if soon is None:
+            self._learn(att, outcome, latency, now, retry_after)
+        else:
+            soon.call_soon(self._learn, att, outcome, latency, now, retry_after)
 
     def _learn(
         self,
@@ -303,7 +313,7 @@ class Dispatch:
         now: float,
         retry_after: float | None = None,
     ) -> None:
-        """Health and the attempt metrics take in one attempt's outcome (once: `_report`)."""
+        """Health and the attempt metrics take in one attempt's outcome."""
         parts = self.parts
         parts.health.finished(att.state, outcome, latency, now, retry_after)
         if parts.attempt_ended is not None:
