@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,9 +53,13 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> int:
-    """The first of `n` consecutive free ports."""
+    """The first of `n` consecutive free ports, below the kernel's ephemeral range: the
+    ports after one the kernel just handed out are where it hands out the next ones, so a
+    worker's own outgoing connection (a health check) could take its admin port before the
+    worker binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(50):
-        first = free_port()
+        first = random.randrange(max(1024, low - 10_000), low - n)
         socks: list[socket.socket] = []
         try:
             for port in range(first, first + n):
