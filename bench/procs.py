@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -123,11 +124,35 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive loopback ports free now, below the kernel's ephemeral
+    range. A port bound to 0 and closed again comes from that range, which is also where
+    every outgoing connection takes its source port: a health check of a process started a
+    moment earlier could take it before the process it was meant for binds it."""
+    low = int(_EPHEMERAL.read_text().split()[0])
+    for _ in range(50):
+        first = random.randrange(max(1024, low - 10_000), low - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise BenchError(f"no {n} consecutive free ports below {low}")
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """One loopback port free now, below the ephemeral range (`free_ports`)."""
+    return free_ports(1)
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 2.0) -> Response:

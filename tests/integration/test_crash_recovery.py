@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,17 +17,12 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.procs import free_port
 from proxy.aio import spawn
 from tests.support import eventually, gateways
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rules(urls: dict[str, str]) -> str:

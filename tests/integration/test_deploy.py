@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -29,6 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import free_port
 from proxy import adminhttp, errors
 from proxy.admin import build_probes_app
 from proxy.config.load import build_rules, load_rules
@@ -78,12 +78,6 @@ def promtool() -> str:
             "&& install x/usr/bin/promtool /usr/local/bin/"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def seconds(duration: str) -> float:

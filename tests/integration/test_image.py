@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.procs import free_port
 from proxy.aio import spawn_owned
 from tests.support import gateways
 
@@ -60,12 +60,6 @@ routes:
     gateways: [eu1]
     timeouts: {{per_try: 5s, total: 8s}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

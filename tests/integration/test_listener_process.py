@@ -23,7 +23,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.integration.test_reload_cli import REPO, START_WITHIN, free_port, rules_text, until
+from bench.procs import free_port
+from tests.integration.test_reload_cli import REPO, START_WITHIN, rules_text, until
 from tests.support import gateways
 
 GRACE = 1.5

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.procs import free_port
 from proxy.aio import spawn
 from tests.integration.test_reload_cli import (
     DEADLINE,
     GRACE,
     REPO,
-    free_port,
     rules_text,
     until,
 )

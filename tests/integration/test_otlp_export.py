@@ -24,8 +24,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from bench.procs import free_port
 from tests.integration.test_log_outputs import start
-from tests.integration.test_reload_cli import DEADLINE, GRACE, free_port, rules_text, until
+from tests.integration.test_reload_cli import DEADLINE, GRACE, rules_text, until
 from tests.support import gateways
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

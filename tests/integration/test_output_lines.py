@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.procs import free_port
 from tests.integration.test_log_outputs import _ready, start
-from tests.integration.test_reload_cli import DEADLINE, GRACE, free_port, rules_text
+from tests.integration.test_reload_cli import DEADLINE, GRACE, rules_text
 from tests.support import gateways
 
 #: (pattern, placeholder): each variable value, by the form it is written in.

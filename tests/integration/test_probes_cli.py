@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.procs import free_port
 from tests.support import gateways
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,12 +28,6 @@ routes:
     region: {{default: eu}}
     gateways: [g1]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def output(log: Path) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.procs import free_port
 from proxy.aio import spawn
 from tests.support import gateways
 
@@ -42,12 +43,6 @@ def rules_text(urls: Mapping[str, str], route_to: str) -> str:
         f"    gateways: [{route_to}]",
     ]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def payswitch(*args: str, log: Path) -> subprocess.Popen[bytes]:

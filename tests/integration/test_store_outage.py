@@ -22,13 +22,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.procs import free_port
 from tests.support import eventually, gateways, running_proxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import free_port, free_ports
 from tests.support import eventually, gateways
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,35 +44,6 @@ REFUNDS = """\
     region: {default: eu}
     gateways: [g1]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive free ports, below the kernel's ephemeral range: the
-    ports after one the kernel just handed out are where it hands out the next ones, so a
-    worker's own outgoing connection (a health check) could take its admin port before the
-    worker binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(50):
-        first = random.randrange(max(1024, low - 10_000), low - n)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError(f"no {n} consecutive free ports")
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.procs import free_port
 from proxy.kafka.config import KafkaSettings
 from tests.kafka_support import RULES, kafka_settings, publish, read_topic, start_broker
 from tests.support import eventually, gateways, running_proxy
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture(scope="module", autouse=True)
 def broker() -> None:
     start_broker()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _iso(ts: float) -> str:
@@ -50,7 +44,7 @@ async def replicas(
     logs: list[IO[bytes]] = []
     try:
         for i in range(n):
-            port, admin = _free_port(), _free_port()
+            port, admin = free_port(), free_port()
             logs.append((tmp_path / f"replica-{i}.log").open("wb"))
             procs.append(
                 await asyncio.create_subprocess_exec(
