@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/fixed_rate.py URL [URL...] [--rate 400] [--seconds 8]
 
-Prints one JSON object: p50/p90/p99/p99.9 in microseconds, the answers counted and the
-failures. Given several URLs, it sends to them in turn, each at `--rate` on its own
+Prints one JSON object: p50/p90/p99/p99.9 in microseconds, the answers counted, the
+failures and a histogram (`hist`, 100 us bins). Given several URLs, it sends to them in turn, each at `--rate` on its own
 connection, and prints one such object per URL: every target is then timed through the
 same seconds of the host, whose stalls (steal on a virtual machine) would otherwise land
 on whichever target happened to be measured when they came. hey prints latencies in tenths of a millisecond, which is the size of the
@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 if __package__ in (None, ""):
@@ -76,6 +77,22 @@ def percentiles(samples: list[int]) -> dict[str, float]:
     return {"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "p999_us": at(0.999)}
 
 
+#: The histogram's bins: 100 us wide from 0, the last one holding everything slower.
+BIN_US = 100
+BINS = 30
+
+
+def histogram(samples: list[int]) -> list[int]:
+    """How many of the nanosecond `samples` fell in each `BIN_US` bin (the last bin holds
+    everything at or above `BINS - 1` bins). Percentiles hide the shape: on a virtual
+    machine whose idle cores halt, the latencies come in two humps, one for exchanges that
+    found the proxy's core awake and one for those that waited for the host to wake it."""
+    bins = [0] * BINS
+    for ns in samples:
+        bins[min(BINS - 1, ns // (BIN_US * 1000))] += 1
+    return bins
+
+
 class Client:
     def __init__(self, url: str, body: bytes) -> None:
         parts = urlsplit(url)
@@ -112,7 +129,12 @@ class Client:
             self._sock = None
 
 
-def run(url: str, rate: float, seconds: float, body: bytes) -> dict[str, float | int]:
+#: One target's figures as the client prints them: the percentiles, "answers" and
+#: "failed" are numbers, "hist" a list of bin counts.
+Figures = dict[str, Any]
+
+
+def run(url: str, rate: float, seconds: float, body: bytes) -> Figures:
     return run_turns([url], rate, seconds, body)[url]
 
 
@@ -122,9 +144,7 @@ def turn(n: int, count: int) -> int:
     return (n + n // count) % count
 
 
-def run_turns(
-    urls: list[str], rate: float, seconds: float, body: bytes
-) -> dict[str, dict[str, float | int]]:
+def run_turns(urls: list[str], rate: float, seconds: float, body: bytes) -> dict[str, Figures]:
     """Every URL at `rate`, their exchanges interleaved on one clock; figures per URL."""
     clients = [Client(url, body) for url in urls]
     for client in clients:
@@ -149,16 +169,27 @@ def run_turns(
     for client in clients:
         client.close()
     return {
-        url: {**percentiles(samples[i]), "answers": len(samples[i]), "failed": failed[i]}
+        url: {
+            **percentiles(samples[i]),
+            "answers": len(samples[i]),
+            "failed": failed[i],
+            "hist": histogram(samples[i]),
+        }
         for i, url in enumerate(urls)
     }
 
 
 def measure_turns(
-    urls: dict[str, str], rate: float, seconds: float, *, core: int
+    urls: dict[str, str],
+    rate: float,
+    seconds: float,
+    *,
+    core: int,
+    hists: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """This client pinned to `core`, timing every one of `urls` in turn (`run_turns`);
-    figures by name, each with the host's steal during the round (which all shared).
+    figures by name, each with the host's steal during the round (which all shared). Each
+    target's histogram is added, bin by bin, to `hists[name]` when `hists` is given.
     Raises subprocess.CalledProcessError when the client fails."""
     argv = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
     argv += [*urls.values(), "--rate", str(rate), "--seconds", str(seconds)]
@@ -166,10 +197,14 @@ def measure_turns(
         argv, capture_output=True, check=True, timeout=len(urls) * seconds + 60
     )
     got = json.loads(done.stdout)
-    by_url: dict[str, dict[str, float]] = got if len(urls) > 1 else {next(iter(urls.values())): got}
+    by_url: dict[str, Figures] = got if len(urls) > 1 else {next(iter(urls.values())): got}
     out: dict[str, dict[str, float]] = {}
     for name, url in urls.items():
         result = by_url[url]
+        bins: list[int] = result.pop("hist")
+        if hists is not None:
+            summed = hists.setdefault(name, [0] * len(bins))
+            hists[name] = [a + b for a, b in zip(summed, bins, strict=True)]
         if stolen is not None:
             result["steal_ms"] = stolen
         if result["failed"]:

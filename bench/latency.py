@@ -1,7 +1,7 @@
 """Latency added at a steady rate, in microseconds: payswitch builds beside direct and Envoy.
 
     .venv/bin/python bench/latency.py NAME=TREE[:ARG,ARG...] ... [--rounds 8] [--seconds 8]
-        [--rate 400] [--no-envoy] [--paired]
+        [--rate 400] [--no-envoy] [--paired] [--histogram]
 
 TREE and ARGs as in bench/cpu.py (e.g. `new=.build/native old=/tmp/old-native
 off=.build/native:--access-log=off,--events=off`). Every target runs side by side; each
@@ -16,7 +16,14 @@ then lands on all of them alike instead of on whichever was measured when it cam
 on a virtual machine decides p99 more than either proxy does. Each target still sees the
 rate, and the proxy core serves them all: compare within one table, not across modes.
 
-Owns: the rounds and the printed table. Must not: leave a process behind.
+`--histogram` adds each target's latencies per 100 us, every round together. On a virtual
+machine whose idle cores halt without polling first, a busy host gives them two humps, the
+second some hundreds of microseconds later: exchanges that waited for the host to wake the
+proxy's core. With an idle-priority busy loop keeping that core awake
+(`chrt -i 0 taskset -c 0 ...`), the second hump goes. How many exchanges land in it
+decides p90 and p99 more than either proxy does.
+
+Owns: the rounds, the printed table and histograms. Must not: leave a process behind.
 """
 
 from __future__ import annotations
@@ -61,6 +68,21 @@ def steal_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     return f"host steal during each target's rounds, ms: {each}"
 
 
+def histogram_lines(hists: dict[str, list[int]]) -> list[str]:
+    """Each target's exchanges per 100 us of latency, every round together: one row per
+    target, one column per bin, headed by where the bin starts (ms); the last column holds
+    everything slower. Two humps mean the host, not the proxy, decides the tail."""
+    if not hists:
+        return []
+    width = max(len(b) for b in hists.values())
+    step = fixed_rate.BIN_US / 1000
+    head = f"{'ms':14s}" + "".join(f"{i * step:>6.1f}" for i in range(width - 1)) + "    >="
+    lines = [head]
+    for name, bins in hists.items():
+        lines.append(f"{name:14s}" + "".join(f"{n:6d}" for n in bins))
+    return lines
+
+
 def host_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     """Paired rounds: the host's steal during them, which every target shared."""
     first = next(iter(per.values()), [])
@@ -80,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paired", action="store_true", help="time every target in the same seconds, in turn"
     )
+    parser.add_argument(
+        "--histogram", action="store_true", help="also print each target's latency histogram"
+    )
     args = parser.parse_args(argv)
     builds = dict(spec.split("=", 1) for spec in args.builds)
     with (
@@ -96,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in builds.items():
             urls[name], _ = cpu._start(procs, name, spec, rules, [])
         per: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+        hists: dict[str, list[int]] = {}
         for i in range(args.rounds):
             order = turned(list(urls), i)
             for group in [order] if args.paired else [[name] for name in order]:
                 got = fixed_rate.measure_turns(
-                    {n: urls[n] for n in group}, args.rate, args.seconds, core=LOAD_CORE
+                    {n: urls[n] for n in group},
+                    args.rate,
+                    args.seconds,
+                    core=LOAD_CORE,
+                    hists=hists,
                 )
                 for name in group:
                     per[name].append(got[name])
@@ -114,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     stolen = steal_line(per) if not args.paired else host_line(per)
     if stolen is not None:
         print(stolen)
+    if args.histogram:
+        print(f"\nexchanges per {fixed_rate.BIN_US} us of latency, every round")
+        print("\n".join(histogram_lines(hists)))
     return 0
 
 

@@ -39,6 +39,21 @@ def test_percentiles_are_nearest_rank_in_microseconds() -> None:
         fixed_rate.percentiles([])
 
 
+def test_the_histogram_counts_each_100_us_and_everything_slower_in_the_last_bin() -> None:
+    bins = fixed_rate.histogram([0, 99_999, 100_000, 250_000, 2_899_999, 2_900_000, 10**9])
+    assert len(bins) == fixed_rate.BINS == 30
+    assert (bins[0], bins[1], bins[2], bins[28], bins[29]) == (2, 1, 1, 1, 2)
+    assert sum(bins) == 7
+
+
+def test_the_histogram_lines_head_each_bin_with_where_it_starts() -> None:
+    lines = latency.histogram_lines({"envoy": [0, 3, 1], "new": [2, 0, 0]})
+    assert lines[0].split() == ["ms", "0.0", "0.1", ">="]
+    assert lines[1].split() == ["envoy", "0", "3", "1"]
+    assert lines[2].split() == ["new", "2", "0", "0"]
+    assert latency.histogram_lines({}) == []
+
+
 def test_each_round_starts_with_another_target() -> None:
     names = ["direct", "envoy", "new"]
     assert [run.turned(names, i)[0] for i in range(4)] == ["direct", "envoy", "new", "direct"]
@@ -99,6 +114,7 @@ def test_the_client_times_every_exchange_at_its_rate(upstream: str) -> None:
     assert got["failed"] == 0
     assert 25 <= got["answers"] <= 32  # one every 10 ms, the first at 0 and the last at 0.3 s
     assert 0 < got["p50_us"] <= got["p90_us"] <= got["p99_us"] <= got["p999_us"]
+    assert sum(got["hist"]) == got["answers"]
 
 
 def test_targets_take_turns_equally_and_the_order_shifts_each_cycle() -> None:
