@@ -15,20 +15,22 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.accesslog import AccessRecord
+from proxy.accesslog import AccessLog, AccessRecord
 from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
 from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
-from proxy.headers import response_headers, upstream_headers
+from proxy.headers import HeaderPolicy, response_headers, upstream_headers
 from proxy.http import Answer, BodyOverCap, BodyTimeout, ClientClosed, MalformedBody, Request
 from proxy.ids import new_id
+from proxy.kafka.commands import Command
 from proxy.kafka.plane import check_route
+from proxy.ledger import PaymentsLedger
 from proxy.metrics import Metrics
 from proxy.outbound import AttemptEnded, NoteAttempt, Outbound
 from proxy.payments import Payments, Ticket
@@ -38,8 +40,13 @@ from proxy.upstream.state import Outcome
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
+    from proxy.config.store import Snapshot
 
 logger = logging.getLogger(__name__)
+
+#: Bound once: a `Final` name is a C static in the compiled build (see proxy/clock.py).
+_monotonic: Final = time.monotonic
+_wall: Final = time.time
 
 
 class ProxyHandler:
@@ -48,29 +55,45 @@ class ProxyHandler:
         # Built on the loop that serves it. Kept: on Python 3.11 each
         # `asyncio.get_running_loop()` is a getpid system call.
         self.loop = asyncio.get_running_loop()
+        # The parts of the runtime every request uses, made once and never replaced, held
+        # here: reading them through the runtime (a Python object) is a dictionary lookup
+        # each. `rt.parts` is not among them: swapping the tracer replaces it.
+        self.payments: Payments = rt.payments
+        self.metrics: Metrics = rt.metrics
+        self.access_log: AccessLog | None = rt.access_log
+        self.disabled_routes: dict[str, Command] = rt.disabled_routes
+        self.header_policy: HeaderPolicy = rt.header_policy
+        self.ledger: PaymentsLedger = rt.ledger
+        # The router of the rules serving now, replaced in the same step as the store's
+        # snapshot (its swap listeners run before anything else can): a request reads it
+        # once and keeps it, as it kept the snapshot.
+        self.router: Router = rt.store.current.compiled
+        rt.store.add_listener(self._swapped)
+
+    def _swapped(self, new: Snapshot[Router], old: Snapshot[Router] | None) -> None:
+        self.router = new.compiled
 
     def body_cap(self) -> int:
         """The largest request body any route of the current rules accepts."""
-        return self.rt.store.current.compiled.max_body
+        return self.router.max_body
 
     async def handle(self, request: Request) -> Answer:
         rt = self.rt
-        started = time.monotonic()
-        snapshot = rt.store.current
-        router: Router = snapshot.compiled
+        started = _monotonic()
+        router = self.router
         plan: RoutePlan | None = None
         region: str | None = None
         txn_id: str | None = None
         try:
             plan, body = await _match(request, router)
             headers = request.headers
-            if rt.disabled_routes:
-                check_route(rt.disabled_routes, plan.name)
+            if self.disabled_routes:
+                check_route(self.disabled_routes, plan.name)
             region = plan.region_for(headers)
-            th = snapshot.rules.transaction_headers
+            th = router.transaction_headers
             ticket: Ticket | None = None
-            if plan.route.idempotency is not None and request.method not in IDEMPOTENT_METHODS:
-                claimed = await rt.payments.claim(
+            if plan.idempotency is not None and request.method not in IDEMPOTENT_METHODS:
+                claimed = await self.payments.claim(
                     plan, request.method, request.raw_path, headers, body
                 )
                 if isinstance(claimed, Answer):
@@ -123,20 +146,19 @@ class ProxyHandler:
         router: Router,
     ) -> Outbound:
         """The request as the gateways will see it."""
-        rt = self.rt
         headers = request.headers
         fwd = upstream_headers(
             headers,
             client_ip=request.remote,
             scheme=request.scheme,
             host=request.host,
-            policy=rt.header_policy,
+            policy=self.header_policy,
             owned=plan.owned_headers,
         )
         fwd[th.transaction_id] = txn_id
         if ticket is not None:
             fwd[ticket.policy.header] = ticket.forward_key
-        idem = plan.route.idempotency
+        idem = plan.idempotency
         return Outbound(
             plan=plan,
             region=region,
@@ -150,19 +172,19 @@ class ProxyHandler:
             has_key=(idem.header if idem else "Idempotency-Key") in headers,
             forced_gateway=ticket.forced_gateway if ticket else None,
             states=router.states,
-            note_attempt=_noter(rt.payments, ticket) if ticket is not None else None,
+            note_attempt=_noter(self.payments, ticket) if ticket is not None else None,
         )
 
     async def _dispatch(
         self, request: Request, dispatch: Dispatch, ticket: Ticket | None, started: float
     ) -> Answer:
         rt = self.rt
-        started_wall = time.time()
+        started_wall = _wall()
         # On the loop's next turn: by then the request is on its way to the gateway (the
         # first attempt is written in this step), so building the event does not delay it.
         pending = _Pending(self, dispatch, started)
         self.loop.call_soon(pending)
-        inflight = rt.payments.in_flight
+        inflight = self.payments.in_flight
         inflight[dispatch.req.transaction_id] = (dispatch, started_wall)
         try:
             settled = await dispatch.run()
@@ -171,7 +193,7 @@ class ProxyHandler:
             # Cancelled mid-flight: what was sent may still be charged; never free the key.
             if ticket is not None:
                 spawn(
-                    rt.payments.settle(ticket, _interrupted(dispatch), 0, CIMultiDict(), None),
+                    self.payments.settle(ticket, _interrupted(dispatch), 0, CIMultiDict(), None),
                     name="settle-interrupted",
                 )
             raise
@@ -188,9 +210,9 @@ class ProxyHandler:
             )
         if ticket is not None:
             # Before the answer: a retry with the same key must find what this one was told.
-            await rt.payments.settle(ticket, settled, status, headers, body)
-        rt.ledger.settled(dispatch)
-        ended = time.monotonic()
+            await self.payments.settle(ticket, settled, status, headers, body)
+        self.ledger.settled(dispatch)
+        ended = _monotonic()
 
         async def then() -> None:
             """The payment's record, event, metrics and access log: once it is answered."""
@@ -199,7 +221,7 @@ class ProxyHandler:
             self._transaction_event(
                 _EVENT_OF_STATE[state], dispatch, settled, status, started, ended
             )
-            await rt.payments.record(dispatch, state, status, started_wall)
+            await self.payments.record(dispatch, state, status, started_wall)
             att = settled.attempt
             self._account(
                 request,
@@ -232,7 +254,7 @@ class ProxyHandler:
         """Each attempt after the first, by why the one before it was left."""
         why = {t.attempt_id: t.outcome for t in dispatch.tried if t.attempt_id}
         for prev in dispatch.attempts[:-1]:
-            self.rt.metrics.retry(dispatch.req.plan.name, why.get(prev.attempt_id, "answered"))
+            self.metrics.retry(dispatch.req.plan.name, why.get(prev.attempt_id, "answered"))
 
     def _response_parts(
         self, dispatch: Dispatch, settled: Settled
@@ -276,7 +298,7 @@ class ProxyHandler:
             attempt_id=att.attempt_id if att else None,
             attempts=len(settled.attempts) if settled else 0,
             status=status,
-            duration_ms=_millis((ended or time.monotonic()) - started),
+            duration_ms=_millis((ended or _monotonic()) - started),
         )
 
     def _account(
@@ -292,18 +314,18 @@ class ProxyHandler:
         error: str | None,
         ended: float | None = None,
     ) -> None:
-        rt = self.rt
-        elapsed = (ended or time.monotonic()) - started
+        elapsed = (ended or _monotonic()) - started
         route = plan.name if plan is not None else "-"
         outcome = error or _STATUS_CLASS.get(status // 100) or f"{status // 100}xx"
-        rt.metrics.request(route, gateway or "-", outcome, elapsed)
-        if rt.access_log is not None:
-            rt.access_log.request(
+        self.metrics.request(route, gateway or "-", outcome, elapsed)
+        access_log = self.access_log
+        if access_log is not None:
+            access_log.request(
                 # `tuple.__new__`: a named tuple's own `__new__` runs interpreted.
                 tuple.__new__(
                     AccessRecord,
                     (
-                        time.time(),
+                        _wall(),
                         request.method,
                         request.path,
                         status,
@@ -357,9 +379,9 @@ async def _match(request: Request, router: Router) -> tuple[RoutePlan, bytes]:
     )
     if plan is None:
         raise errors.NoRoute(f"no route matches {method} {path}")
-    if len(body) > plan.route.max_body:
+    if len(body) > plan.max_body:
         raise errors.BodyTooLarge(
-            f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.route.max_body}",
+            f"request body is {len(body)} bytes; route {plan.name} accepts at most {plan.max_body}",
             route=plan.name,
         )
     return plan, body
@@ -430,7 +452,7 @@ async def _read_body(request: Request, router: Router, method: str, path: str) -
     if length is not None and length > cap:
         plan = router.match_without_body(method, path, request.headers)
         raise errors.BodyTooLarge(
-            f"request body is {length} bytes; at most {plan.route.max_body if plan else cap} accepted",
+            f"request body is {length} bytes; at most {plan.max_body if plan else cap} accepted",
             route=plan.name if plan else None,
         )
     try:

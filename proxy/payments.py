@@ -104,7 +104,7 @@ class Payments:
     ) -> Ticket | Answer | None:
         """A Ticket to proceed with, a response to send instead (replay, 409, 422), or None
         when the route or method does not use idempotency keys. Raises ProxyError (400)."""
-        policy = plan.route.idempotency
+        policy = plan.idempotency
         if policy is None:
             return None
         raw = headers.get(policy.header)
@@ -183,7 +183,7 @@ class Payments:
         self, plan: RoutePlan, key: str, fp: str
     ) -> tuple[IdempotencyStore, ClaimResult]:
         """Claim on the store; while it is down, as the route's `on_store_down` says."""
-        policy = plan.route.idempotency
+        policy = plan.idempotency
         assert policy is not None
         lock_ttl = plan.route.timeouts.total + LOCK_MARGIN
         guard = self.guard

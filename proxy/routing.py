@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from multidict import CIMultiDictProxy
 
-from proxy.config.model import BodyMatch, Gateway, Route, Rules
+from proxy.config.model import BodyMatch, Gateway, Idempotency, Route, Rules
 from proxy.upstream.state import GatewayState
 
 _NO_BODY = object()
@@ -38,6 +38,11 @@ class RoutePlan:
     #: lower-case names of the headers the route reads and the gateway must get as sent
     #: (its idempotency key header): a client's Connection header cannot strip them
     owned_headers: frozenset[str] = frozenset()
+    #: The route's own settings read on every request, copied here so the compiled
+    #: request path reads them as fields rather than through the rules' Python objects.
+    idempotency: Idempotency | None = None
+    max_body: int = 0
+    default_region: str = ""
 
     def region_for(self, headers: CIMultiDictProxy[str]) -> str:
         """The request's region: the region header if it names one of the route's regions,
@@ -53,7 +58,7 @@ class RoutePlan:
                 mapped = self.route.region.countries.get(country.strip().upper())
                 if mapped is not None:
                     return mapped
-        return self.route.region.default
+        return self.default_region
 
 
 def _compile_match(route: Route) -> Callable[[str, str, CIMultiDictProxy[str]], bool]:
@@ -123,22 +128,26 @@ def compile_plan(route: Route, gateways: Mapping[str, Gateway]) -> RoutePlan:
         owned_headers=(
             frozenset({route.idempotency.header.lower()}) if route.idempotency else frozenset()
         ),
+        idempotency=route.idempotency,
+        max_body=route.max_body,
+        default_region=route.region.default,
     )
 
 
 class Router:
     """Routes in order; the first whose match accepts the request wins."""
 
-    __slots__ = ("max_body", "needs_body", "plans", "rules", "states")
+    __slots__ = ("max_body", "needs_body", "plans", "rules", "states", "transaction_headers")
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
+        self.transaction_headers = rules.transaction_headers
         #: The runtime state of each of these rules' gateways, bound when the rules are
         #: published: a request keeps the gateways of the rules it started with even when a
         #: reload removes them meanwhile.
         self.states: Mapping[str, GatewayState] = MappingProxyType({})
         self.plans = tuple(compile_plan(r, rules.gateways) for r in rules.routes)
-        self.max_body = max((p.route.max_body for p in self.plans), default=0)
+        self.max_body = max((p.max_body for p in self.plans), default=0)
         self.needs_body = any(p.body for p in self.plans)
 
     def match(

@@ -63,3 +63,25 @@ async def test_reload_that_cannot_bind_states_is_refused_and_old_rules_serve(
                 assert status == 200
                 seen.add(headers["X-Payswitch-Gateway"])
             assert seen == {"g1", "g2"}
+
+
+async def test_the_request_path_serves_the_rules_of_the_last_reload(tmp_path: Path) -> None:
+    """What the request path reads per request (the body cap, the transaction header, the
+    route's limits) comes from the rules published last, from the next request on."""
+    async with gateways("g1") as g:
+        async with running_proxy(rules({"g1": g["g1"].url}), tmp_path) as p:
+            big = b'{"pad": "' + b"x" * 2000 + b'"}'
+            status, headers, _ = await p.post(data=big)
+            assert status == 200
+            assert "X-Payswitch-Transaction-Id" in headers
+
+            text = rules({"g1": g["g1"].url}) + "    max_body: 1KiB\n"
+            text += "transaction_headers: {transaction_id: X-Txn}\n"
+            (p.rules_dir / "rules.yaml").write_text(text)
+            assert (await p.rt.reload("admin")).outcome == "success"
+
+            status, _, _ = await p.post(data=big)
+            assert status == 413
+            status, headers, _ = await p.post()
+            assert status == 200
+            assert "X-Txn" in headers and "X-Payswitch-Transaction-Id" not in headers
