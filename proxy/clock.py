@@ -29,19 +29,20 @@ class Clock:
 
 
 #: The clock functions, bound once: compiled, a `Final` name is a C static, while
-#: `time.monotonic` is an attribute looked up on the module at every call.
-_monotonic: Final = time.monotonic
-_wall: Final = time.time
+#: `time.monotonic` is an attribute looked up on the module at every call. The request
+#: path calls these directly where it reads the process's own clock.
+monotonic: Final = time.monotonic
+wall_time: Final = time.time
 
 
 class MonotonicClock(Clock):
     __slots__ = ()
 
     def now(self) -> float:
-        return _monotonic()
+        return monotonic()
 
     def wall(self) -> float:
-        return _wall()
+        return wall_time()
 
 
 class ManualClock(Clock):

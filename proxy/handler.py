@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
@@ -23,6 +22,7 @@ from proxy import errors
 from proxy.accesslog import AccessLog, AccessRecord
 from proxy.aio import spawn
 from proxy.attempt import Attempt, Settled
+from proxy.clock import monotonic, wall_time
 from proxy.config.model import IDEMPOTENT_METHODS, TransactionHeaders
 from proxy.events import Severity
 from proxy.headers import HeaderPolicy, response_headers, upstream_headers
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from proxy.config.store import Snapshot
 
 logger = logging.getLogger(__name__)
-
-#: Bound once: a `Final` name is a C static in the compiled build (see proxy/clock.py).
-_monotonic: Final = time.monotonic
-_wall: Final = time.time
 
 
 class ProxyHandler:
@@ -79,7 +75,7 @@ class ProxyHandler:
 
     async def handle(self, request: Request) -> Answer:
         rt = self.rt
-        started = _monotonic()
+        started = monotonic()
         router = self.router
         plan: RoutePlan | None = None
         region: str | None = None
@@ -179,7 +175,7 @@ class ProxyHandler:
         self, request: Request, dispatch: Dispatch, ticket: Ticket | None, started: float
     ) -> Answer:
         rt = self.rt
-        started_wall = _wall()
+        started_wall = wall_time()
         # On the loop's next turn: by then the request is on its way to the gateway (the
         # first attempt is written in this step), so building the event does not delay it.
         pending = _Pending(self, dispatch, started)
@@ -212,7 +208,7 @@ class ProxyHandler:
             # Before the answer: a retry with the same key must find what this one was told.
             await self.payments.settle(ticket, settled, status, headers, body)
         self.ledger.settled(dispatch)
-        ended = _monotonic()
+        ended = monotonic()
 
         async def then() -> None:
             """The payment's record, event, metrics and access log: once it is answered."""
@@ -298,7 +294,7 @@ class ProxyHandler:
             attempt_id=att.attempt_id if att else None,
             attempts=len(settled.attempts) if settled else 0,
             status=status,
-            duration_ms=_millis((ended or _monotonic()) - started),
+            duration_ms=_millis((ended or monotonic()) - started),
         )
 
     def _account(
@@ -314,7 +310,7 @@ class ProxyHandler:
         error: str | None,
         ended: float | None = None,
     ) -> None:
-        elapsed = (ended or _monotonic()) - started
+        elapsed = (ended or monotonic()) - started
         route = plan.name if plan is not None else "-"
         outcome = error or _STATUS_CLASS.get(status // 100) or f"{status // 100}xx"
         self.metrics.request(route, gateway or "-", outcome, elapsed)
@@ -325,7 +321,7 @@ class ProxyHandler:
                 tuple.__new__(
                     AccessRecord,
                     (
-                        _wall(),
+                        wall_time(),
                         request.method,
                         request.path,
                         status,
