@@ -5,9 +5,10 @@ Owns: `AccessRecord` (what the handler knows of a finished request, as a plain t
 `AccessLog`, which writes records as JSON lines in the shared log form (proxy.logs: RFC
 3339 `time` first, the request span's `trace_id`/`span_id` last) on a `LineWriter`. The
 request path only appends its record to a batch; the batch is encoded and handed to the
-writer in one piece a moment later (`LINGER`), or at once when it is large, so a request
-pays neither an encode nor a hand-off to the writer's thread, and a slow or stuck stdout
-costs nothing more than a full queue that drops and counts.
+writer in one piece a moment later (`LINGER`), at once when it is large, or as soon as the
+proxy has no request in flight (the handler calls `flush` then), so a request pays neither
+an encode nor a hand-off to the writer's thread, and a slow or stuck stdout costs nothing
+more than a full queue that drops and counts.
 Must not: decide what happened to a request; the handler tells it.
 """
 

@@ -4,7 +4,8 @@ Owns: the `Emitter` protocol every producer depends on, `Event`, `EventBus`, the
 queued-sink machinery and `StreamSink` (JSON lines on stdout or a file); `Severity` and the
 `KINDS` table live in proxy.event_kinds and are re-exported here.
 Must not: block request handling or raise into a producer; a slow or failing sink drops and
-counts, never waits. Delivery happens in background tasks started by `EventBus.start`.
+counts, never waits. Delivery happens in background tasks started by `EventBus.start`,
+or, for a `StreamSink` writing through a `LineWriter`, in batches it hands to the writer.
 """
 
 from __future__ import annotations
@@ -283,6 +284,11 @@ class StreamSink(QueuedSink):
     is an append to its bounded queue, so a stalled pipe never holds the event loop, a
     worker thread of the loop's executor, or shutdown; lines it cannot take are dropped
     and counted here. An explicit stream (tests, tools) is written from a worker thread.
+
+    Through a writer the sink needs no task: `offer` keeps the event and arms one timer,
+    and `flush` encodes what waits and hands it over in one piece, when the timer fires
+    (`linger`), when `batch_max` events wait, or when the proxy has no request in flight
+    (the handler calls it then: the work lands between requests, not in the middle of one).
     """
 
     linger = 0.01  # as proxy.accesslog.LINGER: encoded while the events are cache-warm
@@ -301,6 +307,7 @@ class StreamSink(QueuedSink):
         self._stream: IO[bytes] | None = None
         self._writer: LineWriter | None = None
         self._fd: int | None = None  # a file this sink opened and must close
+        self._timer: asyncio.TimerHandle | None = None  # armed while events wait
 
     async def start(self) -> None:
         if self._stream is None and self._writer is None:
@@ -314,7 +321,52 @@ class StreamSink(QueuedSink):
                 self._writer = LineWriter(self._fd, name=self.name)
             else:
                 self._stream = target
+        if self._writer is not None:
+            self.flush()  # what was offered before start; later events come through `offer`
+            return
         await super().start()
+
+    def offer(self, event: Event) -> bool:
+        if self._writer is None or self._closed:
+            # Before start, or to an explicit stream: the queued sink's task delivers.
+            return QueuedSink.offer(self, event)
+        pending = self._pending
+        if len(pending) >= self._capacity:
+            self.drop(1, "queue full")
+            return False
+        pending.append(event)
+        if len(pending) >= self.batch_max:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Encode the waiting events and hand them to the writer, in one piece. Nothing
+        to do without a writer: the task delivers to an explicit stream."""
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        pending, writer = self._pending, self._writer
+        if not pending or writer is None:
+            return
+        batch = list(pending)
+        pending.clear()
+        try:
+            data = b"".join(map(encode_line, batch))
+        except Exception as exc:  # as a failed delivery: dropped and counted, never raised
+            logger.warning("event sink %s failed: %s", self.name, exc)
+            self.drop(len(batch), f"delivery failed: {exc}")
+            return
+        if writer.offer(data, len(batch)):
+            self.delivered += len(batch)
+        else:
+            self.drop(len(batch), "output full")
+
+    async def close(self, grace: float) -> None:
+        self.flush()
+        await QueuedSink.close(self, grace)
 
     async def deliver(self, batch: Sequence[Event]) -> None:
         data = b"".join(map(encode_line, batch))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
@@ -60,6 +61,7 @@ class ProxyHandler:
         self.disabled_routes: dict[str, Command] = rt.disabled_routes
         self.header_policy: HeaderPolicy = rt.header_policy
         self.ledger: PaymentsLedger = rt.ledger
+        self.idle_flush: tuple[Callable[[], None], ...] = rt.idle_flush
         # The router of the rules serving now, replaced in the same step as the store's
         # snapshot (its swap listeners run before anything else can): a request reads it
         # once and keeps it, as it kept the snapshot.
@@ -231,6 +233,11 @@ class ProxyHandler:
                 error.slug if error is not None else None,
                 ended,
             )
+            if not inflight:
+                # Nothing else waits on a gateway: write the batched output now, between
+                # requests, rather than when a linger timer lands in the middle of one.
+                for flush in self.idle_flush:
+                    flush()
 
         reply = settled.reply
         if reply is not None and reply.stream is not None:

@@ -421,6 +421,70 @@ async def test_stream_sink_appends_to_a_file(tmp_path: Path) -> None:
     assert json.loads(lines[1])["fields"] == {"gateway": "a"}
 
 
+async def test_stream_sink_batches_events_until_its_linger_or_a_flush(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = StreamSink(path, name="file")
+    sink.linger = 60.0
+    bus = EventBus([sink])
+    await bus.start()
+    bus.emit("gateway.drained", Severity.INFO, gateway="a")
+    bus.emit("gateway.drained", Severity.INFO, gateway="b")
+    await asyncio.sleep(0.1)
+    assert not path.exists() or path.read_bytes() == b""  # waiting in its batch
+    sink.flush()  # one hand-off for both, as the handler does between requests
+    assert sink.delivered == 2
+    bus.emit("gateway.drained", Severity.INFO, gateway="c")
+    await bus.close()  # what waits is written before the file closes
+    got = [json.loads(line)["fields"]["gateway"] for line in path.read_bytes().splitlines()]
+    assert got == ["a", "b", "c"]
+    assert sink.dropped == 0
+
+
+async def test_stream_sink_hands_over_on_its_linger(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = StreamSink(path, name="file")
+    sink.linger = 0.05
+    bus = EventBus([sink])
+    await bus.start()
+    bus.emit("gateway.drained", Severity.INFO, gateway="a")
+    for _ in range(100):
+        if path.exists() and path.read_bytes():
+            break
+        await asyncio.sleep(0.02)
+    assert json.loads(path.read_bytes())["fields"] == {"gateway": "a"}
+    await bus.close()
+
+
+async def test_stream_sink_through_a_writer_drops_over_its_capacity(tmp_path: Path) -> None:
+    sink = StreamSink(tmp_path / "events.jsonl", name="file", capacity=2)
+    sink.linger = 60.0
+    bus = EventBus([sink])
+    await bus.start()
+    for gw in "abc":
+        bus.emit("gateway.drained", Severity.INFO, gateway=gw)
+    assert sink.dropped == 1
+    await bus.close()
+    assert sink.delivered == 2
+
+
+async def test_stream_sink_drops_a_batch_it_cannot_encode_and_goes_on(tmp_path: Path) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no text")
+
+    path = tmp_path / "events.jsonl"
+    sink = StreamSink(path, name="file")
+    sink.linger = 60.0
+    bus = EventBus([sink])
+    await bus.start()
+    sink.offer(make_event("gateway.drained", Severity.INFO, 0.0, {"gateway": Unprintable()}))
+    sink.flush()
+    assert sink.dropped == 1
+    bus.emit("gateway.drained", Severity.INFO, gateway="a")
+    await bus.close()
+    assert [json.loads(x)["fields"] for x in path.read_bytes().splitlines()] == [{"gateway": "a"}]
+
+
 async def test_stream_sink_defaults_to_stdout(capfdbinary: pytest.CaptureFixture[bytes]) -> None:
     bus = EventBus([StreamSink()])
     await bus.start()
