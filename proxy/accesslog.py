@@ -15,6 +15,7 @@ Must not: decide what happened to a request; the handler tells it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Final, NamedTuple
 
 import orjson
@@ -23,6 +24,8 @@ from proxy.clock import iso_millis
 from proxy.errors import Tried
 from proxy.logs import LineWriter, encode, json_default, stdout_writer
 from proxy.spans import current_context
+
+logger = logging.getLogger(__name__)
 
 #: Seconds a record may wait for others before its batch is written. Short: a batch
 #: encoded while its records are still in the CPU's caches costs less (measured: 50 ms
@@ -131,7 +134,12 @@ class AccessLog:
         if not batch:
             return
         self._batch = []
-        self._writer.offer(b"".join(map(line, batch)), len(batch))
+        try:
+            data = b"".join(map(line, batch))
+        except Exception:  # never into the request that flushed, nor the loop's timer
+            logger.exception("access log: %d line(s) could not be encoded", len(batch))
+            return
+        self._writer.offer(data, len(batch))
 
     async def start(self) -> None:
         """Nothing to start: the writer's thread runs from its creation."""

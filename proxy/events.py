@@ -308,6 +308,7 @@ class StreamSink(QueuedSink):
         self._writer: LineWriter | None = None
         self._fd: int | None = None  # a file this sink opened and must close
         self._timer: asyncio.TimerHandle | None = None  # armed while events wait
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop `start` ran on
 
     async def start(self) -> None:
         if self._stream is None and self._writer is None:
@@ -322,12 +323,14 @@ class StreamSink(QueuedSink):
             else:
                 self._stream = target
         if self._writer is not None:
+            self._loop = asyncio.get_running_loop()
             self.flush()  # what was offered before start; later events come through `offer`
             return
         await super().start()
 
     def offer(self, event: Event) -> bool:
-        if self._writer is None or self._closed:
+        loop = self._loop
+        if loop is None or self._closed:
             # Before start, or to an explicit stream: the queued sink's task delivers.
             return QueuedSink.offer(self, event)
         pending = self._pending
@@ -338,7 +341,7 @@ class StreamSink(QueuedSink):
         if len(pending) >= self.batch_max:
             self.flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.linger, self.flush)
+            self._timer = loop.call_later(self.linger, self.flush)
         return True
 
     def flush(self) -> None:

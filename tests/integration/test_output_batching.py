@@ -33,7 +33,12 @@ routes:
     match: {{path_prefix: /v1/payouts, methods: [POST]}}
     region: {{default: eu}}
     gateways: [slow]
+    timeouts: {{per_try: 20s, total: 30s}}
 """
+
+
+#: Seconds the payout's gateway takes: what is checked while it is in flight has that long.
+SLOW = 5.0
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -105,7 +110,7 @@ async def test_output_waits_in_its_batch_while_another_request_is_in_flight(
     tmp_path: Path,
 ) -> None:
     async with proxy_with_files(tmp_path) as (p, events, log, g):
-        g["slow"].set(delay=1.0)
+        g["slow"].set(delay=SLOW)
         slow = spawn(p.post("/v1/payouts"), name="slow-payout")
         await eventually(lambda: bool(g["slow"].requests()), within=5.0)
 
@@ -133,10 +138,11 @@ async def test_a_full_batch_is_written_without_waiting_for_idle(tmp_path: Path) 
     async with proxy_with_files(tmp_path) as (p, events, _, g):
         [sink] = [s for s in p.rt.events.sinks if isinstance(s, StreamSink)]
         sink.batch_max = 3
-        g["slow"].set(delay=1.0)
+        g["slow"].set(delay=SLOW)
         slow = spawn(p.post("/v1/payouts"), name="slow-payout")
         await eventually(lambda: bool(g["slow"].requests()), within=5.0)
         status, _, _ = await p.post("/v1/deposits")  # pending, pending, succeeded
         assert status == 200
-        await eventually(lambda: len(transactions(events)) == 3, within=5.0)
+        await eventually(lambda: len(transactions(events)) == 3, within=SLOW - 1)
+        assert not slow.done()  # the payout still in flight: written for batch_max alone
         assert (await slow)[0] == 200

@@ -169,6 +169,29 @@ async def test_close_writes_what_waits_and_later_records_go_out_one_by_one() -> 
         os.close(w)
 
 
+async def test_a_batch_that_cannot_be_encoded_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no text")
+
+    r, w = os.pipe()
+    try:
+        writer = LineWriter(w, name="access")
+        log = AccessLog(writer, trace_ids=False, linger=60.0)
+        log.request(_record(0, error=Unprintable()))
+        log.flush()  # as the handler does after an answer: nothing raised into it
+        assert "could not be encoded" in caplog.text
+        log.request(_record(1))
+        log.flush()
+        assert writer.flush(5)
+        assert _numbers(os.read(r, 1 << 16)) == ["txn-1"]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 async def test_trace_ids_are_those_of_the_span_current_when_the_record_was_made() -> None:
     provider = TracerProvider()
     r, w = os.pipe()

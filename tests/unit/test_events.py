@@ -32,6 +32,7 @@ from proxy.events import (
     problems,
 )
 from proxy.logs import stdout_writer
+from tests.support import eventually
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "event.schema.json"
 
@@ -447,10 +448,7 @@ async def test_stream_sink_hands_over_on_its_linger(tmp_path: Path) -> None:
     bus = EventBus([sink])
     await bus.start()
     bus.emit("gateway.drained", Severity.INFO, gateway="a")
-    for _ in range(100):
-        if path.exists() and path.read_bytes():
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: path.exists() and bool(path.read_bytes()), within=10.0)
     assert json.loads(path.read_bytes())["fields"] == {"gateway": "a"}
     await bus.close()
 
