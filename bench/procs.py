@@ -125,6 +125,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: Ports this process has handed out: free when checked, but promised to a server that
+#: binds them later, so never handed out twice (`free_port(), free_port()` for a listener
+#: and its admin port must not give one port for both).
+_handed: set[int] = set()
 
 
 def free_ports(n: int) -> int:
@@ -135,12 +139,16 @@ def free_ports(n: int) -> int:
     low = int(_EPHEMERAL.read_text().split()[0])
     for _ in range(50):
         first = random.randrange(max(1024, low - 10_000), low - n)
+        ports = range(first, first + n)
+        if not _handed.isdisjoint(ports):
+            continue
         socks: list[socket.socket] = []
         try:
-            for port in range(first, first + n):
+            for port in ports:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
+            _handed.update(ports)
             return first
         except OSError:
             continue

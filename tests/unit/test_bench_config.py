@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import hey, host, nginx, report, run, tools, wrk
+from bench import hey, host, nginx, procs, report, run, tools, wrk
 from bench.report import TargetResult
 from bench.targets import bench_rules, write_rules
 from proxy.config.load import load_rules
@@ -332,3 +332,13 @@ def test_paired_rounds_default_and_can_be_skipped(argv: list[str], rounds: int) 
     assert run.parse_args(argv).paired_rounds == rounds
     with pytest.raises(SystemExit):
         run.parse_args(["--paired-rounds", "-1"])
+
+
+def test_free_ports_never_hands_out_a_port_twice() -> None:
+    """A listener and its admin port taken one after the other must differ: the ports are
+    drawn at random from below the ephemeral range, so without memory two draws in a few
+    hundred would meet."""
+    ports = [procs.free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    first = procs.free_ports(3)
+    assert not {first, first + 1, first + 2} & set(ports)
