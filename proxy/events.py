@@ -212,12 +212,16 @@ class QueuedSink:
             self.drop(1, "queue full")
             return False
         pending.append(event)
+        self._arrived()
+        return True
+
+    def _arrived(self) -> None:
+        """An event was queued: wake the writer task if it waits."""
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             if not wakeup.done():
                 wakeup.set_result(None)
-        return True
 
     async def start(self) -> None:
         if self._task is None and not self._closed:
@@ -285,7 +289,7 @@ class StreamSink(QueuedSink):
     worker thread of the loop's executor, or shutdown; lines it cannot take are dropped
     and counted here. An explicit stream (tests, tools) is written from a worker thread.
 
-    Through a writer the sink needs no task: `offer` keeps the event and arms one timer,
+    Through a writer the sink needs no task: an offered event waits under one timer,
     and `flush` encodes what waits and hands it over in one piece, when the timer fires
     (`linger`), when `batch_max` events wait, or when the proxy has no request in flight
     (the handler calls it then: the work lands between requests, not in the middle of one).
@@ -328,21 +332,15 @@ class StreamSink(QueuedSink):
             return
         await super().start()
 
-    def offer(self, event: Event) -> bool:
+    def _arrived(self) -> None:
         loop = self._loop
-        if loop is None or self._closed:
+        if loop is None:
             # Before start, or to an explicit stream: the queued sink's task delivers.
-            return QueuedSink.offer(self, event)
-        pending = self._pending
-        if len(pending) >= self._capacity:
-            self.drop(1, "queue full")
-            return False
-        pending.append(event)
-        if len(pending) >= self.batch_max:
+            QueuedSink._arrived(self)
+        elif len(self._pending) >= self.batch_max:
             self.flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.linger, self.flush)
-        return True
 
     def flush(self) -> None:
         """Encode the waiting events and hand them to the writer, in one piece. Nothing

@@ -422,12 +422,20 @@ async def test_stream_sink_appends_to_a_file(tmp_path: Path) -> None:
     assert json.loads(lines[1])["fields"] == {"gateway": "a"}
 
 
-async def test_stream_sink_batches_events_until_its_linger_or_a_flush(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    sink = StreamSink(path, name="file")
-    sink.linger = 60.0
+async def started_file_sink(
+    path: Path, linger: float, capacity: int = 10_000
+) -> tuple[StreamSink, EventBus]:
+    """A started sink writing `path` through a LineWriter, and its bus."""
+    sink = StreamSink(path, name="file", capacity=capacity)
+    sink.linger = linger
     bus = EventBus([sink])
     await bus.start()
+    return sink, bus
+
+
+async def test_stream_sink_batches_events_until_its_linger_or_a_flush(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink, bus = await started_file_sink(path, linger=60.0)
     bus.emit("gateway.drained", Severity.INFO, gateway="a")
     bus.emit("gateway.drained", Severity.INFO, gateway="b")
     await asyncio.sleep(0.1)
@@ -443,10 +451,7 @@ async def test_stream_sink_batches_events_until_its_linger_or_a_flush(tmp_path: 
 
 async def test_stream_sink_hands_over_on_its_linger(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    sink = StreamSink(path, name="file")
-    sink.linger = 0.05
-    bus = EventBus([sink])
-    await bus.start()
+    _, bus = await started_file_sink(path, linger=0.05)
     bus.emit("gateway.drained", Severity.INFO, gateway="a")
     await eventually(lambda: path.exists() and bool(path.read_bytes()), within=10.0)
     assert json.loads(path.read_bytes())["fields"] == {"gateway": "a"}
@@ -454,10 +459,7 @@ async def test_stream_sink_hands_over_on_its_linger(tmp_path: Path) -> None:
 
 
 async def test_stream_sink_through_a_writer_drops_over_its_capacity(tmp_path: Path) -> None:
-    sink = StreamSink(tmp_path / "events.jsonl", name="file", capacity=2)
-    sink.linger = 60.0
-    bus = EventBus([sink])
-    await bus.start()
+    sink, bus = await started_file_sink(tmp_path / "events.jsonl", linger=60.0, capacity=2)
     for gw in "abc":
         bus.emit("gateway.drained", Severity.INFO, gateway=gw)
     assert sink.dropped == 1
@@ -471,10 +473,7 @@ async def test_stream_sink_drops_a_batch_it_cannot_encode_and_goes_on(tmp_path: 
             raise ValueError("no text")
 
     path = tmp_path / "events.jsonl"
-    sink = StreamSink(path, name="file")
-    sink.linger = 60.0
-    bus = EventBus([sink])
-    await bus.start()
+    sink, bus = await started_file_sink(path, linger=60.0)
     sink.offer(make_event("gateway.drained", Severity.INFO, 0.0, {"gateway": Unprintable()}))
     sink.flush()
     assert sink.dropped == 1
