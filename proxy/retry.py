@@ -209,7 +209,7 @@ class Dispatch:
                 return gw.provider == lock
 
         return parts.balancer.pick(
-            req.plan, req.region, admit, tried, allow, self.skipped, req.states
+            req.plan, req.region, admit, tried, allow, self.skipped, req.states, now
         )
 
     # -- judging --------------------------------------------------------------------------

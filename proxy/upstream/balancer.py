@@ -2,7 +2,9 @@
 
 Owns: `Balancer.pick`, synchronous and free of I/O: region order first, then smooth
 weighted round robin (nginx's algorithm) or power-of-two-choices over peak-EWMA latency
-within a region, over gateways that are eligible, allowed and not yet tried; a gateway whose
+within a region (an idle gateway's latency fades toward zero, so one passed over after a
+slow spell is tried again: nothing else would ever update it), over
+gateways that are eligible, allowed and not yet tried; a gateway whose
 half-open probe is due is picked first, so the probe does not wait its turn, and a silent
 one (requests waiting on it, none answered) only when no other gateway of the region can.
 Must not: change health flags or send anything. SWRR positions are kept per
@@ -11,6 +13,7 @@ Must not: change health flags or send anything. SWRR positions are kept per
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,10 +46,13 @@ class Balancer:
         allow: Callable[[Gateway], bool] | None = None,
         skipped: list[Skip] | None = None,
         states: Mapping[str, GatewayState] | None = None,
+        now: float | None = None,
     ) -> GatewayState | None:
         """The gateway for the next attempt, or None when nothing is eligible anywhere.
 
         `skipped` collects each gateway that was passed over and why, for the error body.
+        `now` (the clock the answers' latencies were folded at) lets least-latency fade the
+        latency of a gateway that has taken no answer for a while; None: no fading.
         """
         order = plan.region_order.get(region) or plan.region_order[plan.route.region.default]
         lookup = states if states is not None else self.states
@@ -86,7 +92,7 @@ class Balancer:
                 if len(eligible) == 1:
                     return eligible[0]
                 if plan.route.balancing == "least-latency":
-                    return self._p2c(eligible)
+                    return self._p2c(eligible, now)
                 return self._swrr(plan.name, reg, eligible)
         if last_resort is not None:
             reg, quiet = last_resort
@@ -113,9 +119,9 @@ class Balancer:
         current[best.name] = best_cw - total
         return best
 
-    def _p2c(self, eligible: list[GatewayState]) -> GatewayState:
+    def _p2c(self, eligible: list[GatewayState], now: float | None) -> GatewayState:
         a, b = self._rng.sample(eligible, 2)
-        return a if _load(a) <= _load(b) else b
+        return a if _load(a, now) <= _load(b, now) else b
 
     def _panic(
         self,
@@ -145,7 +151,18 @@ class Balancer:
             del self._current[key]
 
 
-def _load(st: GatewayState) -> float:
-    """Peak-EWMA cost: expected latency times queue depth, shared out by weight."""
+def _load(st: GatewayState, now: float | None) -> float:
+    """Peak-EWMA cost: expected latency times queue depth, shared out by weight.
+
+    While nothing is in flight on the gateway, its latency fades toward zero from its last
+    answer on, with its short window as the time constant. Without that, a gateway that
+    was slow once (a stall of this host, a spike) and then lost every comparison would keep
+    that latency, and its low score, for good: both change only when it answers. With
+    requests in flight it does not fade: their answers are still to come, and a gateway
+    that holds them without answering must not look faster for it.
+    """
     latency = st.ewma_latency or 0.001
+    if now is not None and not st.in_flight and now > st.ewma_at:
+        tau = st.gateway.degradation.short_window
+        latency *= math.exp(-(now - st.ewma_at) / tau) if tau > 0 else 0.0
     return latency * (st.in_flight + 1) / max(st.effective_weight(), 1e-6)

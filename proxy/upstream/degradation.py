@@ -195,6 +195,7 @@ class DegradationTracker:
         if outcome is _SUCCESS or outcome is _SERVER_ERROR or outcome is _TIMEOUT:
             dt = 0.0 if self._last_timed is None else now - self._last_timed
             self.st.ewma_latency = peak_ewma(self.st.ewma_latency, latency, dt, short_tau)
+            self.st.ewma_at = now
             self._last_timed = now
             lat_last = self._short_lat._last
             if lat_last == last:

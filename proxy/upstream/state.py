@@ -87,6 +87,7 @@ class GatewayState:
     __slots__ = (
         "_listeners",
         "bits",
+        "ewma_at",
         "ewma_latency",
         "failures",
         "flags",
@@ -124,6 +125,8 @@ class GatewayState:
         self.requests = 0
         self.failures = 0
         self.ewma_latency = 0.0
+        #: When `ewma_latency` last took an answer's latency (clock seconds).
+        self.ewma_at = 0.0
         self.throttled_until = 0.0
         # A control command in force on this gateway (who, what, until when), and the weight
         # it sets in place of the rules' weight; both written only by proxy.kafka.overlay.

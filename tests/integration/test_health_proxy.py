@@ -354,6 +354,37 @@ async def test_slowing_gateway_loses_its_share_before_any_ejection(
                 assert str(degraded.fields["reason"]).startswith("latency")
 
 
+async def test_least_latency_tries_a_gateway_again_after_one_slow_moment(tmp_path: Path) -> None:
+    # One slow moment (here scripted; in production a spike, or a stall of this host) sets
+    # g2's peak latency high and its score to the floor. Only answers change either, so a
+    # balancer that compared the stale figures would never send g2 a request again.
+    async with gateways("g1", "g2") as g:
+        degradation = "degradation: {short_window: 300ms, long_window: 30s}"
+        text = rules(
+            g, gateway_extra=dict.fromkeys(g, degradation), route_extra="balancing: least-latency"
+        )
+        async with running_proxy(text, tmp_path) as p:
+            g2 = p.rt.states["g2"]
+            t_end = time.monotonic() + 1.0
+            while time.monotonic() < t_end:  # past the warm-up of both
+                await burst(p, 4)
+            assert g["g2"].requests()
+
+            g["g2"].set(delay=0.3)
+            while not g2.ewma_latency >= 0.3:  # g2 takes one slow answer, at least
+                await burst(p, 4)
+            g["g2"].set(delay=0.0)
+            assert g2.flags & Flag.DEGRADED
+            slow_moment = len(g["g2"].requests())
+
+            t_end = time.monotonic() + 10.0
+            while time.monotonic() < t_end and g2.flags & Flag.DEGRADED:
+                await burst(p, 4)
+            assert len(g["g2"].requests()) > slow_moment, "g2 was never tried again"
+            assert not g2.flags & Flag.DEGRADED
+            assert g2.score == 1.0
+
+
 async def test_a_dead_region_goes_out_whole_past_the_ejection_cap(tmp_path: Path) -> None:
     async with gateways("g1", "g2", "g3") as g:
         outlier = "outlier: {consecutive_failures: 3, base_ejection: 10s}"

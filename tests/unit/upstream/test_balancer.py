@@ -169,3 +169,61 @@ def test_a_silent_gateway_only_when_no_other_can_take_it(
     picks = {name_of(bal.pick(plan, region, admit, skipped=seen)) for _ in range(12)}
     assert picks == expected
     assert {sk.gateway for sk in seen if sk.reason == "silent"} == skipped
+
+
+LEAST_LATENCY = b"""
+gateways:
+  g1: {url: "http://127.0.0.1:1", region: eu, provider: p1,
+       degradation: {short_window: 300ms}}
+  g2: {url: "http://127.0.0.1:2", region: eu, provider: p2,
+       degradation: {short_window: 300ms}}
+routes:
+  - name: r
+    match: {path_prefix: /}
+    balancing: least-latency
+    region: {default: eu}
+    gateways: [g1, g2]
+"""
+
+
+def least_latency_setup() -> tuple[Balancer, StateRegistry, RoutePlan]:
+    rules = build_rules([("r.yaml", LEAST_LATENCY)])
+    states = StateRegistry()
+    states.reconcile(rules.gateways)
+    return Balancer(states, rng=random.Random(7)), states, compile_router(rules).plans[0]
+
+
+def answered(st: GatewayState, latency: float, at: float, score: float = 1.0) -> None:
+    st.ewma_latency, st.ewma_at, st.score = latency, at, score
+
+
+def test_least_latency_picks_the_faster_gateway() -> None:
+    bal, states, plan = least_latency_setup()
+    answered(states["g1"], 0.060, at=100.0)
+    answered(states["g2"], 0.002, at=100.0)
+    picks = Counter(name_of(bal.pick(plan, "eu", admit_all, now=100.01)) for _ in range(50))
+    assert picks == {"g2": 50}
+
+
+def test_least_latency_tries_again_a_gateway_passed_over_after_one_slow_spell() -> None:
+    # g2 was caught by a stall (200 ms, score at its floor) while g1 answered in 60 ms at
+    # its floor too. g2 loses every comparison and so takes no answer that could change
+    # its figures; its latency fades until it is tried again.
+    bal, states, plan = least_latency_setup()
+    answered(states["g1"], 0.060, at=100.0, score=0.05)
+    answered(states["g2"], 0.200, at=100.0, score=0.05)
+    assert name_of(bal.pick(plan, "eu", admit_all, now=100.01)) == "g1"
+    states["g1"].ewma_at = 101.0  # g1 goes on answering; g2 has answered nothing since 100
+    assert name_of(bal.pick(plan, "eu", admit_all, now=101.0)) == "g2"
+    # Without a clock nothing fades: the old behaviour, for callers that have none.
+    assert name_of(bal.pick(plan, "eu", admit_all)) == "g1"
+
+
+def test_least_latency_does_not_fade_a_gateway_holding_requests() -> None:
+    # g2 holds three requests and has answered none for a second: it must not look fast.
+    bal, states, plan = least_latency_setup()
+    answered(states["g1"], 0.010, at=101.0)
+    answered(states["g2"], 0.010, at=100.0)
+    states["g2"].in_flight = 3
+    picks = Counter(name_of(bal.pick(plan, "eu", admit_all, now=101.0)) for _ in range(20))
+    assert picks == {"g1": 20}

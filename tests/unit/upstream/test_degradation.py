@@ -229,9 +229,12 @@ def test_peak_latency_follows_slow_samples_at_once_and_fast_ones_slowly() -> Non
     assert s.st.ewma_latency == pytest.approx(0.9)
     s.feed(0.1, 1, every=POLICY.short_window)
     assert s.st.ewma_latency == pytest.approx(0.9 * math.exp(-1) + 0.1 * (1 - math.exp(-1)))
+    timed_at = s.clock.now()
+    assert s.st.ewma_at == timed_at  # the balancer fades the latency from there on
     s.feed(0.1, 1, outcome=Outcome.CONNECT_FAILURE)  # a refused connect says nothing of speed
     s.feed(0.0, 1, outcome=Outcome.RESET)
     assert s.st.ewma_latency > 0.3
+    assert s.st.ewma_at == timed_at
 
 
 def test_reset_forgets_the_averages_of_before_an_outage() -> None:
