@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test native lint typecheck unit bench scenarios faults validate clean services image image-test lock manifests
+.PHONY: run test native lint typecheck unit bench scenarios faults validate clean services services-stop image image-test lock manifests
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ typecheck: $(STAMP)
 services: $(STAMP)
 	.ci/services
 
+## make services-stop: stop the Redis and the Kafka broker `make services` started (a bench
+## run beside them shares the CPU with them)
+services-stop:
+	.ci/services-stop
+
 ## make native: the request path compiled with mypyc into .build/native (what the image
 ## ships); rebuilt only when a source changed. Run it: PYTHONPATH=.build/native payswitch run
 native: $(STAMP)
@@ -46,6 +51,7 @@ native: $(STAMP)
 # the browser tests of the dashboard's page).
 NATIVE_SKIP := --ignore=tests/integration/test_deploy.py --ignore=tests/integration/test_kubernetes.py \
   --ignore=tests/integration/test_packaging.py --ignore=tests/integration/test_dashboard_live.py \
+  --ignore=tests/integration/test_services_stop.py \
   -m "not image"
 
 ## make test: every check, the image built and run included; warnings fail. The suite

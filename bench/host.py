@@ -6,12 +6,18 @@ requests a second, p99 is the 20 slowest answers out of 2,000, and a few tens of
 milliseconds of steal decide them. The steady-rate table shows the steal during each
 target's rounds, so a p99 difference can be told apart from the host's.
 
-Owns: reading the steal counter, and the steal during one measuring run. Must not: judge a round by it; the table shows it.
+It also says which of the test services (`make services`: Redis, the Kafka broker) are
+running beside the bench: a JVM broker idling beside the proxies takes CPU from every target
+now and then, and shows in the tail as steal does.
+
+Owns: reading the steal counter, the steal during one measuring run, and the neighbours
+check. Must not: judge a round by either; the report shows them.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +25,37 @@ from typing import Any
 
 PROC_STAT = Path("/proc/stat")
 STEAL_FIELD = 8  # on the "cpu" line: user nice system idle iowait irq softirq steal ...
+
+
+def test_services() -> tuple[tuple[str, int], ...]:
+    """(name, loopback port) of each service `make services` starts for the tests."""
+    return (
+        ("Redis", 6379),
+        ("the Kafka broker", int(os.environ.get("PAYSWITCH_KAFKA_PORT", 9092))),
+    )
+
+
+def neighbours(services: Iterable[tuple[str, int]] | None = None) -> list[str]:
+    """Names of the `services` (default: the test services) answering on 127.0.0.1."""
+    found = []
+    for name, port in test_services() if services is None else services:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                found.append(name)
+        except OSError:
+            continue
+    return found
+
+
+def neighbours_line(names: Sequence[str]) -> str | None:
+    """The report's warning about `names` running beside the bench; None when none is."""
+    if not names:
+        return None
+    they = "they share" if len(names) > 1 else "it shares"
+    return (
+        f"running beside the bench: {' and '.join(names)} (make services-stop stops what "
+        f"make test started); {they} the CPU with every target and can lengthen the tail"
+    )
 
 
 def steal_seconds(stat: Path = PROC_STAT) -> float | None:

@@ -262,9 +262,12 @@ def _version(argv: list[str]) -> str:
     return (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else ""
 
 
-def meta(args: argparse.Namespace, started_at: datetime.datetime) -> dict[str, Any]:
+def meta(
+    args: argparse.Namespace, started_at: datetime.datetime, beside: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "started_at": started_at.isoformat(),
+        "beside": beside or [],
         "duration_s": args.duration,
         "runs": args.runs,
         "warmup_s": args.warmup,
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _unwind)
     tools.ensure()
+    beside = host.neighbours()
+    warning = host.neighbours_line(beside)
+    if warning is not None:
+        print(f"bench: {warning}", file=sys.stderr, flush=True)
     body = wrk.post_body()
     started_at = datetime.datetime.now(datetime.UTC)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [t for t in targets.TARGETS if t.name in args.only]
         results = measure(chosen, ctx, args, body)
     out = OUT_DIR / f"results-{stamp}.json"
-    report.write_json(out, meta(args, started_at), results)
+    report.write_json(out, meta(args, started_at, beside), results)
     print()
     print(
         f"{args.runs} round(s) x {args.duration:g} s per target, the targets taking turns, median; "
@@ -336,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.paired is not None for r in results.values()):
         print()
         print(report.paired_table(results, hey.RATE))
+    if warning is not None:
+        print(f"\nnote: {warning}")
     print(f"\nresults: {out}")
     failed = [name for name, result in results.items() if result.failure() is not None]
     if failed:

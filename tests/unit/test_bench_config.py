@@ -342,3 +342,23 @@ def test_free_ports_never_hands_out_a_port_twice() -> None:
     assert len(set(ports)) == len(ports)
     first = procs.free_ports(3)
     assert not {first, first + 1, first + 2} & set(ports)
+
+
+def test_neighbours_are_the_services_answering_beside_the_bench() -> None:
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", procs.free_port()))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        closed_port = procs.free_port()
+        found = host.neighbours([("Redis", open_port), ("the Kafka broker", closed_port)])
+    assert found == ["Redis"]
+    line = host.neighbours_line(found)
+    assert line is not None and "Redis" in line and "make services-stop" in line
+    assert "it shares the CPU" in line
+    both = host.neighbours_line(["Redis", "the Kafka broker"])
+    assert both is not None and "Redis and the Kafka broker" in both and "they share" in both
+    assert host.neighbours_line([]) is None
+    names = [name for name, _ in host.test_services()]
+    assert names == ["Redis", "the Kafka broker"]
