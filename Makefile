@@ -48,7 +48,7 @@ native: $(STAMP)
 	$(BIN)/python deploy/native/build.py
 
 # The native pass leaves out what runs no compiled code (packaging, manifests, the image,
-# the browser tests of the dashboard's page).
+# the browser tests of the dashboard's page, the service scripts).
 NATIVE_SKIP := --ignore=tests/integration/test_deploy.py --ignore=tests/integration/test_kubernetes.py \
   --ignore=tests/integration/test_packaging.py --ignore=tests/integration/test_dashboard_live.py \
   --ignore=tests/integration/test_services_stop.py \
