@@ -1,7 +1,8 @@
 """Background tasks that are named and referenced, never fire-and-forget.
 
 Owns: `spawn`, the one way the package starts a task, and `TaskGroup`-like bookkeeping so a
-task is never garbage-collected mid-flight and its crash is logged.
+task is never garbage-collected mid-flight and its crash is logged; `within`, the package's
+awaiting with a time limit.
 Must not: know what the tasks do.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,18 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     _background.add(task)
     task.add_done_callback(_done)
     return task
+
+
+async def within(aw: Awaitable[T], seconds: float) -> T:
+    """`aw`'s result, or TimeoutError after `seconds` (then `aw` is cancelled).
+
+    In place of `asyncio.wait_for`, which on Python 3.11 loses a cancellation that comes as
+    `aw` finishes: it returns the result and the cancelled task runs on. A loop stopped
+    that way (`cancel_and_wait` at shutdown) was never stopped, and the shutdown waited
+    for it for ever. `asyncio.timeout` tells its own expiry from a cancellation from outside.
+    """
+    async with asyncio.timeout(seconds):
+        return await aw
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:

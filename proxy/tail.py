@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from proxy.adminhttp import AdminRequest, text_response
+from proxy.aio import within
 from proxy.events import Event, Severity, encode
 from proxy.http import Answer
 
@@ -121,7 +122,7 @@ class EventStream:
         idle = 0.0
         while not self._stopping() and not self._client_left():
             try:
-                first = await asyncio.wait_for(queue.get(), HEARTBEAT)
+                first = await within(queue.get(), HEARTBEAT)
             except TimeoutError:
                 idle += HEARTBEAT
                 if idle >= 15:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from proxy.aio import cancel_and_wait, spawn
+from proxy.aio import cancel_and_wait, spawn, within
 from proxy.clock import Clock
 from proxy.config.model import Gateway, HealthCheck
 from proxy.events import Emitter, Severity
@@ -86,7 +86,7 @@ async def probe_status(client: UpstreamClient, gw: Gateway, hc: HealthCheck) -> 
         max_connections=gw.limits.max_connections or DEFAULT_MAX_CONNECTIONS,
     )
     # Cancelled on timeout, which closes the connection: a late answer is not read.
-    result: int | UpstreamError = await asyncio.wait_for(fut, hc.timeout)
+    result: int | UpstreamError = await within(fut, hc.timeout)
     if isinstance(result, UpstreamError):
         raise result
     return result

@@ -1,12 +1,17 @@
 """proxy.aio.first_done: woken by the first result, by its time, or at once by a producer
-that says its result is set."""
+that says its result is set; proxy.aio.within: a time limit that never loses a
+cancellation."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
+from pathlib import Path
 
-from proxy.aio import first_done
+import pytest
+
+from proxy.aio import first_done, within
 
 
 class Producer:
@@ -70,3 +75,40 @@ async def test_a_result_already_in_returns_at_once() -> None:
     producer.settle()
     await first_done([producer.fut], 5.0, producer)
     assert producer.waker is None
+
+
+async def test_within_gives_the_result_or_times_out() -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+    loop.call_later(0.01, fut.set_result, 7)
+    assert await within(fut, 5) == 7
+    slow: asyncio.Future[int] = loop.create_future()
+    with pytest.raises(TimeoutError):
+        await within(slow, 0.01)
+    assert slow.cancelled()  # what timed out is cancelled, as a late answer must not be read
+
+
+async def test_within_keeps_a_cancellation_that_comes_as_the_result_does() -> None:
+    """The task is cancelled in the same turn of the loop as its awaited result is set.
+    `asyncio.wait_for` (3.11) returns the result then, and the task runs on: a checker
+    stopped at that moment went on probing, and the shutdown waiting for it never ended."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+    task = loop.create_task(within(fut, 5))
+    await asyncio.sleep(0)  # the task now waits on fut
+    fut.set_result(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+def test_the_package_never_awaits_through_asyncio_wait_for() -> None:
+    root = Path(__file__).resolve().parents[2] / "proxy"
+    uses = [
+        f"{path.relative_to(root.parent)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\bwait_for\(", line) and "def " not in line and "_wait_for(" not in line
+    ]
+    assert uses == [], "use proxy.aio.within: asyncio.wait_for can lose a cancellation"
