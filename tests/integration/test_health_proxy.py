@@ -371,8 +371,10 @@ async def test_least_latency_tries_a_gateway_again_after_one_slow_moment(tmp_pat
             assert g["g2"].requests()
 
             g["g2"].set(delay=0.3)
-            while not g2.ewma_latency >= 0.3:  # g2 takes one slow answer, at least
-                await burst(p, 4)
+            t_end = time.monotonic() + 5.0
+            while g2.ewma_latency < 0.3 and time.monotonic() < t_end:
+                await burst(p, 4)  # until g2 has given one slow answer, at least
+            assert g2.ewma_latency >= 0.3
             g["g2"].set(delay=0.0)
             assert g2.flags & Flag.DEGRADED
             slow_moment = len(g["g2"].requests())
@@ -381,8 +383,7 @@ async def test_least_latency_tries_a_gateway_again_after_one_slow_moment(tmp_pat
             while time.monotonic() < t_end and g2.flags & Flag.DEGRADED:
                 await burst(p, 4)
             assert len(g["g2"].requests()) > slow_moment, "g2 was never tried again"
-            assert not g2.flags & Flag.DEGRADED
-            assert g2.score == 1.0
+            assert not g2.flags & Flag.DEGRADED  # cleared at RECOVER_AT: it has recovered
 
 
 async def test_a_dead_region_goes_out_whole_past_the_ejection_cap(tmp_path: Path) -> None:
