@@ -27,7 +27,7 @@ PROC_STAT = Path("/proc/stat")
 STEAL_FIELD = 8  # on the "cpu" line: user nice system idle iowait irq softirq steal ...
 
 
-def test_services() -> tuple[tuple[str, int], ...]:
+def services_for_tests() -> tuple[tuple[str, int], ...]:
     """(name, loopback port) of each service `make services` starts for the tests."""
     return (
         ("Redis", 6379),
@@ -38,7 +38,7 @@ def test_services() -> tuple[tuple[str, int], ...]:
 def neighbours(services: Iterable[tuple[str, int]] | None = None) -> list[str]:
     """Names of the `services` (default: the test services) answering on 127.0.0.1."""
     found = []
-    for name, port in test_services() if services is None else services:
+    for name, port in services_for_tests() if services is None else services:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 found.append(name)

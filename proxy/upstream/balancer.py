@@ -3,8 +3,8 @@
 Owns: `Balancer.pick`, synchronous and free of I/O: region order first, then smooth
 weighted round robin (nginx's algorithm) or power-of-two-choices over peak-EWMA latency
 within a region (an idle gateway's latency fades toward zero, so one passed over after a
-slow spell is tried again: nothing else would ever update it), over
-gateways that are eligible, allowed and not yet tried; a gateway whose
+slow spell is tried again: nothing else would ever update it), over gateways that are
+eligible, allowed and not yet tried; a gateway whose
 half-open probe is due is picked first, so the probe does not wait its turn, and a silent
 one (requests waiting on it, none answered) only when no other gateway of the region can.
 Must not: change health flags or send anything. SWRR positions are kept per
@@ -13,13 +13,13 @@ Must not: change health flags or send anything. SWRR positions are kept per
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy.config.model import Gateway
 from proxy.routing import RoutePlan
+from proxy.upstream.degradation import decay
 from proxy.upstream.state import DRAINING_BIT, GatewayState, StateRegistry
 
 Admit = Callable[[GatewayState], str | None]
@@ -162,7 +162,8 @@ def _load(st: GatewayState, now: float | None) -> float:
     that holds them without answering must not look faster for it.
     """
     latency = st.ewma_latency or 0.001
-    if now is not None and not st.in_flight and now > st.ewma_at:
-        tau = st.gateway.degradation.short_window
-        latency *= math.exp(-(now - st.ewma_at) / tau) if tau > 0 else 0.0
+    if now is not None and not st.in_flight:
+        kept = decay(st.ewma_at, now, st.gateway.degradation.short_window)
+        if kept is not None:
+            latency *= kept
     return latency * (st.in_flight + 1) / max(st.effective_weight(), 1e-6)

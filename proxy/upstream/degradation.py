@@ -57,7 +57,7 @@ class DecayingMean:
 
     def add(self, sample: float, now: float, tau: float) -> None:
         last = self._last
-        self.fold(sample, now, _decay(last, now, tau) if last is not None else None)
+        self.fold(sample, now, decay(last, now, tau) if last is not None else None)
 
     def fold(self, sample: float, now: float, decay: float | None) -> None:
         """`add` with the decay since the last sample worked out by the caller (None: no
@@ -75,7 +75,7 @@ class DecayingMean:
         return self._sum / self._weight if self._weight > 0 else None
 
 
-def _decay(last: float, now: float, tau: float) -> float | None:
+def decay(last: float, now: float, tau: float) -> float | None:
     """The factor a sample taken at `last` keeps at `now`; None when `now` is not later."""
     if now > last:
         return math.exp(-(now - last) / tau) if tau > 0 else 0.0
@@ -189,7 +189,7 @@ class DegradationTracker:
         last = self._short_err._last
         short_decay = long_decay = None
         if last is not None and now > last:
-            # as `_decay` works them out, written out: once per answer
+            # as `decay` works them out, written out: once per answer
             short_decay = math.exp(-(now - last) / short_tau) if short_tau > 0 else 0.0
             long_decay = math.exp(-(now - last) / long_tau) if long_tau > 0 else 0.0
         if outcome is _SUCCESS or outcome is _SERVER_ERROR or outcome is _TIMEOUT:

@@ -360,5 +360,5 @@ def test_neighbours_are_the_services_answering_beside_the_bench() -> None:
     both = host.neighbours_line(["Redis", "the Kafka broker"])
     assert both is not None and "Redis and the Kafka broker" in both and "they share" in both
     assert host.neighbours_line([]) is None
-    names = [name for name, _ in host.test_services()]
+    names = [name for name, _ in host.services_for_tests()]
     assert names == ["Redis", "the Kafka broker"]
