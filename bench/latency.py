@@ -58,6 +58,23 @@ def table(per: dict[str, list[dict[str, float]]], base: str = "direct") -> list[
     return lines
 
 
+def versus_lines(per: dict[str, list[dict[str, float]]], paired: bool) -> list[str]:
+    """Each build's p99 against Envoy's, round by round (`report.round_by_round`)."""
+    anchor = per.get("envoy")
+    if anchor is None:
+        return []
+    how = "through the same seconds" if paired else "one after another"
+    lines = []
+    for name, rounds in per.items():
+        if name in ("direct", "envoy"):
+            continue
+        got = report.round_by_round([r["p99_us"] for r in rounds], [r["p99_us"] for r in anchor])
+        line = report.versus_line(name, "envoy", got, "us", ".0f", how)
+        if line is not None:
+            lines.extend(line.splitlines())
+    return lines
+
+
 def steal_line(per: dict[str, list[dict[str, float]]]) -> str | None:
     """The host's steal during each target's rounds, summed (bench/host.py says why it
     matters); None when it could not be read for every round."""
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1} (p50/p99 us): {shown}", flush=True)
     how = "each target, all in turn" if args.paired else "one connection"
     print(f"\n{args.rate:g} POST/s, {how}; median of {args.rounds} rounds of {args.seconds:g} s")
-    print("\n".join(table(per)))
+    print("\n".join(table(per) + versus_lines(per, args.paired)))
     stolen = steal_line(per) if not args.paired else host_line(per)
     if stolen is not None:
         print(stolen)

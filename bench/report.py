@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class TargetResult:
     # The same rate, every steady target timed in turn by one client, in microseconds:
     # median p50/p90/p99/p99.9 of the rounds, with the rounds and the failed exchanges.
     paired: dict[str, float] | None = None
+    # What those medians were taken of, round by round, in the order they ran.
+    steady_rounds: list[SteadyResult] = field(default_factory=list)
+    paired_rounds: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
 
     def failure(self) -> str | None:
@@ -82,7 +86,9 @@ class TargetResult:
             "idle_rss_mib": self.idle_rss_mib,
             "peak_rss_mib": self.peak_rss_mib,
             "paired": self.paired,
+            "paired_rounds": self.paired_rounds,
             "steady": self.steady.as_dict() if self.steady is not None else None,
+            "steady_rounds": [r.as_dict() for r in self.steady_rounds],
             "runs": [run.as_dict() for run in self.runs],
         }
 
@@ -154,6 +160,11 @@ def steady_table(results: dict[str, TargetResult], rate: int) -> str:
             f"{result.title:<20} {st.p50_ms:>8.2f} {st.p99_ms:>8.2f} {_fmt(added50, '.2f'):>10} "
             f"{_fmt(added99, '.2f'):>10} {st.other:>8} {_fmt(st.steal_ms, '.0f'):>9}"
         )
+    versus = _versus(
+        results, lambda r: [x.p99_ms for x in r.steady_rounds], "ms", ".2f", "one after another"
+    )
+    if versus is not None:
+        lines.append(versus)
     lines.append(
         "steal ms: CPU time the hypervisor took from this machine during the target's rounds"
         " (summed);\np99 at this rate is the slowest 1% of answers, and moves with it"
@@ -162,6 +173,50 @@ def steady_table(results: dict[str, TargetResult], rate: int) -> str:
 
 
 PAIRED_FIGURES = ("p50_us", "p90_us", "p99_us", "p999_us")
+
+#: The target whose steady-rate p99 is set against the anchor's round by round.
+VERSUS = ("payswitch", "envoy")
+
+
+def round_by_round(ours: list[float], theirs: list[float]) -> tuple[int, int, float] | None:
+    """One figure of two targets per round, each round a stretch of the host both ran
+    through: (rounds where ours was at or below theirs, rounds compared, median of ours
+    minus theirs). None unless both ran the same rounds.
+
+    A p99 at a steady rate moves from round to round with the host by more than the
+    proxies differ; set side by side in each round, the host's share mostly cancels, and
+    how many rounds one target wins says more than the two medians do."""
+    if not ours or len(ours) != len(theirs):
+        return None
+    diffs = [a - b for a, b in zip(ours, theirs, strict=True)]
+    return sum(d <= 0 for d in diffs), len(diffs), float(statistics.median(diffs))
+
+
+def versus_line(
+    ours: str, theirs: str, got: tuple[int, int, float] | None, unit: str, spec: str, how: str
+) -> str | None:
+    """`round_by_round`'s answer in two lines, or None; `how` says how each round's
+    targets shared the host."""
+    if got is None:
+        return None
+    at, n, med = got
+    return (
+        f"{ours} p99 against {theirs}'s, round by round: at or below it in {at} of {n},\n"
+        f"  median difference {format(med, '+' + spec)} {unit} (each round's targets ran {how})"
+    )
+
+
+def _versus(
+    results: dict[str, TargetResult],
+    figure: Callable[[TargetResult], list[float]],
+    unit: str,
+    spec: str,
+    how: str,
+) -> str | None:
+    a, b = (results.get(name) for name in VERSUS)
+    if a is None or b is None:
+        return None
+    return versus_line(a.title, b.title, round_by_round(figure(a), figure(b)), unit, spec, how)
 
 
 def paired_median(rounds: list[dict[str, float]], steal_ms: float | None) -> dict[str, float]:
@@ -205,6 +260,15 @@ def paired_table(results: dict[str, TargetResult], rate: int) -> str:
             f" {pr['p999_us']:>9.0f} {_fmt(added50, '.0f'):>10} {_fmt(added99, '.0f'):>10}"
             f" {pr['failed']:>7.0f}"
         )
+    versus = _versus(
+        results,
+        lambda r: [x["p99_us"] for x in r.paired_rounds],
+        "us",
+        ".0f",
+        "through the same seconds",
+    )
+    if versus is not None:
+        lines.append(versus)
     lines.append(
         "a stall of the host lands on every target alike here"
         + ("" if steal_ms is None else f" (host steal during these rounds: {steal_ms:.0f} ms)")

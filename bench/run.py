@@ -197,6 +197,7 @@ def measure(
         stolen = host.summed(steal)
         for name, figures in got.items():
             results[name].paired = report.paired_median(figures, stolen)
+            results[name].paired_rounds = figures
 
     try:
         for target in chosen:
@@ -224,6 +225,7 @@ def measure(
         )
         for name, steadies in rounds.items():
             results[name].steady = hey.median_of(steadies)
+            results[name].steady_rounds = steadies
         paired(steady, args.steady, args.paired_rounds)
         for name in list(running):
             if args.warmup > 0:

@@ -362,3 +362,55 @@ def test_neighbours_are_the_services_answering_beside_the_bench() -> None:
     assert host.neighbours_line([]) is None
     names = [name for name, _ in host.services_for_tests()]
     assert names == ["Redis", "the Kafka broker"]
+
+
+def test_round_by_round_counts_the_rounds_won_and_the_median_difference() -> None:
+    assert report.round_by_round([1.0, 5.0, 3.0], [2.0, 4.0, 3.0]) == (2, 3, 0.0)
+    assert report.round_by_round([1.0, 1.0], [3.0, 2.0]) == (2, 2, -1.5)
+    # rounds that did not pair up (a target failed half-way) say nothing
+    assert report.round_by_round([1.0, 2.0], [1.0]) is None
+    assert report.round_by_round([], []) is None
+    assert report.versus_line("a", "b", None, "us", ".0f", "together") is None
+    assert report.versus_line("a", "b", (3, 5, -40.0), "us", ".0f", "together") == (
+        "a p99 against b's, round by round: at or below it in 3 of 5,\n"
+        "  median difference -40 us (each round's targets ran together)"
+    )
+
+
+def test_both_steady_tables_set_payswitch_against_envoy_round_by_round() -> None:
+    results = {name: result(name, 1000.0) for name in ("direct", "envoy", "payswitch")}
+    results["envoy"].title = "Envoy, 1 worker"
+    for name, p99s in (("direct", (0.3, 0.3)), ("envoy", (1.7, 1.2)), ("payswitch", (1.5, 1.3))):
+        rounds = [hey.SteadyResult(p50_ms=0.5, p99_ms=p, ok=10, other=0) for p in p99s]
+        results[name].steady, results[name].steady_rounds = hey.median_of(rounds), rounds
+    for name, p99s in (
+        ("direct", (150, 160)),
+        ("envoy", (1400, 2000)),
+        ("payswitch", (1300, 2100)),
+    ):
+        figures = [paired_round(400, p) for p in p99s]
+        results[name].paired = report.paired_median(figures, 25.0)
+        results[name].paired_rounds = figures
+    steady = report.steady_table(results, 400).splitlines()
+    at = steady.index(
+        "payswitch p99 against Envoy, 1 worker's, round by round: at or below it in 1 of 2,"
+    )
+    assert steady[at + 1] == (
+        "  median difference -0.05 ms (each round's targets ran one after another)"
+    )
+    paired = report.paired_table(results, 400).splitlines()
+    at = paired.index(
+        "payswitch p99 against Envoy, 1 worker's, round by round: at or below it in 1 of 2,"
+    )
+    assert paired[at + 1] == (
+        "  median difference +0 us (each round's targets ran through the same seconds)"
+    )
+    assert max(len(line) for line in steady + paired) <= 100
+    doc = results["payswitch"].as_dict()
+    assert [r["p99_ms"] for r in doc["steady_rounds"]] == [1.5, 1.3]
+    assert [r["p99_us"] for r in doc["paired_rounds"]] == [1300, 2100]
+    # without Envoy, or with its rounds missing, no such line
+    results["envoy"].steady_rounds = []
+    assert "round by round" not in report.steady_table(results, 400)
+    del results["envoy"]
+    assert "round by round" not in report.paired_table(results, 400)

@@ -155,3 +155,21 @@ def test_the_client_runs_pinned_for_several_targets(upstream: str) -> None:
     assert all(g["failed"] == 0 and g["answers"] >= 25 for g in got.values())
     alone = fixed_rate.measure_turns({"a": upstream}, rate=100, seconds=0.3, core=0)
     assert list(alone) == ["a"] and alone["a"]["failed"] == 0
+
+
+def test_each_build_is_set_against_envoy_round_by_round() -> None:
+    def r(p99: float) -> dict[str, float]:
+        return {"p50_us": 1.0, "p90_us": 1.0, "p99_us": p99, "p999_us": 1.0}
+
+    per = {
+        "direct": [r(100), r(100)],
+        "envoy": [r(1500), r(1900)],
+        "new": [r(1400), r(1800)],
+        "old": [r(1600)],  # a round short: not compared
+    }
+    assert latency.versus_lines(per, paired=True) == [
+        "new p99 against envoy's, round by round: at or below it in 2 of 2,",
+        "  median difference -100 us (each round's targets ran through the same seconds)",
+    ]
+    assert latency.versus_lines(per, paired=False)[1].endswith("ran one after another)")
+    assert latency.versus_lines({"direct": [r(1)], "new": [r(2)]}, paired=True) == []
