@@ -36,6 +36,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from typing import Any, Final, TypeVar
@@ -378,7 +379,7 @@ async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: in
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one write, sent now
-            await loop.sock_connect(sock, address)
+            await _sock_connect(loop, sock, address)
         except OSError as exc:
             sock.close()
             if _local(exc):
@@ -390,6 +391,33 @@ async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: in
             raise
         return sock
     raise error
+
+
+async def _sock_connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any) -> None:
+    """Connect a non-blocking socket to an address already resolved. loop.sock_connect would
+    do the same, but uvloop's resolves the address again first, and for a socket it is given
+    that goes through libuv's resolver threads even for a literal IP: one thread-pool round
+    trip per new upstream connection."""
+    try:
+        sock.connect(address)
+        return  # loopback can connect at once
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = sock.fileno()
+    writable = loop.create_future()
+    loop.add_writer(fd, _settle, writable)
+    try:
+        await writable  # a timeout or a cancel lands here; the caller closes the socket
+    finally:
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError, as connect() raises
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _local(exc: BaseException) -> bool:

@@ -6,6 +6,7 @@ way an exchange can end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import socket
 from collections.abc import Callable, Coroutine
@@ -18,7 +19,7 @@ import uvloop
 from multidict import CIMultiDict
 
 from proxy.aio import spawn
-from proxy.forward import BUFFER_LIMIT, response_headers
+from proxy.forward import BUFFER_LIMIT, AttemptFailed, response_headers
 from proxy.upstream.client import MAX_HEAD_BYTES, Origin, UpstreamClient
 from proxy.upstream.connection import Connection
 from proxy.upstream.response import Response, UpstreamError
@@ -37,6 +38,7 @@ from tests.integration.upstream_support import (
     reset,
 )
 from tests.support import eventually, running_proxy
+from tests.unit.upstream.health_support import gateway
 
 
 def _same(value: Response | UpstreamError) -> Response | UpstreamError:
@@ -404,10 +406,57 @@ async def test_connect_timeout_provably_sent_nothing() -> None:
                 pytest.skip("this kernel accepted a connection despite a full backlog")
             assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
             assert "timed out" in failed.detail
+            # The abandoned connect left nothing watching its descriptor: the next socket,
+            # which may get the same number, connects and is answered.
+            async with raw_server(answering(OK)) as raw:
+                assert (await attempt(client, raw.port)).body == b"ok"
         finally:
             await client.close()
             for s in fillers:
                 s.close()
+
+
+async def test_a_gateway_named_by_host_name_is_resolved_and_reached() -> None:
+    client = UpstreamClient()
+    async with raw_server(answering(OK)) as raw:
+        named = dataclasses.replace(
+            gateway(port=raw.port), host="localhost", url=f"http://localhost:{raw.port}"
+        )
+        try:
+            reply = await attempt(client, raw.port, gw=named)
+        except AttemptFailed as exc:  # localhost may resolve to ::1 first; 127.0.0.1 is next
+            pytest.fail(f"localhost was not reached: {exc.detail}")
+        assert reply.body == b"ok"
+        assert raw.requests[0].startswith(b"POST /echo HTTP/1.1\r\nHost: localhost:")
+    await client.close()
+
+
+class _CountingResolver(uvloop.Loop):
+    """uvloop, counting what goes to its resolver (libuv's thread pool)."""
+
+    resolved: list[object]
+
+    async def getaddrinfo(self, host: Any, *args: Any, **kwargs: Any) -> Any:
+        self.resolved.append(host)
+        return await super().getaddrinfo(host, *args, **kwargs)
+
+
+def test_a_new_connection_to_an_ip_address_asks_no_resolver() -> None:
+    # uvloop's own sock_connect resolves even a literal address again, on a pool thread.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, _CountingResolver)
+        client = UpstreamClient(max_idle=0)  # no reuse: each attempt makes a connection
+        async with raw_server(answering(OK, OK, OK)) as raw:
+            loop.resolved = []
+            for _ in range(3):
+                assert (await attempt(client, raw.port)).body == b"ok"
+            assert raw.connections == 3
+            assert loop.resolved == []
+        await client.close()
+
+    with asyncio.Runner(loop_factory=_CountingResolver) as runner:
+        runner.run(scenario())
 
 
 @pytest.mark.parametrize(
@@ -461,6 +510,8 @@ ON_UVLOOP: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
     "mid-body-death": test_gateway_dying_mid_body_is_a_reset,
     "bytes-while-idle": test_bytes_on_an_idle_connection_drop_it,
     "refused": test_refused_connection_provably_sent_nothing,
+    "connect-timeout": test_connect_timeout_provably_sent_nothing,
+    "host-name": test_a_gateway_named_by_host_name_is_resolved_and_reached,
     "close": test_close_closes_pooled_connections,
     "streamed": functools.partial(test_large_response_is_streamed, "/big", 0),
     "reset-on-reuse": functools.partial(test_reset_after_the_request_was_read_is_ambiguous, 1),
