@@ -5,6 +5,9 @@ here; real sockets in tests/integration/test_upstream_*.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -127,37 +130,53 @@ async def test_a_head_that_would_split_is_refused_unsent() -> None:
     assert (failed.outcome, failed.sent, stub.calls) == (Outcome.BAD_RESPONSE, False, [])
 
 
-async def test_connect_timeout_is_a_connect_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def never_connects(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.Event().wait()
+@contextlib.contextmanager
+def never_accepting() -> Iterator[int]:
+    """A loopback port whose listener's accept queue is full: the kernel drops new SYNs, so
+    a connect to it hangs until given up."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(listener.getsockname())
+            yield listener.getsockname()[1]
+        finally:
+            for filler in fillers:
+                filler.close()
 
-    monkeypatch.setattr(asyncio.get_running_loop(), "sock_connect", never_connects)
+
+async def test_connect_timeout_is_a_connect_failure() -> None:
     client = UpstreamClient()
     progress = Progress()
-    failed = await Forwarder(client).start(
-        gateway(port=9000),
-        "POST",
-        "/",
-        CIMultiDict(),
-        b"{}",
-        connect_timeout=0.01,
-        within=1,
-        progress=progress,
-    )
-    assert isinstance(failed, AttemptFailed)
-    assert (failed.outcome, failed.sent, progress.phase) == (
-        Outcome.CONNECT_FAILURE,
-        False,
-        Phase.CONNECTING,
-    )
-    assert "timed out" in failed.detail
-    # The caller's own timer firing during connect is the caller's to judge: the future is
-    # cancelled, the socket closed, and the slot given back.
-    fut = Forwarder(client).start(
-        gateway(port=9000), "POST", "/", CIMultiDict(), b"{}", connect_timeout=5, within=1
-    )
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.01):
-            await fut
-    assert client.open_count(("http", "127.0.0.1", 9000)) == 0
+    with never_accepting() as port:
+        await asyncio.sleep(0.05)  # the fillers' handshakes done
+        failed = await Forwarder(client).start(
+            gateway(port=port),
+            "POST",
+            "/",
+            CIMultiDict(),
+            b"{}",
+            connect_timeout=0.05,
+            within=1,
+            progress=progress,
+        )
+        assert isinstance(failed, AttemptFailed)
+        assert (failed.outcome, failed.sent, progress.phase) == (
+            Outcome.CONNECT_FAILURE,
+            False,
+            Phase.CONNECTING,
+        )
+        assert "timed out" in failed.detail
+        # The caller's own timer firing during connect is the caller's to judge: the future
+        # is cancelled, the socket closed, and the slot given back.
+        fut = Forwarder(client).start(
+            gateway(port=port), "POST", "/", CIMultiDict(), b"{}", connect_timeout=5, within=1
+        )
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await fut
+        assert client.open_count(("http", "127.0.0.1", port)) == 0
     await client.close()
