@@ -10,7 +10,9 @@ Must not: parse or answer requests (the connection and its cycle do).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -88,14 +90,18 @@ class ProxyServer:
         each hold a socket on the same port, the kernel spreading new connections among
         them; a port already held without it is refused (EADDRINUSE)."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            lambda: Connection(self),
-            host,
-            port,
-            backlog=backlog,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        sock = listening_socket(host, port, backlog=backlog, reuse_port=reuse_port)
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: Connection(self), sock=sock)
+        else:  # a host name: the loop resolves it, and listens on every address it has
+            self._server = await self.loop.create_server(
+                lambda: Connection(self),
+                host,
+                port,
+                backlog=backlog,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- what connections report ---------------------------------------------------------------
@@ -190,3 +196,39 @@ class ProxyServer:
         if self._server is not None:
             await self._server.wait_closed()
         await asyncio.sleep(0)  # let the transports finish closing their sockets
+
+
+def listening_socket(
+    host: str, port: int, *, backlog: int, reuse_port: bool
+) -> socket.socket | None:
+    """A listening socket on an IP address, bound here; None for anything else (a host name,
+    or "" for every interface), which the loop's create_server resolves. Given a host
+    string, uvloop resolves even a literal address on libuv's thread pool, which starts four
+    threads that then stay for the process's life; a sidecar listening on 0.0.0.0 and
+    127.0.0.1 needs none of them. Options as create_server's: SO_REUSEADDR, SO_REUSEPORT
+    when asked, IPv6 sockets IPv6-only; a failed bind says so as create_server does."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OSError(
+                exc.errno, f"error while attempting to bind on address {(host, port)!r}: {reason}"
+            ) from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -274,3 +274,24 @@ async def test_an_idle_connection_flood_is_refused_at_the_cap(tmp_path: Path) ->
     assert "open-files limit: soft 256 (was 200), hard 256" in out, out
     assert "refused" in out and "cap 204" in out, out
     assert "Too many open files" not in out and "out of system resource" not in out, out
+
+
+async def test_a_process_on_addresses_runs_no_resolver_threads(tmp_path: Path) -> None:
+    """Listening on IP addresses and sending to a gateway named by its IP address, payswitch
+    asks no resolver: uvloop's thread pool, whose four threads would stay for the process's
+    life once started, is never started. Its threads are its own."""
+    async with gateways("g1") as g:
+        rules = rules_text({"g1": g["g1"].url}, "g1")
+        assert "//127.0.0.1:" in g["g1"].url
+        async with payswitch(tmp_path, rules) as ps:
+            client = KeepAliveClient(ps.port)
+            for n in range(3):
+                assert await client.request(f"p{n}"), client.errors
+            names = thread_names(ps.proc.pid)
+            assert "libuv-worker" not in names, names
+            client._drop()
+
+
+def thread_names(pid: int) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
