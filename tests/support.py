@@ -7,6 +7,8 @@ import asyncio
 import bisect
 import contextlib
 import gc
+import select
+import socket
 import textwrap
 import threading
 import time
@@ -258,3 +260,35 @@ async def eventually(
         if loop.time() > end:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A loopback port whose listener's accept queue is full and never drained: the kernel
+    drops every further SYN, so connect() hangs as it does towards a dead host or a
+    firewall. Raises when the queue cannot be filled (connects still complete)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", port))
+            fillers.append(c)
+        probe = socket.socket()
+        probe.setblocking(False)
+        fillers.append(probe)
+        with contextlib.suppress(BlockingIOError):
+            probe.connect(("127.0.0.1", port))
+        _, writable, _ = select.select([], [probe], [], 0.2)
+        if writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            raise RuntimeError("could not fill the accept queue: connects still complete")
+        yield port
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()

@@ -5,44 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import gateways, running_proxy
+from tests.support import black_hole, gateways, running_proxy
 
 
 @contextlib.contextmanager
-def black_hole() -> Iterator[str]:
-    """A listening address whose accept queue is full and never drained: the kernel drops
-    every further SYN, so connect() hangs as it does towards a dead host or a firewall."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    port = srv.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            c = socket.socket()
-            c.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                c.connect(("127.0.0.1", port))
-            fillers.append(c)
-        probe = socket.socket()
-        probe.setblocking(False)
-        fillers.append(probe)
-        with contextlib.suppress(BlockingIOError):
-            probe.connect(("127.0.0.1", port))
-        _, writable, _ = select.select([], [probe], [], 0.2)
-        if writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-            raise RuntimeError("could not fill the accept queue: connects still complete")
+def black_hole_url() -> Iterator[str]:
+    """The URL of a gateway that drops SYNs (tests/support.py `black_hole`)."""
+    with black_hole() as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        for c in fillers:
-            c.close()
-        srv.close()
 
 
 def rules(urls: dict[str, str], providers: dict[str, str], connect: str) -> str:
@@ -66,7 +40,7 @@ routes:
 async def test_black_hole_gateways_fail_over_to_another_provider(tmp_path: Path) -> None:
     # attempts: 1 — only an attempt judged provably unsent lets a second gateway be tried.
     providers = {"s1": "stripe", "s2": "stripe", "a1": "adyen"}
-    with black_hole() as s1, black_hole() as s2:
+    with black_hole_url() as s1, black_hole_url() as s2:
         async with gateways("a1", providers=providers) as g:
             urls = {"s1": s1, "s2": s2, "a1": g["a1"].url}
             # connect equals per_try: the per-try timer and the connect timer race, and
@@ -95,7 +69,7 @@ async def test_per_try_timer_while_connecting_is_judged_unsent(tmp_path: Path) -
     hole: the attempt is cancelled, reported as a connect timeout, and the payment goes to
     the other provider although `attempts` is 1."""
     providers = {"s1": "stripe", "a1": "adyen"}
-    with black_hole() as s1:
+    with black_hole_url() as s1:
         async with gateways("a1", providers=providers) as g:
             urls = {"s1": s1, "a1": g["a1"].url}
             async with running_proxy(rules(urls, providers, "300ms"), tmp_path) as p:

@@ -37,7 +37,7 @@ from tests.integration.upstream_support import (
     raw_server,
     reset,
 )
-from tests.support import eventually, running_proxy
+from tests.support import black_hole, eventually, running_proxy
 from tests.unit.upstream.health_support import gateway
 
 
@@ -388,20 +388,12 @@ async def test_refused_connection_provably_sent_nothing() -> None:
 
 
 async def test_connect_timeout_provably_sent_nothing() -> None:
-    # A listener whose accept queue is full drops new SYNs, so connect hangs on loopback.
-    with socket.socket() as listener:
-        listener.bind((HOST, 0))
-        listener.listen(0)
-        fillers = [socket.socket() for _ in range(4)]
-        client = UpstreamClient()
-        try:
-            for s in fillers:
-                s.setblocking(False)
-                s.connect_ex(listener.getsockname())
-            await asyncio.sleep(0.05)
+    client = UpstreamClient()
+    try:
+        with black_hole() as port:  # connect hangs on loopback
             try:
                 async with asyncio.timeout(2.0):
-                    failed = await failure(client, listener.getsockname()[1], connect_timeout=0.2)
+                    failed = await failure(client, port, connect_timeout=0.2)
             except TimeoutError:
                 pytest.skip("this kernel accepted a connection despite a full backlog")
             assert (failed.outcome, failed.sent) == (Outcome.CONNECT_FAILURE, False)
@@ -410,10 +402,8 @@ async def test_connect_timeout_provably_sent_nothing() -> None:
             # which may get the same number, connects and is answered.
             async with raw_server(answering(OK)) as raw:
                 assert (await attempt(client, raw.port)).body == b"ok"
-        finally:
-            await client.close()
-            for s in fillers:
-                s.close()
+    finally:
+        await client.close()
 
 
 async def test_a_gateway_named_by_host_name_is_resolved_and_reached() -> None:

@@ -5,9 +5,6 @@ here; real sockets in tests/integration/test_upstream_*.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +30,7 @@ from proxy.upstream.client import (
 )
 from proxy.upstream.phase import Phase, Progress
 from proxy.upstream.state import Outcome
+from tests.support import black_hole
 from tests.unit.upstream.health_support import gateway
 
 
@@ -130,29 +128,10 @@ async def test_a_head_that_would_split_is_refused_unsent() -> None:
     assert (failed.outcome, failed.sent, stub.calls) == (Outcome.BAD_RESPONSE, False, [])
 
 
-@contextlib.contextmanager
-def never_accepting() -> Iterator[int]:
-    """A loopback port whose listener's accept queue is full: the kernel drops new SYNs, so
-    a connect to it hangs until given up."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        fillers = [socket.socket() for _ in range(4)]
-        try:
-            for filler in fillers:
-                filler.setblocking(False)
-                filler.connect_ex(listener.getsockname())
-            yield listener.getsockname()[1]
-        finally:
-            for filler in fillers:
-                filler.close()
-
-
 async def test_connect_timeout_is_a_connect_failure() -> None:
     client = UpstreamClient()
     progress = Progress()
-    with never_accepting() as port:
-        await asyncio.sleep(0.05)  # the fillers' handshakes done
+    with black_hole() as port:
         failed = await Forwarder(client).start(
             gateway(port=port),
             "POST",
